@@ -1,0 +1,218 @@
+"""A virtio driver session over vhost-user: memory, negotiation, rings.
+
+Theory of operation: this is what a VMM does before a guest driver can use
+a vhost-user device (QEMU's ``vhost_dev_start``, DPDK virtio-user's
+``virtio_user_start_device``):
+
+1. share memory: one memfd, mapped here, described to the back-end as one
+   region whose guest-physical base (``GPA_BASE``) differs from the
+   mapping's virtual address, so the back-end must really translate;
+2. negotiate: GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
+   SET_OWNER, SET_FEATURES (the intersection of what both sides want);
+3. per ring: SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK,
+   SET_VRING_CALL, then SET_VRING_ENABLE when protocol features are on.
+
+The rings themselves are the driver-side queues of :mod:`pyvdpa.virtio`,
+over the same memory the back-end maps; buffers come from a bump allocator
+in the shared region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+from dataclasses import dataclass
+
+from pyvdpa.errors import ConfigError, PyvdpaError
+from pyvdpa.memory import GuestMemory, MemoryRegion, SharedMemory, allocate_shared
+from pyvdpa.vhost_user import codec
+from pyvdpa.vhost_user.frontend import Frontend
+from pyvdpa.vhost_user.protocol import ProtocolFeature
+from pyvdpa.virtio.constants import VirtioFeature
+from pyvdpa.virtio.packed import PackedDriverQueue
+from pyvdpa.virtio.ring import DriverQueue
+from pyvdpa.virtio.split import SplitDriverQueue, SplitLayout
+
+__all__ = ["GPA_BASE", "DriverRing", "Session"]
+
+#: Guest-physical base of the shared region (not its virtual address).
+GPA_BASE = 0x4000_0000
+
+#: Protocol features a session uses when the back-end offers them.
+WANTED_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+)
+
+
+@dataclass(eq=False)
+class DriverRing:
+    """One virtqueue as the driver sees it, with its eventfds."""
+
+    index: int
+    queue: DriverQueue
+    kick_fd: int
+    call_fd: int
+
+    def kick(self) -> None:
+        """Notify the device if it asked for notifications."""
+        if self.queue.kick_needed():
+            os.eventfd_write(self.kick_fd, 1)
+
+    def clear_call(self) -> None:
+        """Consume pending interrupts (non-blocking)."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.call_fd)
+
+
+class Session:
+    """A front-end with shared memory and rings, ready for a device driver."""
+
+    def __init__(
+        self,
+        frontend: Frontend,
+        *,
+        memory_size: int = 64 << 20,
+    ) -> None:
+        self.frontend = frontend
+        self.shared: SharedMemory = allocate_shared(memory_size, "pyvdpa-drive")
+        self.region = MemoryRegion(GPA_BASE, memory_size, self.shared.address, 0)
+        self.memory = GuestMemory()
+        self.memory.add_region(self.region, self.shared.fd)
+        self._next = GPA_BASE
+        self.features = 0
+        self.rings: list[DriverRing] = []
+        self.protocol_features = ProtocolFeature(0)
+
+    # ------------------------------------------------------------------ memory
+
+    def alloc(self, size: int, align: int = 64) -> int:
+        """Reserve ``size`` bytes of shared memory; return their guest-physical address."""
+        start = (self._next + align - 1) & ~(align - 1)
+        end = start + size
+        if end > GPA_BASE + self.region.memory_size:
+            raise ConfigError(
+                f"shared memory exhausted ({self.region.memory_size} bytes): "
+                "use fewer queues, smaller rings or smaller buffers"
+            )
+        self._next = end
+        return start
+
+    def gpa_to_uva(self, gpa: int) -> int:
+        """Front-end virtual address of a guest-physical address."""
+        return gpa - GPA_BASE + self.shared.address
+
+    # ------------------------------------------------------------------ negotiation
+
+    def negotiate(self, wanted: int, required: int) -> int:
+        """Run the start-up handshake; return the negotiated feature bits.
+
+        ``required`` bits missing from the back-end's offer are a
+        :class:`ConfigError` naming them.
+        """
+        fe = self.frontend
+        offered = fe.get_features()
+        missing = required & ~offered
+        if missing:
+            raise ConfigError(f"back-end lacks required features {missing:#x}")
+        if offered & VirtioFeature.PROTOCOL_FEATURES:
+            proto = fe.get_protocol_features() & WANTED_PROTOCOL_FEATURES
+            fe.set_protocol_features(proto)
+            self.protocol_features = proto
+        fe.set_owner()
+        self.features = offered & (wanted | required)
+        fe.set_features(self.features)
+        fe.set_mem_table([(self.region, self.shared.fd)])
+        return self.features
+
+    def max_queues(self) -> int:
+        """Queues the back-end has (GET_QUEUE_NUM when MQ was negotiated)."""
+        if self.protocol_features & ProtocolFeature.MQ:
+            return self.frontend.get_queue_num()
+        return 0
+
+    @property
+    def packed(self) -> bool:
+        """Whether the packed ring layout was negotiated."""
+        return bool(self.features & VirtioFeature.RING_PACKED)
+
+    def setup_ring(self, index: int, size: int, *, indirect_area: bool = False) -> DriverRing:
+        """Allocate, describe and start ring ``index`` of ``size`` descriptors."""
+        event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
+        indirect_addr = self.alloc(size * size * 16, 16) if indirect_area else None
+        queue: DriverQueue
+        if self.packed:
+            desc = self.alloc(16 * size, 16)
+            driver = self.alloc(4, 4)
+            device = self.alloc(4, 4)
+            queue = PackedDriverQueue(
+                self.memory, size, desc, driver, device,
+                event_idx=event_idx, indirect_addr=indirect_addr,
+            )  # fmt: skip
+            avail, used = driver, device
+        else:
+            desc = self.alloc(SplitLayout.desc_size(size), 16)
+            avail = self.alloc(SplitLayout.avail_size(size), 2)
+            used = self.alloc(SplitLayout.used_size(size), 4)
+            queue = SplitDriverQueue(
+                self.memory, size, desc, avail, used,
+                event_idx=event_idx, indirect_addr=indirect_addr,
+            )  # fmt: skip
+        kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        ring = DriverRing(index, queue, kick_fd, call_fd)
+        self.rings.append(ring)
+        fe = self.frontend
+        fe.set_vring_call(index, call_fd)
+        fe.set_vring_num(index, size)
+        fe.set_vring_base(index, 0x8000 if self.packed else 0)
+        addr = codec.VringAddr(
+            index, 0, self.gpa_to_uva(desc), self.gpa_to_uva(used), self.gpa_to_uva(avail), 0
+        )
+        fe.set_vring_addr(addr)
+        fe.set_vring_kick(index, kick_fd)
+        return ring
+
+    def enable_rings(self) -> None:
+        """SET_VRING_ENABLE 1 on every ring (only with protocol features)."""
+        if self.features & VirtioFeature.PROTOCOL_FEATURES:
+            for ring in self.rings:
+                self.frontend.set_vring_enable(ring.index, True)
+
+    def wait_call(self, timeout: float) -> bool:
+        """Block until any ring's call eventfd fires or ``timeout`` seconds pass."""
+        fds = [ring.call_fd for ring in self.rings]
+        ready, _, _ = select.select(fds, [], [], timeout)
+        for fd in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)
+        return bool(ready)
+
+    def stop(self) -> list[int]:
+        """GET_VRING_BASE on every ring; return the bases (best effort on a dead peer)."""
+        bases = []
+        for ring in self.rings:
+            try:
+                bases.append(self.frontend.get_vring_base(ring.index))
+            except PyvdpaError:
+                bases.append(-1)
+        return bases
+
+    def close(self) -> None:
+        """Close the connection, the eventfds and the shared memory."""
+        self.frontend.close()
+        for ring in self.rings:
+            os.close(ring.kick_fd)
+            os.close(ring.call_fd)
+        self.rings.clear()
+        self.memory.close()
+        self.shared.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

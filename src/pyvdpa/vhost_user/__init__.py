@@ -1,0 +1,1 @@
+"""vhost-user: codec, back-end, front-end and transport."""

@@ -1,0 +1,675 @@
+"""The vhost-user back-end: one connection's state machine.
+
+Theory of operation (vhost-user spec, "Front-end message types", "Ring
+states", "REPLY_ACK"), in three layers as rust-vmm's ``vhost-user-backend``:
+
+1. :meth:`BackendConnection.handle` is the *dispatcher*: it decodes a frame
+   (header, exact payload size, fd allow-list: the codec's rules), checks
+   the protocol-feature gate, calls the handler, and answers: the request's
+   own reply, or with REPLY_ACK negotiated and NEED_REPLY set a u64 that is
+   0 on success and non-zero on failure.  It is sans-I/O: frames in, encoded
+   replies out; the runtime in :mod:`pyvdpa.vhost_user.server` moves bytes.
+2. One ``_on_<REQUEST>`` method per request applies it to the connection
+   state (features, memory table, vrings, log, inflight region).
+3. A :class:`~pyvdpa.vhost_user.device.VhostUserDevice` is told when a ring
+   starts and stops.
+
+Ring lifecycle is a table (:data:`RING_TRANSITIONS`): events move a ring
+between started/stopped and enabled/disabled; a ring *runs* (the device
+processes it) exactly when it is started, enabled and configured.  Whenever
+something a running ring depends on changes (a new memory table, features,
+log base), the ring is stopped, its exact position saved, and restarted.
+
+fd ownership: every fd received is handed to :meth:`handle`, which passes
+the list to the handler; a handler *takes* the fds it keeps (pops them) and
+the dispatcher closes whatever is left, on success and on every error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pyvdpa.errors import GuestMemoryError, ProtocolError, PyvdpaError, RemoteProtocolError, RingError
+from pyvdpa.memory import DirtyLog, GuestMemory, MemoryRegion
+from pyvdpa.vhost_user import codec
+from pyvdpa.vhost_user.codec import Message
+from pyvdpa.vhost_user.device import UnsupportedRequest, VhostUserDevice, Vring
+from pyvdpa.vhost_user.inflight import InflightRegion
+from pyvdpa.vhost_user.protocol import (
+    VRING_IDX_MASK,
+    VRING_NOFD_MASK,
+    BackendRequest,
+    HeaderFlags,
+    ProtocolFeature,
+    Request,
+)
+from pyvdpa.vhost_user.transport import Channel, Frame, close_fds
+from pyvdpa.virtio.constants import DeviceStatus, VirtioFeature
+from pyvdpa.virtio.packed import PackedDeviceQueue
+from pyvdpa.virtio.ring import DeviceQueue
+from pyvdpa.virtio.split import SplitDeviceQueue, SplitLayout
+
+__all__ = [
+    "IMPLEMENTED_PROTOCOL_FEATURES",
+    "MAX_MEM_SLOTS",
+    "RING_TRANSITIONS",
+    "BackendConnection",
+    "RingEvent",
+    "RingState",
+]
+
+log = logging.getLogger(__name__)
+
+#: Memory slots offered with CONFIGURE_MEM_SLOTS (QEMU's and DPDK's limit).
+MAX_MEM_SLOTS = 509
+
+#: Protocol features this back-end implements; a device's wishes are masked by it.
+IMPLEMENTED_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.LOG_SHMFD
+    | ProtocolFeature.RARP
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.NET_MTU
+    | ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.INFLIGHT_SHMFD
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.INBAND_NOTIFICATIONS
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.STATUS
+)
+
+#: Feature bits the back-end itself contributes to every device's offer.
+_BACKEND_FEATURES = VirtioFeature.PROTOCOL_FEATURES
+
+#: Feature bits that may change while rings run (migration toggles logging).
+_LIVE_FEATURES = VirtioFeature.LOG_ALL
+
+
+class RingState(enum.Enum):
+    """A vring's (started, enabled) pair."""
+
+    STOPPED_DISABLED = (False, False)
+    STOPPED_ENABLED = (False, True)
+    STARTED_DISABLED = (True, False)
+    STARTED_ENABLED = (True, True)
+
+
+class RingEvent(enum.Enum):
+    """What moves a vring between :class:`RingState` values."""
+
+    KICK_FD = "SET_VRING_KICK"
+    GET_BASE = "GET_VRING_BASE"
+    ENABLE = "SET_VRING_ENABLE 1"
+    DISABLE = "SET_VRING_ENABLE 0"
+    RESET = "reset"
+
+
+def _ring_table() -> dict[tuple[RingState, RingEvent], RingState]:
+    s = RingState
+    table: dict[tuple[RingState, RingEvent], RingState] = {}
+    for state in s:
+        started, enabled = state.value
+        table[(state, RingEvent.KICK_FD)] = s((True, enabled))
+        table[(state, RingEvent.GET_BASE)] = s((False, enabled))
+        table[(state, RingEvent.ENABLE)] = s((started, True))
+        table[(state, RingEvent.DISABLE)] = s((started, False))
+        table[(state, RingEvent.RESET)] = s.STOPPED_DISABLED
+    return table
+
+
+#: (state, event) -> next state.  Every pair is legal: the spec lets
+#: SET_VRING_ENABLE arrive before a ring is configured and a kick fd be
+#: replaced while a ring runs.
+RING_TRANSITIONS = _ring_table()
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    data: bytes
+    fds: tuple[int, ...] = ()
+
+
+class BackendConnection:
+    """One front-end's connection to a device, as a sans-I/O state machine.
+
+    Feed each received :class:`~pyvdpa.vhost_user.transport.Frame` to
+    :meth:`handle` and send back what it returns; call :meth:`close` when the
+    connection ends.  ``backend_channel_factory`` turns the fd of
+    SET_BACKEND_REQ_FD into a channel (a :class:`Channel` over the socket).
+    """
+
+    def __init__(self, device: VhostUserDevice, *, name: str = "vhost-user") -> None:
+        self.device = device
+        self.name = name
+        self.memory = GuestMemory(max_regions=MAX_MEM_SLOTS)
+        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.offered_features = device.features | _BACKEND_FEATURES
+        self.offered_protocol_features = device.protocol_features & IMPLEMENTED_PROTOCOL_FEATURES
+        if device.features & VirtioFeature.LOG_ALL:
+            self.offered_protocol_features |= ProtocolFeature.LOG_SHMFD
+        self.features = 0
+        self.features_set = False
+        self.protocol_features = ProtocolFeature(0)
+        self.owner = False
+        self.status = 0
+        self.dirty_log: DirtyLog | None = None
+        self.log_call_fd: int | None = None
+        self.inflight: InflightRegion | None = None
+        self.backend_channel: Channel | None = None
+        self.closed = False
+        self._addrs: dict[int, codec.VringAddr] = {}
+        self._handlers: dict[Request, Callable[[Message, list[int]], object]] = {
+            request: getattr(self, f"_on_{request.name.lower()}")
+            for request in Request
+            if hasattr(self, f"_on_{request.name.lower()}")
+        }
+
+    # ------------------------------------------------------------------ dispatch
+
+    def handle(self, frame: Frame) -> list[tuple[bytes, tuple[int, ...]]]:
+        """Apply one frame; return the encoded replies to send (possibly none).
+
+        Raises :class:`ProtocolError` with ``drop_connection`` set when the
+        connection must be closed.  Every fd in ``frame.fds`` is either kept
+        by the connection or closed before this returns.
+        """
+        fds = frame.fds
+        header = frame.header
+        try:
+            try:
+                message = codec.decode_request(header, frame.body, fds)
+                codec.check_gate(message.request, self.protocol_features)
+                handler = self._handlers.get(Request(message.request))
+                if handler is None:
+                    raise RemoteProtocolError(
+                        f"{Request(message.request).name}: not supported by this back-end"
+                    )
+                result = handler(message, fds)
+            except (PyvdpaError, UnsupportedRequest) as exc:
+                return self._refuse(header.request, header.flags, exc)
+        finally:
+            close_fds(fds)
+            fds.clear()
+        return self._answer(message, result)
+
+    def _wants_ack(self, flags: int) -> bool:
+        return bool(
+            self.protocol_features & ProtocolFeature.REPLY_ACK and flags & HeaderFlags.NEED_REPLY
+        )
+
+    def _answer(self, message: Message, result: object) -> list[tuple[bytes, tuple[int, ...]]]:
+        request = Request(message.request)
+        if isinstance(result, _Reply):
+            return [(result.data, result.fds)]
+        if codec.has_reply(request):
+            assert isinstance(result, codec.Payload)
+            return [(codec.encode_reply(request, result), ())]
+        if self._wants_ack(message.flags):
+            return [(codec.encode_reply(request, codec.U64(0)), ())]
+        return []
+
+    def _refuse(
+        self, request: int, flags: int, exc: Exception
+    ) -> list[tuple[bytes, tuple[int, ...]]]:
+        name = Request(request).name if request in Request.__members__.values() else str(request)
+        log.error("%s: %s refused: %s", self.name, name, exc)
+        if isinstance(exc, ProtocolError) and exc.drop_connection:
+            raise exc
+        if request not in Request.__members__.values():
+            return self._ack_failure(request, flags)
+        req = Request(request)
+        if req is Request.GET_CONFIG:
+            # libvhost-user's convention: an empty payload tells QEMU it failed.
+            return [(codec.HEADER.pack(req, HeaderFlags.VERSION | HeaderFlags.REPLY, 0), ())]
+        if codec.has_reply(req):
+            # The front-end waits for a reply we cannot give: close the connection.
+            raise RemoteProtocolError(f"{req.name}: {exc}", drop_connection=True) from exc
+        return self._ack_failure(request, flags)
+
+    def _ack_failure(self, request: int, flags: int) -> list[tuple[bytes, tuple[int, ...]]]:
+        if not self._wants_ack(flags):
+            return []
+        body = codec.U64(1).encode()
+        header = codec.HEADER.pack(request, HeaderFlags.VERSION | HeaderFlags.REPLY, len(body))
+        return [(header + body, ())]
+
+    # ------------------------------------------------------------------ helpers
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise RemoteProtocolError(
+                f"vring index {index} out of range (device has {len(self.vrings)} queues)"
+            )
+        return self.vrings[index]
+
+    @staticmethod
+    def _take_fd(fds: list[int]) -> int:
+        return fds.pop(0)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the packed ring layout was negotiated."""
+        return bool(self.features & VirtioFeature.RING_PACKED)
+
+    def _transition(self, vring: Vring, event: RingEvent) -> None:
+        state = RingState((vring.started, vring.enabled))
+        vring.started, vring.enabled = RING_TRANSITIONS[(state, event)].value
+        self._sync(vring)
+
+    def _sync(self, vring: Vring) -> None:
+        """Start or stop the device's processing to match the ring's state."""
+        should_run = vring.started and vring.enabled and not vring.broken
+        if vring.running and not should_run:
+            self._stop(vring)
+        elif should_run and not vring.running:
+            self._start(vring)
+
+    def _stop(self, vring: Vring) -> None:
+        queue = vring.queue
+        if queue is None:
+            return
+        self.device.stop_queue(vring)
+        vring.base = queue.base
+        vring.queue = None
+        _release(queue)
+
+    def _start(self, vring: Vring) -> None:
+        try:
+            vring.queue = self._build_queue(vring)
+        except (RingError, GuestMemoryError, RemoteProtocolError) as exc:
+            log.error("%s: vring %d cannot start: %s", self.name, vring.index, exc)
+            vring.fail(RingError(str(exc)))
+            return
+        self.device.start_queue(vring)
+
+    def _build_queue(self, vring: Vring) -> DeviceQueue:
+        addr = self._addrs.get(vring.index)
+        if addr is None:
+            raise RemoteProtocolError(f"vring {vring.index} started without SET_VRING_ADDR")
+        if vring.num == 0:
+            raise RemoteProtocolError(f"vring {vring.index} started without SET_VRING_NUM")
+        desc, driver, device = self._ring_gpas(vring.num, addr)
+        event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
+        indirect = bool(self.features & VirtioFeature.RING_INDIRECT_DESC)
+        dirty = self.dirty_log if self.features & VirtioFeature.LOG_ALL else None
+        log_addr = addr.log_guest_addr if addr.flags & 1 else None
+        if dirty is not None and log_addr is None:
+            # Without a ring log address the used ring is logged where it lies.
+            log_addr = device if not self.packed else desc
+        if self.packed:
+            return PackedDeviceQueue(
+                self.memory, vring.num, desc, driver, device,
+                event_idx=event_idx, indirect=indirect, base=vring.base,
+                log=dirty, log_addr=log_addr,
+            )  # fmt: skip
+        return SplitDeviceQueue(
+            self.memory, vring.num, desc, driver, device,
+            event_idx=event_idx, indirect=indirect, base=vring.base,
+            log=dirty, log_addr=log_addr,
+        )  # fmt: skip
+
+    def _ring_gpas(self, num: int, addr: codec.VringAddr) -> tuple[int, int, int]:
+        """Translate a ring's front-end addresses into guest-physical ones, checking sizes."""
+        if self.packed:
+            sizes = (16 * num, 4, 4)
+        else:
+            sizes = (
+                SplitLayout.desc_size(num),
+                SplitLayout.avail_size(num),
+                SplitLayout.used_size(num),
+            )
+        uvas = (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
+        names = ("descriptor table", "avail ring", "used ring")
+        gpas = []
+        for uva, size, what in zip(uvas, sizes, names, strict=True):
+            try:
+                gpas.append(self.memory.uva_to_gpa(uva, size))
+            except GuestMemoryError as exc:
+                raise RemoteProtocolError(
+                    f"vring {addr.index} {what} at {uva:#x}+{size} is outside the memory table"
+                ) from exc
+        return gpas[0], gpas[1], gpas[2]
+
+    def _restart_running(self, change: Callable[[], None]) -> None:
+        """Stop running rings, apply ``change``, restart what should run."""
+        running = [v for v in self.vrings if v.running]
+        for vring in running:
+            self._stop(vring)
+        try:
+            change()
+        finally:
+            for vring in self.vrings:
+                self._sync(vring)
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_get_features(self, msg: Message, fds: list[int]) -> codec.Payload:
+        return codec.U64(self.offered_features)
+
+    def _on_set_features(self, msg: Message, fds: list[int]) -> None:
+        features = _u64(msg)
+        unknown = features & ~self.offered_features
+        if unknown:
+            raise RemoteProtocolError(f"SET_FEATURES: bits {unknown:#x} were not offered")
+        if any(v.running for v in self.vrings) and (features ^ self.features) & ~_LIVE_FEATURES:
+            raise RemoteProtocolError("SET_FEATURES: features changed while rings run")
+
+        def apply() -> None:
+            self.features = features
+            self.features_set = True
+            self.device.set_features(features)
+
+        self._restart_running(apply)
+        if not features & VirtioFeature.PROTOCOL_FEATURES:
+            # Without protocol features, rings are enabled as soon as features are set.
+            for vring in self.vrings:
+                self._transition(vring, RingEvent.ENABLE)
+
+    def _on_set_owner(self, msg: Message, fds: list[int]) -> None:
+        self.owner = True
+
+    def _on_reset_owner(self, msg: Message, fds: list[int]) -> None:
+        self._reset()
+
+    def _on_reset_device(self, msg: Message, fds: list[int]) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        for vring in self.vrings:
+            self._transition(vring, RingEvent.RESET)
+            vring.close_fds()
+            vring.num = 0
+            vring.base = 0
+            vring.broken = False
+        self._addrs.clear()
+        self.features = 0
+        self.features_set = False
+        self.status = 0
+        self.device.reset()
+
+    def _on_get_protocol_features(self, msg: Message, fds: list[int]) -> codec.Payload:
+        return codec.U64(self.offered_protocol_features)
+
+    def _on_set_protocol_features(self, msg: Message, fds: list[int]) -> None:
+        value = _u64(msg)
+        unknown = value & ~self.offered_protocol_features
+        if unknown:
+            raise RemoteProtocolError(f"SET_PROTOCOL_FEATURES: bits {unknown:#x} were not offered")
+        self.protocol_features = ProtocolFeature(value)
+
+    def _on_get_queue_num(self, msg: Message, fds: list[int]) -> codec.Payload:
+        return codec.U64(len(self.vrings))
+
+    def _on_get_max_mem_slots(self, msg: Message, fds: list[int]) -> codec.Payload:
+        return codec.U64(MAX_MEM_SLOTS)
+
+    def _on_set_mem_table(self, msg: Message, fds: list[int]) -> None:
+        assert isinstance(msg.payload, codec.MemTable)
+        pairs = list(zip(msg.payload.regions, fds, strict=True))
+        self._restart_running(lambda: self.memory.set_table(pairs))
+
+    def _on_add_mem_reg(self, msg: Message, fds: list[int]) -> None:
+        assert isinstance(msg.payload, codec.SingleMemRegion)
+        region: MemoryRegion = msg.payload.region
+        fd = fds[0]
+        self._restart_running(lambda: self.memory.add_region(region, fd))
+
+    def _on_rem_mem_reg(self, msg: Message, fds: list[int]) -> None:
+        assert isinstance(msg.payload, codec.SingleMemRegion)
+        region: MemoryRegion = msg.payload.region
+        self._restart_running(lambda: self.memory.remove_region(region))
+
+    def _on_set_vring_num(self, msg: Message, fds: list[int]) -> None:
+        assert isinstance(msg.payload, codec.VringState)
+        vring = self._vring(msg.payload.index)
+        num = msg.payload.num
+        if not 0 < num <= min(32768, self.device.max_queue_size):
+            raise RemoteProtocolError(f"SET_VRING_NUM: size {num} out of range")
+        if not self.packed and num & (num - 1):
+            raise RemoteProtocolError(f"SET_VRING_NUM: split ring size {num} is not a power of 2")
+        if vring.running:
+            raise RemoteProtocolError(f"SET_VRING_NUM: vring {vring.index} is running")
+        vring.num = num
+
+    def _on_set_vring_addr(self, msg: Message, fds: list[int]) -> None:
+        assert isinstance(msg.payload, codec.VringAddr)
+        addr = msg.payload
+        vring = self._vring(addr.index)
+        if vring.num:
+            self._ring_gpas(vring.num, addr)
+        else:
+            for uva in (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr):
+                try:
+                    self.memory.uva_to_gpa(uva)
+                except GuestMemoryError as exc:
+                    raise RemoteProtocolError(
+                        f"SET_VRING_ADDR: vring {addr.index} address {uva:#x} "
+                        "is outside the memory table"
+                    ) from exc
+
+        def apply() -> None:
+            self._addrs[addr.index] = addr
+            vring.broken = False
+
+        if vring.running:
+            self._restart_running(apply)
+        else:
+            apply()
+
+    def _on_set_vring_base(self, msg: Message, fds: list[int]) -> None:
+        assert isinstance(msg.payload, codec.VringState)
+        vring = self._vring(msg.payload.index)
+        if vring.running:
+            raise RemoteProtocolError(f"SET_VRING_BASE: vring {vring.index} is running")
+        base = msg.payload.num
+        if base > 0xFFFF:
+            raise RemoteProtocolError(f"SET_VRING_BASE: base {base:#x} out of range")
+        vring.base = base
+        vring.broken = False
+
+    def _on_get_vring_base(self, msg: Message, fds: list[int]) -> codec.Payload:
+        assert isinstance(msg.payload, codec.VringState)
+        vring = self._vring(msg.payload.index)
+        self._transition(vring, RingEvent.GET_BASE)
+        base = vring.base
+        # The ring restarts from a new kick fd; the old one is finished with.
+        kick = vring.kick_fd
+        vring.kick_fd = None
+        if kick is not None:
+            os.close(kick)
+        return codec.VringState(vring.index, base)
+
+    def _vring_file(self, msg: Message, fds: list[int]) -> tuple[Vring, int | None]:
+        value = _u64(msg)
+        vring = self._vring(value & VRING_IDX_MASK)
+        fd = None if value & VRING_NOFD_MASK else self._take_fd(fds)
+        return vring, fd
+
+    def _on_set_vring_kick(self, msg: Message, fds: list[int]) -> None:
+        vring, fd = self._vring_file(msg, fds)
+        was_running = vring.running
+        if was_running:
+            self._stop(vring)
+        old = vring.kick_fd
+        vring.kick_fd = fd
+        if old is not None:
+            os.close(old)
+        self._transition(vring, RingEvent.KICK_FD)
+
+    def _on_set_vring_call(self, msg: Message, fds: list[int]) -> None:
+        vring, fd = self._vring_file(msg, fds)
+        with vring._call_lock:
+            old, vring.call_fd = vring.call_fd, fd
+        if old is not None:
+            os.close(old)
+
+    def _on_set_vring_err(self, msg: Message, fds: list[int]) -> None:
+        vring, fd = self._vring_file(msg, fds)
+        old, vring.err_fd = vring.err_fd, fd
+        if old is not None:
+            os.close(old)
+
+    def _on_set_vring_enable(self, msg: Message, fds: list[int]) -> None:
+        assert isinstance(msg.payload, codec.VringState)
+        if not self.features & VirtioFeature.PROTOCOL_FEATURES and self.features_set:
+            raise RemoteProtocolError("SET_VRING_ENABLE without PROTOCOL_FEATURES negotiated")
+        vring = self._vring(msg.payload.index)
+        if msg.payload.num not in (0, 1):
+            raise RemoteProtocolError(f"SET_VRING_ENABLE: value {msg.payload.num} is not 0 or 1")
+        self._transition(vring, RingEvent.ENABLE if msg.payload.num else RingEvent.DISABLE)
+
+    def _on_vring_kick(self, msg: Message, fds: list[int]) -> None:
+        assert isinstance(msg.payload, codec.VringState)
+        vring = self._vring(msg.payload.index)
+        if vring.running:
+            self.device.kick(vring)
+
+    def _on_send_rarp(self, msg: Message, fds: list[int]) -> None:
+        self.device.send_rarp(struct.pack("<Q", _u64(msg))[:6])
+
+    def _on_net_set_mtu(self, msg: Message, fds: list[int]) -> None:
+        mtu = _u64(msg)
+        if not 68 <= mtu <= 65535:
+            raise RemoteProtocolError(f"NET_SET_MTU: MTU {mtu} out of range 68..65535")
+        self.device.set_mtu(mtu)
+
+    def _on_set_backend_req_fd(self, msg: Message, fds: list[int]) -> None:
+        fd = self._take_fd(fds)
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            raise RemoteProtocolError("SET_BACKEND_REQ_FD: fd is not a socket") from exc
+        if sock.family != socket.AF_UNIX:
+            sock.close()
+            raise RemoteProtocolError("SET_BACKEND_REQ_FD: fd is not a unix socket")
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+        self.backend_channel = Channel(sock)
+
+    def _on_set_log_base(self, msg: Message, fds: list[int]) -> codec.Payload:
+        assert isinstance(msg.payload, codec.LogArea)
+        area = msg.payload
+        new_log = DirtyLog(fds[0], area.mmap_size, area.mmap_offset)
+
+        def apply() -> None:
+            old, self.dirty_log = self.dirty_log, new_log
+            if old is not None:
+                old.close()
+
+        self._restart_running(apply)
+        return codec.U64(0)
+
+    def _on_set_log_fd(self, msg: Message, fds: list[int]) -> None:
+        fd = self._take_fd(fds)
+        old, self.log_call_fd = self.log_call_fd, fd
+        if old is not None:
+            os.close(old)
+
+    def _on_get_config(self, msg: Message, fds: list[int]) -> codec.Payload:
+        assert isinstance(msg.payload, codec.ConfigSpace)
+        request = msg.payload
+        data = self.device.get_config(request.offset, request.size)
+        if len(data) != request.size:
+            raise RemoteProtocolError(
+                f"GET_CONFIG: device returned {len(data)} bytes, {request.size} asked"
+            )
+        return codec.ConfigSpace(request.offset, request.size, request.flags, data)
+
+    def _on_set_config(self, msg: Message, fds: list[int]) -> None:
+        assert isinstance(msg.payload, codec.ConfigSpace)
+        self.device.set_config(msg.payload.offset, msg.payload.data)
+
+    def _on_get_inflight_fd(self, msg: Message, fds: list[int]) -> _Reply:
+        assert isinstance(msg.payload, codec.Inflight)
+        req = msg.payload
+        if not 0 < req.num_queues <= len(self.vrings) or not 0 < req.queue_size <= 32768:
+            raise RemoteProtocolError(
+                f"GET_INFLIGHT_FD: {req.num_queues} queues of {req.queue_size} out of range"
+            )
+        region = InflightRegion.allocate(req.num_queues, req.queue_size, packed=self.packed)
+        self._replace_inflight(region)
+        reply = codec.Inflight(region.mmap_size, 0, req.num_queues, req.queue_size)
+        return _Reply(codec.encode_reply(Request.GET_INFLIGHT_FD, reply), (region.fd,))
+
+    def _on_set_inflight_fd(self, msg: Message, fds: list[int]) -> None:
+        assert isinstance(msg.payload, codec.Inflight)
+        req = msg.payload
+        if not 0 < req.num_queues <= len(self.vrings):
+            raise RemoteProtocolError(f"SET_INFLIGHT_FD: {req.num_queues} queues out of range")
+        region = InflightRegion.from_fd(
+            fds[0], req.mmap_size, req.mmap_offset, req.num_queues, req.queue_size,
+            packed=self.packed,
+        )  # fmt: skip
+        self._replace_inflight(region)
+
+    def _replace_inflight(self, region: InflightRegion) -> None:
+        old, self.inflight = self.inflight, region
+        if old is not None:
+            old.close()
+
+    def _on_set_status(self, msg: Message, fds: list[int]) -> None:
+        status = _u64(msg)
+        if status > 0xFF:
+            raise RemoteProtocolError(f"SET_STATUS: status {status:#x} is not 8 bits")
+        if status == 0:
+            self._reset()
+            return
+        if status & DeviceStatus.FEATURES_OK and not self.features_set:
+            raise RemoteProtocolError("SET_STATUS: FEATURES_OK before SET_FEATURES")
+        self.status = status
+
+    def _on_get_status(self, msg: Message, fds: list[int]) -> codec.Payload:
+        return codec.U64(self.status)
+
+    # ------------------------------------------------------------------ back-end channel
+
+    def send_backend_request(self, request: BackendRequest, payload: codec.Payload) -> None:
+        """Send a back-end request (e.g. CONFIG_CHANGE_MSG) if the channel exists."""
+        channel = self.backend_channel
+        if channel is None:
+            raise ProtocolError("no back-end channel (SET_BACKEND_REQ_FD not received)")
+        data, fds = codec.encode(Message(request, payload))
+        channel.send(data, fds)
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(self) -> None:
+        """The connection ended: stop rings, unmap memory, close every fd."""
+        if self.closed:
+            return
+        self.closed = True
+        for vring in self.vrings:
+            self._transition(vring, RingEvent.RESET)
+            vring.close_fds()
+        with contextlib.suppress(PyvdpaError):
+            self.device.reset()
+        self.memory.close()
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+        if self.inflight is not None:
+            self.inflight.close()
+        if self.log_call_fd is not None:
+            os.close(self.log_call_fd)
+            self.log_call_fd = None
+        if self.backend_channel is not None:
+            self.backend_channel.close()
+
+
+def _u64(msg: Message) -> int:
+    assert isinstance(msg.payload, codec.U64)
+    return msg.payload.value
+
+
+def _release(queue: DeviceQueue) -> None:
+    release = getattr(queue, "release", None)
+    if callable(release):
+        release()

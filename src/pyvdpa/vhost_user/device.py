@@ -1,0 +1,226 @@
+"""The back-end's device interface: what a device author implements.
+
+Theory of operation (vhost-user spec, "Ring states"): a vring is *started*
+when its kick fd arrives (or its first kick, in polling mode) and *stopped*
+by GET_VRING_BASE; it is separately *enabled* or *disabled*.  The back-end
+connection (:mod:`pyvdpa.vhost_user.backend`) keeps that state in a
+:class:`Vring`, builds the device-side queue object over guest memory, and
+calls the device:
+
+* :meth:`VhostUserDevice.start_queue` once the ring is started, enabled and
+  fully configured (size, addresses inside the memory table, memory mapped);
+* :meth:`VhostUserDevice.stop_queue` before anything the ring depends on
+  changes (disable, GET_VRING_BASE, a new memory table, reset, disconnect).
+  When it returns the device no longer touches the ring; the back-end then
+  reads the exact next avail index from the queue.
+
+Devices process rings on threads of their own; :class:`ThreadedDevice` is
+the simple slow path (one Python thread per running queue, woken by the kick
+eventfd).  A compiled data-plane engine implements the same two calls.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+import os
+import select
+import threading
+from dataclasses import dataclass, field
+
+from pyvdpa.errors import PyvdpaError, RingError
+from pyvdpa.vhost_user.protocol import ProtocolFeature
+from pyvdpa.virtio.ring import DeviceQueue
+
+__all__ = ["ThreadedDevice", "UnsupportedRequest", "VhostUserDevice", "Vring"]
+
+log = logging.getLogger(__name__)
+
+
+class UnsupportedRequest(PyvdpaError):
+    """The device does not implement an optional request (e.g. GET_CONFIG)."""
+
+
+@dataclass(eq=False)
+class Vring:
+    """Back-end state of one virtqueue.
+
+    ``queue`` is the device-side ring (split or packed) while the ring runs,
+    ``None`` otherwise.  ``kick_fd`` is ``None`` in polling mode (the
+    front-end set the NOFD bit) or before SET_VRING_KICK.
+    """
+
+    index: int
+    num: int = 0
+    base: int = 0
+    started: bool = False
+    enabled: bool = False
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    queue: DeviceQueue | None = None
+    broken: bool = False
+    _call_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def running(self) -> bool:
+        """Started, enabled and configured: the device may process it."""
+        return self.queue is not None
+
+    def signal_call(self) -> None:
+        """Interrupt the driver (write the call eventfd) unconditionally."""
+        with self._call_lock:
+            fd = self.call_fd
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.eventfd_write(fd, 1)
+
+    def notify(self) -> None:
+        """Interrupt the driver if the ring's notification suppression allows it."""
+        queue = self.queue
+        if queue is not None and queue.should_notify():
+            self.signal_call()
+
+    def fail(self, error: RingError) -> None:
+        """Mark the ring broken after a hostile ring was found; tell the front-end."""
+        if not self.broken:
+            log.error("vring %d broken: %s", self.index, error)
+        self.broken = True
+        fd = self.err_fd
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(fd, 1)
+
+    def close_fds(self) -> None:
+        """Close every fd the ring holds."""
+        for name in ("kick_fd", "call_fd", "err_fd"):
+            fd = getattr(self, name)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, name, None)
+
+
+class VhostUserDevice(abc.ABC):
+    """A device served over vhost-user.
+
+    Subclasses give their capabilities (:attr:`features`,
+    :attr:`protocol_features`, :attr:`num_queues`) and process rings between
+    :meth:`start_queue` and :meth:`stop_queue`.  Optional requests raise
+    :class:`UnsupportedRequest` by default.
+    """
+
+    #: virtio feature bits the device offers (device-specific and generic).
+    features: int = 0
+    #: protocol features the device wants offered (masked by what the back-end implements).
+    protocol_features: ProtocolFeature = ProtocolFeature(0)
+    #: number of virtqueues.
+    num_queues: int = 1
+    #: largest ring size accepted.
+    max_queue_size: int = 32768
+
+    def set_features(self, features: int) -> None:  # noqa: B027 - optional hook
+        """The front-end acknowledged ``features`` (a subset of :attr:`features`)."""
+
+    @abc.abstractmethod
+    def start_queue(self, vring: Vring) -> None:
+        """Begin processing ``vring`` (its ``queue`` is set)."""
+
+    @abc.abstractmethod
+    def stop_queue(self, vring: Vring) -> None:
+        """Stop processing ``vring``; when this returns the ring is not touched."""
+
+    def kick(self, vring: Vring) -> None:  # noqa: B027 - optional hook
+        """An in-band kick (VRING_KICK) arrived for a running ring."""
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Read ``size`` bytes of the device config space at ``offset``."""
+        raise UnsupportedRequest("device has no config space")
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """Write the device config space."""
+        raise UnsupportedRequest("device config space is read-only")
+
+    def send_rarp(self, mac: bytes) -> None:
+        """Announce ``mac`` after migration (SEND_RARP)."""
+        raise UnsupportedRequest("device does not send RARP")
+
+    def set_mtu(self, mtu: int) -> None:
+        """The front-end set the MTU (NET_SET_MTU)."""
+        raise UnsupportedRequest("device has no MTU")
+
+    def reset(self) -> None:  # noqa: B027 - optional hook
+        """All queues are stopped and the device returns to its initial state."""
+
+
+class ThreadedDevice(VhostUserDevice):
+    """A device whose queues are served by Python threads (the slow path).
+
+    One thread per running queue waits on the kick eventfd (or polls when
+    the front-end gave none) and calls :meth:`process` with the ring.  A
+    :class:`RingError` raised from :meth:`process` breaks only that ring.
+    """
+
+    #: seconds between polls of a ring without a kick fd.
+    poll_interval: float = 0.001
+
+    def __init__(self) -> None:
+        self._workers: dict[int, tuple[threading.Thread, int, int]] = {}
+        self._lock = threading.Lock()
+
+    @abc.abstractmethod
+    def process(self, vring: Vring) -> None:
+        """Drain available buffers of ``vring`` (called on its worker thread)."""
+
+    def start_queue(self, vring: Vring) -> None:
+        """Start a worker thread for ``vring``."""
+        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+        thread = threading.Thread(
+            target=self._run, args=(vring, stop_r), name=f"vring-{vring.index}", daemon=True
+        )
+        with self._lock:
+            self._workers[vring.index] = (thread, stop_r, stop_w)
+        thread.start()
+
+    def stop_queue(self, vring: Vring) -> None:
+        """Stop the worker of ``vring`` and wait for it."""
+        with self._lock:
+            entry = self._workers.pop(vring.index, None)
+        if entry is None:
+            return
+        thread, stop_r, stop_w = entry
+        os.write(stop_w, b"x")
+        if thread is not threading.current_thread():
+            thread.join()
+        os.close(stop_r)
+        os.close(stop_w)
+
+    def kick(self, vring: Vring) -> None:
+        """Process an in-band kick on the caller's thread."""
+        self._drain(vring)
+
+    def _drain(self, vring: Vring) -> None:
+        if vring.broken or vring.queue is None:
+            return
+        try:
+            self.process(vring)
+        except RingError as exc:
+            vring.fail(exc)
+
+    def _run(self, vring: Vring, stop_r: int) -> None:
+        poller = select.poll()
+        poller.register(stop_r, select.POLLIN)
+        kick = vring.kick_fd
+        if kick is not None:
+            poller.register(kick, select.POLLIN)
+        timeout_ms = None if kick is not None else max(1, int(self.poll_interval * 1000))
+        self._drain(vring)
+        while True:
+            events = poller.poll(timeout_ms)
+            if any(fd == stop_r for fd, _ in events):
+                return
+            if kick is not None and events:
+                with contextlib.suppress(BlockingIOError, OSError):
+                    os.read(kick, 8)
+            self._drain(vring)

@@ -1,0 +1,1 @@
+"""The virtio layer: spec constants, device layouts and virtqueues."""
