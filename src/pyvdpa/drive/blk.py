@@ -108,6 +108,7 @@ def run_blk(
     duration: float = 5.0,
     ios: int | None = None,
     ring_size: int = 128,
+    packed: bool = False,
     progress: bool = False,
 ) -> BlkResult:
     """Negotiate a blk device on ``session`` and run I/O; return the figures."""
@@ -117,7 +118,8 @@ def run_blk(
         raise ConfigError(f"block size {bs} is not a positive multiple of {SECTOR_SIZE}")
     if not 0 < iodepth <= ring_size // 3:
         raise ConfigError(f"iodepth must be 1..{ring_size // 3}")
-    features = session.negotiate(BLK_WANTED, VirtioFeature.VERSION_1)
+    required = VirtioFeature.VERSION_1 | (VirtioFeature.RING_PACKED if packed else 0)
+    features = session.negotiate(BLK_WANTED, required)
     capacity = read_capacity(session)
     area = min(size if size is not None else capacity, capacity)
     area -= area % bs

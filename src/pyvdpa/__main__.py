@@ -1,0 +1,7 @@
+"""``python -m pyvdpa``: the ``pyvdpa`` command."""
+
+import sys
+
+from pyvdpa.cli import main
+
+sys.exit(main())

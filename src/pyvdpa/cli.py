@@ -1,0 +1,214 @@
+"""The ``pyvdpa`` command.
+
+* ``pyvdpa run`` serves simulated devices on vhost-user sockets;
+* ``pyvdpa drive net|blk`` drives any vhost-user back-end with traffic.
+
+Every failure the user can cause prints one line, ``pyvdpa: error: ...``,
+and exits non-zero; tracebacks are for bugs only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from pyvdpa.drive.blk import WORKLOADS, run_blk
+from pyvdpa.drive.net import run_net
+from pyvdpa.drive.session import Session
+from pyvdpa.errors import ConfigError, PyvdpaError
+from pyvdpa.vdev import parse_size, parse_vdev
+from pyvdpa.vhost_user.frontend import Frontend
+from pyvdpa.vhost_user.server import BackendServer
+
+__all__ = ["main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``pyvdpa`` command."""
+    parser = _Parser(prog="pyvdpa", description="vDPA and vhost-user toolkit")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="serve simulated devices on vhost-user sockets")
+    run.add_argument(
+        "--vdev",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="sim-net,name=N,mode=loopback|drop,mac=M,mtu=N,queues=N or "
+        "sim-blk,name=N,path=FILE|size=N,readonly=on,queues=N,serial=S",
+    )
+    run.add_argument(
+        "--iface", required=True, metavar="PREFIX", help="socket path prefix: PREFIX0, PREFIX1…"
+    )
+    run.add_argument("--client", action="store_true", help="connect to the sockets (client mode)")
+
+    drive = sub.add_parser("drive", help="drive a vhost-user back-end with traffic")
+    kinds = drive.add_subparsers(dest="kind", required=True, parser_class=_Parser)
+    for name, help_text in (("net", "packets, like testpmd"), ("blk", "block I/O, like fio")):
+        p = kinds.add_parser(name, help=help_text)
+        p.add_argument("--socket", required=True, help="vhost-user socket path")
+        p.add_argument(
+            "--server", action="store_true", help="listen on the socket; the back-end connects"
+        )
+        p.add_argument("--duration", type=_seconds, default=5.0, help="seconds (default 5)")
+        p.add_argument("--packed", action="store_true", help="use the packed ring layout")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        p.add_argument("--ring-size", type=_positive, default=256, help="descriptors per ring")
+        p.add_argument("--memory", type=_size, default=64 << 20, help="shared memory size")
+        if name == "net":
+            p.add_argument("--mode", choices=("txonly", "rxonly", "io"), default="txonly")
+            p.add_argument("--frame-size", type=_positive, default=64)
+            p.add_argument("--queues", type=_positive, default=1, help="queue pairs")
+            p.add_argument("--no-mrg-rxbuf", action="store_true", help="do not ask MRG_RXBUF")
+        else:
+            p.add_argument("--rw", choices=WORKLOADS, default="randread")
+            p.add_argument("--bs", type=_positive, default=4096)
+            p.add_argument("--iodepth", type=_positive, default=32)
+            p.add_argument("--size", type=_size, default=None, help="bytes of the disk to use")
+            p.add_argument("--verify", action="store_true", help="read back and compare")
+    return parser
+
+
+def _open_session(args: argparse.Namespace) -> Session:
+    if args.server:
+        frontend = Frontend.listen(args.socket)
+    else:
+        frontend = Frontend.connect(args.socket)
+    return Session(frontend, memory_size=args.memory)
+
+
+def _print_result(figures: dict[str, object], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(figures))
+        return
+    for key, value in figures.items():
+        shown = f"{value:,.1f}" if isinstance(value, float) else str(value)
+        print(f"  {key:<16} {shown}")
+
+
+def _cmd_drive(args: argparse.Namespace) -> int:
+    progress = not args.json and sys.stdout.isatty()
+    with _open_session(args) as session:
+        if args.kind == "net":
+            net = run_net(
+                session,
+                mode=args.mode,
+                frame_size=args.frame_size,
+                queues=args.queues,
+                packed=args.packed,
+                mrg_rxbuf=not args.no_mrg_rxbuf,
+                ring_size=args.ring_size,
+                duration=args.duration,
+                progress=progress,
+            )
+            _print_result(net.as_dict(), args.json)
+            return EXIT_ERROR if net.errors or net.rx_bad else 0
+        blk = run_blk(
+            session,
+            rw=args.rw,
+            bs=args.bs,
+            iodepth=args.iodepth,
+            size=args.size,
+            verify=args.verify,
+            duration=args.duration,
+            ring_size=args.ring_size,
+            packed=args.packed,
+            progress=progress,
+        )
+        _print_result(blk.as_dict(), args.json)
+        return EXIT_ERROR if blk.errors or blk.verify_errors else 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    specs = [parse_vdev(text, i) for i, text in enumerate(args.vdev)]
+    names = [spec.name for spec in specs]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise ConfigError(f"device names must be unique: {', '.join(sorted(duplicates))}")
+    servers: list[BackendServer] = []
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for i, spec in enumerate(specs):
+            device = spec.create()
+            path = f"{args.iface}{i}"
+            server = BackendServer(path, lambda d=device: d, client=args.client)
+            server.start()
+            servers.append(server)
+            role = "connecting to" if args.client else "listening on"
+            print(f"{spec.name}: {spec.kind} {role} {path}", flush=True)
+        stop.wait()
+    finally:
+        for server in servers:
+            server.stop()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pyvdpa`` command."""
+    try:
+        args = build_parser().parse_args(argv)
+    except ConfigError as exc:
+        print(f"pyvdpa: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="pyvdpa: %(levelname)s: %(message)s")
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        return _cmd_drive(args)
+    except ConfigError as exc:
+        print(f"pyvdpa: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PyvdpaError, OSError) as exc:
+        print(f"pyvdpa: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130

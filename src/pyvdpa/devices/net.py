@@ -1,0 +1,259 @@
+"""A simulated virtio-net device on the Python slow path.
+
+Theory of operation (virtio 1.2, section 5.1.6; Linux ``vdpa_sim_net``):
+queue ``2k`` is the driver's receive queue and ``2k + 1`` its transmit
+queue.  Every transmitted buffer starts with a virtio-net header; what
+follows is one Ethernet frame.
+
+Modes:
+
+* ``loopback`` — a frame sent on pair *k* is received on pair *k*, if it is
+  broadcast, multicast or addressed to the device's MAC (others are
+  counted as dropped), as ``vdpa_sim_net`` does.  Frames wait in a small
+  per-pair backlog until the driver posts receive buffers.
+* ``drop`` — transmitted frames are consumed and counted.
+
+With MRG_RXBUF a frame may span several receive chains; the header's
+``num_buffers`` says how many.  A hostile ring breaks only its queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+from pyvdpa.devices.stats import QueueStats
+from pyvdpa.errors import ConfigError, RingError
+from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequest, Vring
+from pyvdpa.vhost_user.protocol import ProtocolFeature
+from pyvdpa.virtio.constants import NetFeature, NetStatus, VirtioFeature
+from pyvdpa.virtio.net import NetConfig, NetHeader, net_header_size
+from pyvdpa.virtio.ring import BufferAddressError, ChainTooLongError, DescriptorChain
+
+__all__ = ["NET_MODES", "NetDevice", "count_ring_error"]
+
+NET_MODES = ("loopback", "drop")
+BACKLOG = 256
+
+NET_FEATURES = (
+    VirtioFeature.VERSION_1
+    | VirtioFeature.RING_EVENT_IDX
+    | VirtioFeature.RING_INDIRECT_DESC
+    | VirtioFeature.RING_PACKED
+    | VirtioFeature.LOG_ALL
+    | NetFeature.MAC
+    | NetFeature.MTU
+    | NetFeature.STATUS
+    | NetFeature.MRG_RXBUF
+)
+
+NET_PROTOCOL_FEATURES = (
+    ProtocolFeature.MQ
+    | ProtocolFeature.LOG_SHMFD
+    | ProtocolFeature.RARP
+    | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.NET_MTU
+    | ProtocolFeature.CONFIG
+    | ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | ProtocolFeature.RESET_DEVICE
+    | ProtocolFeature.INBAND_NOTIFICATIONS
+)
+
+
+def count_ring_error(stats: QueueStats, error: RingError) -> None:
+    """Count a ring error under the DPDK statistic that names it."""
+    if isinstance(error, ChainTooLongError):
+        stats.exceed_max_chain += 1
+    elif isinstance(error, BufferAddressError):
+        stats.invalid_buffer += 1
+    else:
+        stats.bad_desc_errors += 1
+
+
+class NetDevice(ThreadedDevice):
+    """A virtio-net device looping frames back or dropping them."""
+
+    def __init__(
+        self,
+        *,
+        mode: str = "loopback",
+        mac: bytes = bytes.fromhex("525400123456"),
+        mtu: int = 1500,
+        queue_pairs: int = 1,
+        status_feature: bool = False,
+    ) -> None:
+        super().__init__()
+        if mode not in NET_MODES:
+            raise ConfigError(f"unknown sim-net mode {mode!r} ({', '.join(NET_MODES)})")
+        if not 1 <= queue_pairs <= 128:
+            raise ConfigError(f"queue pairs must be 1..128, not {queue_pairs}")
+        if not 68 <= mtu <= 65535:
+            raise ConfigError(f"MTU must be 68..65535, not {mtu}")
+        self.mode = mode
+        self.mac = mac
+        self.mtu = mtu
+        self.queue_pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs
+        self.features = NET_FEATURES | (NetFeature.MQ if queue_pairs > 1 else 0)
+        self.protocol_features = NET_PROTOCOL_FEATURES
+        if status_feature:
+            self.protocol_features |= ProtocolFeature.STATUS
+        self.negotiated = 0
+        self.stats = [QueueStats() for _ in range(self.num_queues)]
+        self.dropped = 0
+        self._vrings: dict[int, Vring] = {}
+        self._backlog: list[deque[bytes]] = [deque() for _ in range(queue_pairs)]
+        self._pair_locks = [threading.Lock() for _ in range(queue_pairs)]
+
+    # ------------------------------------------------------------------ control
+
+    def set_features(self, features: int) -> None:
+        """Remember the negotiated features (they size the header)."""
+        self.negotiated = features
+
+    def config(self) -> NetConfig:
+        """The config space as it stands."""
+        return NetConfig(self.mac, NetStatus.LINK_UP, self.queue_pairs, self.mtu)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Read the virtio-net config space."""
+        return self.config().read(offset, size)
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """The net config space is read-only for the driver."""
+        raise UnsupportedRequest("virtio-net config space is read-only")
+
+    def send_rarp(self, mac: bytes) -> None:
+        """Nothing to announce to: a simulated device has no upstream switch."""
+
+    def set_mtu(self, mtu: int) -> None:
+        """Accept the MTU the front-end chose."""
+        self.mtu = mtu
+
+    def start_queue(self, vring: Vring) -> None:
+        """Track the ring, then start its worker."""
+        self._vrings[vring.index] = vring
+        super().start_queue(vring)
+
+    def stop_queue(self, vring: Vring) -> None:
+        """Stop the worker, then forget the ring."""
+        super().stop_queue(vring)
+        self._vrings.pop(vring.index, None)
+
+    def reset(self) -> None:
+        """Drop pending frames."""
+        for backlog in self._backlog:
+            backlog.clear()
+
+    # ------------------------------------------------------------------ data path
+
+    def process(self, vring: Vring) -> None:
+        """Drain a TX ring, or deliver the backlog into a newly refilled RX ring."""
+        pair = vring.index // 2
+        with self._pair_locks[pair]:
+            if vring.index % 2:
+                self._transmit(vring, pair)
+            if self.mode == "loopback":
+                self._deliver(pair)
+
+    def _accepts(self, frame: bytes) -> bool:
+        dst = frame[:6]
+        return len(frame) >= 14 and (dst[0] & 1 == 1 or dst == self.mac)
+
+    def _transmit(self, vring: Vring, pair: int) -> None:
+        queue = vring.queue
+        assert queue is not None
+        stats = self.stats[vring.index]
+        hdr = net_header_size(self.negotiated)
+        backlog = self._backlog[pair]
+        pushed = False
+        while True:
+            try:
+                chain = queue.pop()
+            except RingError as exc:
+                count_ring_error(stats, exc)
+                raise
+            if chain is None:
+                break
+            stats.received_desc += 1
+            data = chain.read_all()
+            if len(data) < hdr:
+                stats.invalid_buffer += 1
+            else:
+                frame = data[hdr:]
+                stats.packets += 1
+                stats.bytes += len(frame)
+                if self.mode == "loopback" and self._accepts(frame) and len(backlog) < BACKLOG:
+                    backlog.append(frame)
+                else:
+                    self.dropped += 1
+            queue.push(chain, 0)
+            stats.completed_desc += 1
+            pushed = True
+        if pushed:
+            vring.notify()
+
+    def _deliver(self, pair: int) -> None:
+        rx = self._vrings.get(2 * pair)
+        backlog = self._backlog[pair]
+        if rx is None or rx.queue is None or rx.broken or not backlog:
+            return
+        stats = self.stats[rx.index]
+        delivered = False
+        try:
+            while backlog:
+                if not self._receive_one(rx, backlog[0], stats):
+                    break
+                backlog.popleft()
+                delivered = True
+        except RingError as exc:
+            count_ring_error(stats, exc)
+            rx.fail(exc)
+        if delivered:
+            rx.notify()
+
+    def _receive_one(self, rx: Vring, frame: bytes, stats: QueueStats) -> bool:
+        """Write one frame into receive chains; False when no buffer is available."""
+        queue = rx.queue
+        assert queue is not None
+        hdr_size = net_header_size(self.negotiated)
+        mergeable = bool(self.negotiated & NetFeature.MRG_RXBUF)
+        payload = frame
+        chains: list[tuple[DescriptorChain, int]] = []
+        remaining = hdr_size + len(payload)
+        header_len = hdr_size
+        while remaining > 0:
+            chain = queue.pop()
+            if chain is None:
+                if chains:
+                    # Not enough buffers yet: the frame is lost, the chains are returned empty.
+                    for held, _ in chains:
+                        queue.push(held, 0)
+                    self.dropped += 1
+                    return True
+                return False
+            stats.received_desc += 1
+            capacity = chain.writable_len
+            if capacity < (header_len if not chains else 1):
+                stats.invalid_buffer += 1
+                queue.push(chain, 0)
+                stats.completion_errors += 1
+                continue
+            take = min(capacity, remaining)
+            chains.append((chain, take))
+            remaining -= take
+            if not mergeable and remaining > 0:
+                stats.invalid_buffer += 1
+                queue.push(chain, 0)
+                self.dropped += 1
+                return True
+        stream = NetHeader(num_buffers=len(chains)).encode()[:hdr_size] + payload
+        offset = 0
+        for chain, take in chains:
+            written = chain.write(stream[offset : offset + take])
+            offset += take
+            queue.push(chain, written)
+            stats.completed_desc += 1
+        stats.packets += 1
+        stats.bytes += len(frame)
+        return True
