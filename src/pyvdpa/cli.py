@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 
 from pyvdpa.drive.blk import WORKLOADS, run_blk
@@ -23,6 +23,7 @@ from pyvdpa.drive.net import run_net
 from pyvdpa.drive.session import Session
 from pyvdpa.errors import ConfigError, PyvdpaError
 from pyvdpa.vdev import parse_size, parse_vdev
+from pyvdpa.vhost_user.device import VhostUserDevice
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.vhost_user.server import BackendServer
 
@@ -161,6 +162,11 @@ def _cmd_drive(args: argparse.Namespace) -> int:
         return EXIT_ERROR if blk.errors or blk.verify_errors else 0
 
 
+def _shared(device: VhostUserDevice) -> Callable[[], VhostUserDevice]:
+    """A factory handing every connection the same device."""
+    return lambda: device
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     specs = [parse_vdev(text, i) for i, text in enumerate(args.vdev)]
     names = [spec.name for spec in specs]
@@ -179,7 +185,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         for i, spec in enumerate(specs):
             device = spec.create()
             path = f"{args.iface}{i}"
-            server = BackendServer(path, lambda d=device: d, client=args.client)
+            server = BackendServer(path, _shared(device), client=args.client)
             server.start()
             servers.append(server)
             role = "connecting to" if args.client else "listening on"

@@ -26,7 +26,8 @@ from pyvdpa.errors import ConfigError, RingError
 from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequest, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.blk import (
-    GET_ID_LEN,
+    BLK_ID_BYTES,
+    BLK_SEGMENT_SIZE,
     SECTOR_SIZE,
     BlkConfig,
     BlkRequestHeader,
@@ -95,8 +96,8 @@ class BlkDevice(ThreadedDevice):
             raise ConfigError("sim-blk needs exactly one of path= or size=")
         if not 1 <= queues <= 64:
             raise ConfigError(f"queues must be 1..64, not {queues}")
-        if len(serial.encode()) > GET_ID_LEN:
-            raise ConfigError(f"serial longer than {GET_ID_LEN} bytes: {serial!r}")
+        if len(serial.encode()) > BLK_ID_BYTES:
+            raise ConfigError(f"serial longer than {BLK_ID_BYTES} bytes: {serial!r}")
         if path is not None:
             p = Path(path)
             if not p.is_file():
@@ -180,13 +181,13 @@ class BlkDevice(ThreadedDevice):
 
     def _serve(self, chain: DescriptorChain, stats: QueueStats) -> int:
         """Execute one request; return the bytes written into the chain."""
-        if chain.writable_len < 1 or chain.readable_len < _HEADER_SIZE:
+        if chain.writable_len() < 1 or chain.readable_len() < _HEADER_SIZE:
             stats.invalid_buffer += 1
             return 0
         readable = chain.read_all()
-        header = BlkRequestHeader.decode(readable[:_HEADER_SIZE])
+        header = BlkRequestHeader.unpack(readable[:_HEADER_SIZE])
         data_out = readable[_HEADER_SIZE:]
-        data_in_len = chain.writable_len - 1
+        data_in_len = chain.writable_len() - 1
         reply = b""
         try:
             reply = self._execute(header, data_out, data_in_len)
@@ -198,7 +199,7 @@ class BlkDevice(ThreadedDevice):
             status = BlkStatus.IOERR
             stats.completion_errors += 1
         written = chain.write(reply, 0) if reply else 0
-        chain.write(bytes([status]), chain.writable_len - 1)
+        chain.write(bytes([status]), chain.writable_len() - 1)
         stats.packets += 1
         stats.bytes += len(reply) + len(data_out)
         return written + 1
@@ -229,7 +230,7 @@ class BlkDevice(ThreadedDevice):
                 os.fsync(self.fd)
             return b""
         if kind == BlkType.GET_ID:
-            return self.serial.ljust(GET_ID_LEN, b"\0")[: min(GET_ID_LEN, data_in_len)]
+            return self.serial.ljust(BLK_ID_BYTES, b"\0")[: min(BLK_ID_BYTES, data_in_len)]
         if kind in (BlkType.DISCARD, BlkType.WRITE_ZEROES):
             self._writable()
             self._discard_or_zero(kind, data_out)
@@ -241,11 +242,9 @@ class BlkDevice(ThreadedDevice):
             raise _RequestError(BlkStatus.IOERR, "device is read-only")
 
     def _discard_or_zero(self, kind: int, data: bytes) -> None:
-        size = DiscardWriteZeroesSegment.SIZE
-        if not data or len(data) % size or len(data) // size > MAX_DISCARD_SEG:
+        if not data or len(data) % BLK_SEGMENT_SIZE or len(data) // BLK_SEGMENT_SIZE > MAX_DISCARD_SEG:
             raise _RequestError(BlkStatus.UNSUPP, "malformed discard/write-zeroes segments")
-        for i in range(0, len(data), size):
-            segment = DiscardWriteZeroesSegment.decode(data[i : i + size])
+        for segment in DiscardWriteZeroesSegment.unpack_all(data):
             if segment.flags & ~1 or (kind == BlkType.DISCARD and segment.flags):
                 raise _RequestError(BlkStatus.UNSUPP, f"segment flags {segment.flags:#x}")
             if segment.num_sectors > MAX_DISCARD_SECTORS:

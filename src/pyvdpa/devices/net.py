@@ -233,7 +233,7 @@ class NetDevice(ThreadedDevice):
                     return True
                 return False
             stats.received_desc += 1
-            capacity = chain.writable_len
+            capacity = chain.writable_len()
             if capacity < (header_len if not chains else 1):
                 stats.invalid_buffer += 1
                 queue.push(chain, 0)
@@ -247,7 +247,7 @@ class NetDevice(ThreadedDevice):
                 queue.push(chain, 0)
                 self.dropped += 1
                 return True
-        stream = NetHeader(num_buffers=len(chains)).encode()[:hdr_size] + payload
+        stream = NetHeader(num_buffers=len(chains)).pack(hdr_size) + payload
         offset = 0
         for chain, take in chains:
             written = chain.write(stream[offset : offset + take])

@@ -22,7 +22,7 @@ from typing import Literal
 
 from pyvdpa.drive.session import Session
 from pyvdpa.errors import ConfigError, PyvdpaError
-from pyvdpa.virtio.blk import SECTOR_SIZE, BlkConfig, BlkRequestHeader
+from pyvdpa.virtio.blk import BLK_CONFIG_SIZE, SECTOR_SIZE, BlkConfig, BlkRequestHeader
 from pyvdpa.virtio.constants import BlkFeature, BlkStatus, BlkType, VirtioFeature
 
 __all__ = ["BlkResult", "pattern", "run_blk"]
@@ -93,7 +93,7 @@ class _Slot:
 
 def read_capacity(session: Session) -> int:
     """Disk size in bytes, from the config space."""
-    raw = session.frontend.get_config(0, BlkConfig.SIZE)
+    raw = session.frontend.get_config(0, BLK_CONFIG_SIZE)
     return BlkConfig.decode(raw).capacity * SECTOR_SIZE
 
 
@@ -148,7 +148,7 @@ def run_blk(
     def submit(slot: _Slot, kind: BlkType, offset: int, *, check: bool) -> None:
         slot.kind, slot.offset, slot.verify = kind, offset, check
         header = BlkRequestHeader(kind, 0, offset // SECTOR_SIZE)
-        mem.write(slot.header, header.encode())
+        mem.write(slot.header, header.pack())
         mem.write(slot.status, b"\xff")
         if kind is BlkType.OUT:
             slot.generation = generations.get(offset, 0) + 1

@@ -53,7 +53,7 @@ def check_frame(frame: bytes) -> bool:
     if len(frame) < _MIN_FRAME:
         return False
     magic, _, crc = _TAG.unpack_from(frame, _ETH.size)
-    return magic == _MAGIC and zlib.crc32(frame[_MIN_FRAME:]) == crc
+    return bool(magic == _MAGIC and zlib.crc32(frame[_MIN_FRAME:]) == crc)
 
 
 @dataclass

@@ -154,9 +154,9 @@ class Session:
             )  # fmt: skip
             avail, used = driver, device
         else:
-            desc = self.alloc(SplitLayout.desc_size(size), 16)
-            avail = self.alloc(SplitLayout.avail_size(size), 2)
-            used = self.alloc(SplitLayout.used_size(size), 4)
+            desc = self.alloc(SplitLayout(size).desc_size, 16)
+            avail = self.alloc(SplitLayout(size).avail_size, 2)
+            used = self.alloc(SplitLayout(size).used_size, 4)
             queue = SplitDriverQueue(
                 self.memory, size, desc, avail, used,
                 event_idx=event_idx, indirect_addr=indirect_addr,
@@ -170,7 +170,7 @@ class Session:
         fe.set_vring_num(index, size)
         fe.set_vring_base(index, 0x8000 if self.packed else 0)
         addr = codec.VringAddr(
-            index, 0, self.gpa_to_uva(desc), self.gpa_to_uva(used), self.gpa_to_uva(avail), 0
+            index, codec.VringAddrFlags(0), self.gpa_to_uva(desc), self.gpa_to_uva(used), self.gpa_to_uva(avail), 0
         )
         fe.set_vring_addr(addr)
         fe.set_vring_kick(index, kick_fd)

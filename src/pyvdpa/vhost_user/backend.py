@@ -151,10 +151,13 @@ class BackendConnection:
         self.name = name
         self.memory = GuestMemory(max_regions=MAX_MEM_SLOTS)
         self.vrings = [Vring(i) for i in range(device.num_queues)]
-        self.offered_features = device.features | _BACKEND_FEATURES
-        self.offered_protocol_features = device.protocol_features & IMPLEMENTED_PROTOCOL_FEATURES
-        if device.features & VirtioFeature.LOG_ALL:
-            self.offered_protocol_features |= ProtocolFeature.LOG_SHMFD
+        # Plain ints: inverting an IntFlag would drop bits it does not name.
+        self.offered_features = int(device.features) | int(_BACKEND_FEATURES)
+        self.offered_protocol_features = int(device.protocol_features) & int(
+            IMPLEMENTED_PROTOCOL_FEATURES
+        )
+        if self.offered_features & VirtioFeature.LOG_ALL:
+            self.offered_protocol_features |= int(ProtocolFeature.LOG_SHMFD)
         self.features = 0
         self.features_set = False
         self.protocol_features = ProtocolFeature(0)
@@ -322,9 +325,9 @@ class BackendConnection:
             sizes = (16 * num, 4, 4)
         else:
             sizes = (
-                SplitLayout.desc_size(num),
-                SplitLayout.avail_size(num),
-                SplitLayout.used_size(num),
+                SplitLayout(num).desc_size,
+                SplitLayout(num).avail_size,
+                SplitLayout(num).used_size,
             )
         uvas = (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
         names = ("descriptor table", "avail ring", "used ring")
@@ -359,7 +362,9 @@ class BackendConnection:
         unknown = features & ~self.offered_features
         if unknown:
             raise RemoteProtocolError(f"SET_FEATURES: bits {unknown:#x} were not offered")
-        if any(v.running for v in self.vrings) and (features ^ self.features) & ~_LIVE_FEATURES:
+        if any(v.running for v in self.vrings) and (features ^ self.features) & ~int(
+            _LIVE_FEATURES
+        ):
             raise RemoteProtocolError("SET_FEATURES: features changed while rings run")
 
         def apply() -> None:

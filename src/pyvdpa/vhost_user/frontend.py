@@ -240,14 +240,16 @@ class Frontend:
 
     def get_config(self, offset: int, size: int) -> bytes:
         """GET_CONFIG."""
-        query = codec.ConfigSpace(offset, size, 0, bytes(size))
+        query = codec.ConfigSpace(offset, size, codec.ConfigType(0), bytes(size))
         reply = self.request(Request.GET_CONFIG, query)
-        assert reply is not None and isinstance(reply.payload, codec.ConfigSpace)
+        assert reply is not None
+        if not isinstance(reply.payload, codec.ConfigSpace) or reply.payload.size != size:
+            raise BackendRefused(f"back-end refused GET_CONFIG of {size} bytes at {offset}")
         return reply.payload.data
 
     def set_config(self, offset: int, data: bytes) -> None:
         """SET_CONFIG."""
-        self.request(Request.SET_CONFIG, codec.ConfigSpace(offset, len(data), 0, data))
+        self.request(Request.SET_CONFIG, codec.ConfigSpace(offset, len(data), codec.ConfigType(0), data))
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[codec.Inflight, int]:
         """GET_INFLIGHT_FD: returns the region description and its fd (owned by the caller)."""
