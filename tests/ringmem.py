@@ -25,8 +25,10 @@ __all__ = [
     "NOTIFY_OPS",
     "DirtyLog",
     "GuestMemory",
+    "Op",
     "RingPair",
     "packed_pair",
+    "pop_chains",
     "ring_ops",
     "run_notify_ops",
     "run_ops",
@@ -194,6 +196,16 @@ def packed_pair(
         )
 
     return RingPair(mem, driver, rebuild(0x8000), rebuild, desc, drv, dev, ind, bufs)
+
+
+def pop_chains(device: DeviceQueue, count: int) -> list[DescriptorChain]:
+    """Pop ``count`` chains, which must all be there."""
+    chains = []
+    for _ in range(count):
+        chain = device.pop()
+        assert chain is not None
+        chains.append(chain)
+    return chains
 
 
 _SEG_LENS = st.lists(st.integers(0, 48), max_size=3)

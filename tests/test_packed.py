@@ -16,7 +16,17 @@ from pyvdpa.virtio.packed import (
     check_packed_queue_size,
 )
 from pyvdpa.virtio.ring import DescFlag, DescriptorIndexError, QueueFullError
-from ringmem import NOTIFY_OPS, DirtyLog, RingPair, packed_pair, ring_ops, run_notify_ops, run_ops
+from ringmem import (
+    NOTIFY_OPS,
+    DirtyLog,
+    Op,
+    RingPair,
+    packed_pair,
+    pop_chains,
+    ring_ops,
+    run_notify_ops,
+    run_ops,
+)
 
 DESC = struct.Struct("<QIHH")
 EVENT = struct.Struct("<HH")
@@ -181,7 +191,7 @@ def test_driver_refuses_a_used_id_not_in_flight() -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(size=st.integers(1, 17), event_idx=st.booleans(), ops=ring_ops())
-def test_random_operations_round_trip(size: int, event_idx: bool, ops: list) -> None:  # type: ignore[type-arg]
+def test_random_operations_round_trip(size: int, event_idx: bool, ops: list[Op]) -> None:
     run_ops(packed_pair(size, event_idx=event_idx), ops)
 
 
@@ -214,15 +224,15 @@ def test_flag_suppression() -> None:
     assert not driver.kick_needed()
     assert device.enable_notification()
     assert event(pair, pair.device_area)[1] == EventFlags.ENABLE
-    chains = [device.pop(), device.pop()]
+    chains = pop_chains(device, 2)
     assert device.pop() is None
     driver.add([(pair.buffers, 1)], [])
     assert driver.kick_needed()
-    device.push(chains[0], 0)  # type: ignore[arg-type]
+    device.push(chains[0], 0)
     assert device.should_notify()
     driver.disable_interrupts()
     assert event(pair, pair.driver_area)[1] == EventFlags.DISABLE
-    device.push(chains[1], 0)  # type: ignore[arg-type]
+    device.push(chains[1], 0)
     assert not device.should_notify()
     assert driver.enable_interrupts()
     assert not device.should_notify()

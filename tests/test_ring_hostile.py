@@ -109,12 +109,18 @@ class RawPacked(RawRing):
         pass
 
 
-def raw_split(size: int = 4, **kwargs: bool | int) -> RawRing:
-    return RawSplit(split_pair(size, **kwargs))  # type: ignore[arg-type]
+def raw_split(
+    size: int = 4, *, indirect: bool = True, extra: int = 0, indirect_area: bool = True
+) -> RawRing:
+    pair = split_pair(size, indirect=indirect, extra=extra, indirect_area=indirect_area)
+    return RawSplit(pair)
 
 
-def raw_packed(size: int = 4, **kwargs: bool | int) -> RawRing:
-    return RawPacked(packed_pair(size, **kwargs))  # type: ignore[arg-type]
+def raw_packed(
+    size: int = 4, *, indirect: bool = True, extra: int = 0, indirect_area: bool = True
+) -> RawRing:
+    pair = packed_pair(size, indirect=indirect, extra=extra, indirect_area=indirect_area)
+    return RawPacked(pair)
 
 
 RAW = [raw_split, raw_packed]
@@ -223,9 +229,8 @@ def test_readable_after_writable(make: Factory) -> None:
     expect_broken(ring, ChainLayoutError)
 
 
-@pytest.mark.parametrize("make", RAW)
-def test_readable_after_writable_across_indirect(make: Factory) -> None:
-    ring = make()
+def test_split_readable_after_writable_across_indirect() -> None:
+    ring = raw_split()
     ring.put(0, ring.buf, 4, WRITE | NEXT)
     ring.put(1, ring.table, 16, INDIRECT)
     ring.put_table(0, ring.buf + 8, 4, 0)
@@ -243,9 +248,8 @@ def test_indirect_table_longer_than_the_queue(make: Factory) -> None:
     expect_broken(ring, ChainTooLongError)
 
 
-@pytest.mark.parametrize("make", RAW)
-def test_direct_and_indirect_descriptors_beyond_the_queue_size(make: Factory) -> None:
-    ring = make(4)
+def test_split_direct_and_indirect_descriptors_beyond_the_queue_size() -> None:
+    ring = raw_split(4)
     ring.put(0, ring.buf, 1, NEXT)
     ring.put(1, ring.buf, 1, NEXT)
     ring.put(2, ring.table, 48, INDIRECT)
@@ -392,6 +396,24 @@ def test_packed_id_comes_from_the_last_descriptor() -> None:
     ring.put(1, ring.buf, 1, 0, ident=3)
     chain = ring.device.pop()
     assert chain is not None and chain.id == 3
+
+
+def test_packed_indirect_descriptor_after_direct_ones() -> None:
+    ring = raw_packed(4)
+    ring.put(0, ring.buf, 4, NEXT)
+    ring.put(1, ring.table, 16, INDIRECT)
+    ring.put_table(0, ring.buf + 8, 4, WRITE)
+    expect_broken(ring, IndirectDescriptorError)
+
+
+def test_packed_indirect_table_ignores_next() -> None:
+    ring = raw_packed(4)
+    ring.put(0, ring.table, 32, INDIRECT)
+    ring.put_table(0, ring.buf, 4, NEXT)
+    ring.put_table(1, ring.buf + 8, 4, WRITE | NEXT)
+    chain = ring.device.pop()
+    assert chain is not None
+    assert (chain.readable_len(), chain.writable_len(), chain.desc_count) == (4, 4, 1)
 
 
 def test_packed_chain_wrapping_onto_itself() -> None:

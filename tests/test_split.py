@@ -23,7 +23,16 @@ from pyvdpa.virtio.split import (
     UsedFlag,
     check_queue_size,
 )
-from ringmem import NOTIFY_OPS, DirtyLog, ring_ops, run_notify_ops, run_ops, split_pair
+from ringmem import (
+    NOTIFY_OPS,
+    DirtyLog,
+    Op,
+    pop_chains,
+    ring_ops,
+    run_notify_ops,
+    run_ops,
+    split_pair,
+)
 
 U16 = struct.Struct("<H")
 SIZES = st.sampled_from([1, 2, 4, 8, 16])
@@ -200,7 +209,7 @@ def test_driver_refuses_a_used_id_not_in_flight() -> None:
 
 @settings(max_examples=150, deadline=None)
 @given(size=SIZES, event_idx=st.booleans(), ops=ring_ops())
-def test_random_operations_round_trip(size: int, event_idx: bool, ops: list) -> None:  # type: ignore[type-arg]
+def test_random_operations_round_trip(size: int, event_idx: bool, ops: list[Op]) -> None:
     run_ops(split_pair(size, event_idx=event_idx), ops)
 
 
@@ -245,17 +254,17 @@ def test_flag_suppression_of_interrupts() -> None:
     driver, device = pair.driver, pair.device
     for _ in range(3):
         driver.add([(pair.buffers, 1)], [])
-    chains = [device.pop() for _ in range(3)]
+    chains = pop_chains(device, 3)
     assert not device.should_notify()
-    device.push(chains[0], 0)  # type: ignore[arg-type]
+    device.push(chains[0], 0)
     assert device.should_notify()
     assert not device.should_notify()
     driver.disable_interrupts()
     assert u16(pair.mem.read(pair.driver_area, 2)) == AvailFlag.NO_INTERRUPT
-    device.push(chains[1], 0)  # type: ignore[arg-type]
+    device.push(chains[1], 0)
     assert not device.should_notify()
     assert driver.enable_interrupts()
-    device.push(chains[2], 0)  # type: ignore[arg-type]
+    device.push(chains[2], 0)
     assert device.should_notify()
 
 
@@ -287,31 +296,39 @@ def test_event_idx_suppression_of_kicks() -> None:
     assert u16(pair.mem.read(avail_event, 2)) == 8
 
 
+def test_event_idx_disable_while_idle_holds_back_the_next_kick() -> None:
+    pair = split_pair(4, event_idx=True)
+    pair.device.disable_notification()
+    pair.driver.add([(pair.buffers, 1)], [])
+    assert not pair.driver.kick_needed()
+    assert pair.device.enable_notification()
+
+
 def test_event_idx_suppression_of_interrupts() -> None:
     pair = split_pair(8, event_idx=True)
     driver, device = pair.driver, pair.device
     used_event = pair.driver_area + SplitLayout(8).used_event_offset
     for _ in range(6):
         driver.add([(pair.buffers, 1)], [])
-    chains = [device.pop() for _ in range(6)]
-    device.push(chains[0], 0)  # type: ignore[arg-type]
-    device.push(chains[1], 0)  # type: ignore[arg-type]
+    chains = pop_chains(device, 6)
+    device.push(chains[0], 0)
+    device.push(chains[1], 0)
     assert device.should_notify()
-    device.push(chains[2], 0)  # type: ignore[arg-type]
+    device.push(chains[2], 0)
     assert not device.should_notify()
     assert driver.get_used() is not None
     assert u16(pair.mem.read(used_event, 2)) == 1
-    device.push(chains[3], 0)  # type: ignore[arg-type]
+    device.push(chains[3], 0)
     assert not device.should_notify()
     driver.disable_interrupts()
     while driver.get_used() is not None:
         pass
-    device.push(chains[4], 0)  # type: ignore[arg-type]
+    device.push(chains[4], 0)
     assert not device.should_notify()
     assert driver.enable_interrupts()
     assert driver.get_used() is not None
     assert not driver.enable_interrupts()
-    device.push(chains[5], 0)  # type: ignore[arg-type]
+    device.push(chains[5], 0)
     assert device.should_notify()
 
 

@@ -264,8 +264,11 @@ class BackendConnection:
 
     def _transition(self, vring: Vring, event: RingEvent) -> None:
         state = RingState((vring.started, vring.enabled))
+        was_enabled = vring.enabled
         vring.started, vring.enabled = RING_TRANSITIONS[(state, event)].value
         self._sync(vring)
+        if vring.enabled != was_enabled:
+            self.device.vring_state_changed(vring, vring.enabled)
 
     def _sync(self, vring: Vring) -> None:
         """Start or stop the device's processing to match the ring's state."""

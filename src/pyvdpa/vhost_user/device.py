@@ -123,6 +123,9 @@ class VhostUserDevice(abc.ABC):
     def set_features(self, features: int) -> None:  # noqa: B027 - optional hook
         """The front-end acknowledged ``features`` (a subset of :attr:`features`)."""
 
+    def vring_state_changed(self, vring: Vring, enabled: bool) -> None:  # noqa: B027
+        """``vring`` was enabled or disabled (every change, started or not)."""
+
     @abc.abstractmethod
     def start_queue(self, vring: Vring) -> None:
         """Begin processing ``vring`` (its ``queue`` is set)."""

@@ -20,15 +20,14 @@ chain's last descriptor) and later writes one used descriptor per chain,
 with AVAIL and USED both equal to its own used wrap counter, at its used
 position, which then skips as many slots as the chain occupied.  WRITE is set
 in a used descriptor exactly when its length counts written bytes
-(section 2.8.4).
+(sections 2.8.3 and 2.8.4).
 
 The device never holds more slots in flight than the ring has: a driver that
 makes a slot available again before the device returned it breaks the
 queue.  With ``VIRTIO_F_EVENT_IDX`` an event area in DESC mode names a ring
 position and wrap counter; notification is due when the producer's position
-passed it, which :func:`_packed_need_event` decides with
-:func:`~pyvdpa.virtio.ring.need_event`, counting an event of the other wrap
-as one lap behind (section 2.8.10).
+passed it, as :func:`~pyvdpa.virtio.ring.need_event` decides once an event
+of the other wrap counter is counted one lap behind (section 2.8.10).
 
 GET_VRING_BASE reports bits 0-14 the next available slot, bit 15 its wrap
 counter, bits 16-30 the used position and bit 31 its wrap counter;
@@ -57,10 +56,12 @@ from pyvdpa.virtio.ring import (
     DirtyLogger,
     QueueBrokenError,
     QueueFullError,
+    check_aligned,
     check_index,
     check_written,
     log_written,
     need_event,
+    store_u16,
     walk_chain,
 )
 
@@ -109,11 +110,6 @@ def check_packed_queue_size(size: int) -> None:
         raise ValueError(f"packed queue size {size} is not in 1..{MAX_QUEUE_SIZE}")
 
 
-def _check_aligned(addr: int, align: int, what: str) -> None:
-    if addr % align:
-        raise ValueError(f"{what} address {addr:#x} is not {align}-byte aligned")
-
-
 @dataclass(frozen=True, slots=True)
 class PackedLayout:
     """Sizes and alignments of a packed queue of ``size`` entries."""
@@ -136,9 +132,9 @@ class PackedLayout:
         self, desc_addr: int, driver_event_addr: int, device_event_addr: int
     ) -> None:
         """Raise ValueError unless the three areas are aligned as section 2.8 requires."""
-        _check_aligned(desc_addr, self.DESC_ALIGN, "descriptor ring")
-        _check_aligned(driver_event_addr, self.EVENT_ALIGN, "driver event area")
-        _check_aligned(device_event_addr, self.EVENT_ALIGN, "device event area")
+        check_aligned(desc_addr, self.DESC_ALIGN, "descriptor ring")
+        check_aligned(driver_event_addr, self.EVENT_ALIGN, "driver event area")
+        check_aligned(device_event_addr, self.EVENT_ALIGN, "device event area")
 
 
 def _is_avail(flags: int, wrap: int) -> bool:
@@ -292,9 +288,7 @@ class PackedDeviceQueue:
         self._inflight += 1
         if self._notify and self._event_idx:
             # Keep asking for a kick at the next slot the driver fills.
-            _U16.pack_into(
-                self._device_event, 0, _event_off_wrap(self._avail_idx, self._avail_wrap)
-            )
+            store_u16(self._device_event, 0, _event_off_wrap(self._avail_idx, self._avail_wrap))
         return DescriptorChain(buffer_id, walk.readable, walk.writable, walk.desc_count)
 
     def push(self, chain: DescriptorChain, written: int) -> None:
@@ -306,7 +300,7 @@ class PackedDeviceQueue:
         slot = self._used_idx * DESCRIPTOR_SIZE
         flags = (_AVAIL_USED if self._used_wrap else 0) | (_WRITE if written else 0)
         _LEN_ID.pack_into(self._desc, slot + 8, written, chain.id)
-        _U16.pack_into(self._desc, slot + _FLAGS_OFFSET, flags)
+        store_u16(self._desc, slot + _FLAGS_OFFSET, flags)
         self._used_idx, self._used_wrap = _advance(
             self._used_idx, self._used_wrap, chain.desc_count, self._size
         )
@@ -343,7 +337,7 @@ class PackedDeviceQueue:
         """Ask the driver not to kick (device event flags DISABLE)."""
         self._check_usable()
         self._notify = False
-        _U16.pack_into(self._device_event, _EVENT_FLAGS_OFFSET, _DISABLE)
+        store_u16(self._device_event, _EVENT_FLAGS_OFFSET, _DISABLE)
 
     def enable_notification(self) -> bool:
         """Ask the driver to kick for new buffers; return True if some arrived already.
@@ -355,12 +349,10 @@ class PackedDeviceQueue:
         self._check_usable()
         self._notify = True
         if self._event_idx:
-            _U16.pack_into(
-                self._device_event, 0, _event_off_wrap(self._avail_idx, self._avail_wrap)
-            )
-            _U16.pack_into(self._device_event, _EVENT_FLAGS_OFFSET, _DESC)
+            store_u16(self._device_event, 0, _event_off_wrap(self._avail_idx, self._avail_wrap))
+            store_u16(self._device_event, _EVENT_FLAGS_OFFSET, _DESC)
         else:
-            _U16.pack_into(self._device_event, _EVENT_FLAGS_OFFSET, _ENABLE)
+            store_u16(self._device_event, _EVENT_FLAGS_OFFSET, _ENABLE)
         flags = _U16.unpack_from(self._desc, self._avail_idx * DESCRIPTOR_SIZE + _FLAGS_OFFSET)[0]
         return _is_avail(flags, self._avail_wrap)
 
@@ -467,7 +459,7 @@ class PackedDriverQueue:
                     self._desc, idx * DESCRIPTOR_SIZE, addr, length, buffer_id, flags
                 )
             idx, wrap = _advance(idx, wrap, 1, self._size)
-        _U16.pack_into(self._desc, head + _FLAGS_OFFSET, head_flags)
+        store_u16(self._desc, head + _FLAGS_OFFSET, head_flags)
         self._avail_idx, self._avail_wrap = idx, wrap
         self._slots[buffer_id] = needed
         self._num_free -= needed
@@ -511,13 +503,13 @@ class PackedDriverQueue:
             self._used_idx, self._used_wrap, count, self._size
         )
         if self._event_idx and self._interrupts:
-            _U16.pack_into(self._driver_event, 0, _event_off_wrap(self._used_idx, self._used_wrap))
+            store_u16(self._driver_event, 0, _event_off_wrap(self._used_idx, self._used_wrap))
         return buffer_id, length if flags & _WRITE else 0
 
     def disable_interrupts(self) -> None:
         """Ask the device not to interrupt (driver event flags DISABLE)."""
         self._interrupts = False
-        _U16.pack_into(self._driver_event, _EVENT_FLAGS_OFFSET, _DISABLE)
+        store_u16(self._driver_event, _EVENT_FLAGS_OFFSET, _DISABLE)
 
     def enable_interrupts(self) -> bool:
         """Ask for an interrupt at the next used chain; return True if one is already there.
@@ -527,9 +519,9 @@ class PackedDriverQueue:
         """
         self._interrupts = True
         if self._event_idx:
-            _U16.pack_into(self._driver_event, 0, _event_off_wrap(self._used_idx, self._used_wrap))
-            _U16.pack_into(self._driver_event, _EVENT_FLAGS_OFFSET, _DESC)
+            store_u16(self._driver_event, 0, _event_off_wrap(self._used_idx, self._used_wrap))
+            store_u16(self._driver_event, _EVENT_FLAGS_OFFSET, _DESC)
         else:
-            _U16.pack_into(self._driver_event, _EVENT_FLAGS_OFFSET, _ENABLE)
+            store_u16(self._driver_event, _EVENT_FLAGS_OFFSET, _ENABLE)
         flags = _U16.unpack_from(self._desc, self._used_idx * DESCRIPTOR_SIZE + _FLAGS_OFFSET)[0]
         return _is_used(flags, self._used_wrap)

@@ -5,7 +5,7 @@ Theory of operation
 Both ring layouts describe buffers with the same 16-byte descriptor
 (``<QIHH``: address, length and two 16-bit fields whose meaning depends on
 the layout) and both may point at an indirect table of such descriptors
-(sections 2.7.5.3 and 2.8.19).  A device therefore validates a chain with the
+(sections 2.7.5.3 and 2.8.7).  A device therefore validates a chain with the
 same rules whichever layout carries it, and :func:`walk_chain` is the one
 place these rules live:
 
@@ -15,8 +15,9 @@ place these rules live:
   descriptor (:class:`DescriptorLoopError`);
 * an indirect descriptor needs ``VIRTIO_F_INDIRECT_DESC``, is never nested,
   never carries ``NEXT``, and its length is a non-zero multiple of 16
-  (:class:`IndirectDescriptorError`); zero or more direct descriptors may
-  precede it (section 2.7.5.3.2);
+  (:class:`IndirectDescriptorError`); in a split ring zero or more direct
+  descriptors may precede it (section 2.7.5.3.2), in a packed ring it is
+  the whole chain (section 2.8.19);
 * a chain holds at most queue-size buffer descriptors and less than 2**32
   bytes in total (:class:`ChainTooLongError`);
 * device-writable buffers come after device-readable ones
@@ -27,7 +28,7 @@ place these rules live:
 The layouts differ only in how the next descriptor is found: a split ring
 follows ``next`` fields; a packed ring takes consecutive ring slots while
 ``NEXT`` is set, and a packed indirect table is used whole (``NEXT`` is
-ignored there, section 2.8.19).
+ignored there, section 2.8.7).
 
 Guest memory is reached only through :class:`AddressSpace` views, which are
 bounds-checked; descriptors are decoded with ``struct.unpack_from`` on those
@@ -45,6 +46,7 @@ release and full fences of section 2.7.13 explicitly.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntFlag
@@ -74,12 +76,14 @@ __all__ = [
     "QueueBrokenError",
     "QueueFullError",
     "Segment",
+    "check_aligned",
     "check_index",
     "check_indirect",
     "check_written",
     "log_written",
     "map_buffer",
     "need_event",
+    "store_u16",
     "walk_chain",
 ]
 
@@ -93,6 +97,10 @@ MAX_QUEUE_SIZE = 32768
 
 MAX_CHAIN_BYTES = 1 << 32
 """A chain's total length must stay below this (section 2.7.5.2)."""
+
+
+if sys.byteorder != "little":  # pragma: no cover - virtio rings are little-endian
+    raise ImportError("pyvdpa rings need a little-endian host")
 
 
 class DescFlag(IntFlag):
@@ -242,6 +250,16 @@ class ChainWalk(NamedTuple):
     """Index of the chain's last entry in the queue's own table or ring."""
 
 
+def store_u16(view: memoryview, offset: int, value: int) -> None:
+    """Publish the little-endian u16 at ``offset`` of ``view`` with one 2-byte store.
+
+    Fields the other side polls (ring indices, flags, event suppression)
+    must never be seen half-written: ``struct.pack_into`` zero-fills its
+    target before packing, so a reader in another process could see 0 there.
+    """
+    view[offset : offset + 2].cast("H")[0] = value & 0xFFFF
+
+
 def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """Return whether moving an index from ``old_idx`` to ``new_idx`` passed ``event_idx``.
 
@@ -251,18 +269,32 @@ def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
 
 
+def check_aligned(addr: int, align: int, what: str) -> None:
+    """Raise ValueError unless ring area ``what`` at ``addr`` is ``align``-byte aligned."""
+    if addr % align:
+        raise ValueError(f"{what} address {addr:#x} is not {align}-byte aligned")
+
+
 def check_index(index: int, size: int, what: str) -> None:
     """Raise :class:`DescriptorIndexError` unless ``0 <= index < size``."""
     if index >= size:
         raise DescriptorIndexError(f"{what} {index} is not below {size}")
 
 
-def check_indirect(flags: int, length: int, *, negotiated: bool, nested: bool) -> None:
-    """Raise :class:`IndirectDescriptorError` if an indirect descriptor breaks a rule."""
+def check_indirect(
+    flags: int, length: int, *, negotiated: bool, nested: bool, chained: bool
+) -> None:
+    """Raise :class:`IndirectDescriptorError` if an indirect descriptor breaks a rule.
+
+    ``nested``: it sits in an indirect table.  ``chained``: direct descriptors
+    precede it in a layout that forbids this (packed).
+    """
     if not negotiated:
         raise IndirectDescriptorError("indirect descriptor without VIRTIO_F_INDIRECT_DESC")
     if nested:
         raise IndirectDescriptorError("indirect descriptor inside an indirect table")
+    if chained:
+        raise IndirectDescriptorError("indirect descriptor after direct ones in a packed chain")
     if flags & _NEXT:
         raise IndirectDescriptorError("indirect descriptor with NEXT set")
     if length == 0 or length % DESCRIPTOR_SIZE:
@@ -300,7 +332,7 @@ class _Walk:
             raise ChainTooLongError(f"chain has more than {self.queue_size} descriptors")
         self.total += length
         if self.total >= MAX_CHAIN_BYTES:
-            raise ChainTooLongError(f"chain holds {self.total} bytes or more")
+            raise ChainTooLongError(f"chain holds {self.total} bytes, 2**32 or more")
         if flags & _WRITE:
             self.writable.append(Segment(addr, length, map_buffer(self.mem, addr, length)))
         elif self.writable:
@@ -318,7 +350,13 @@ class _Walk:
             flags = fourth if packed else third
             steps += 1
             if flags & _INDIRECT:
-                check_indirect(flags, length, negotiated=self.indirect, nested=nested)
+                check_indirect(
+                    flags,
+                    length,
+                    negotiated=self.indirect,
+                    nested=nested,
+                    chained=packed and steps > 1,
+                )
                 sub = map_buffer(self.mem, addr, length)
                 self.table(sub, length // DESCRIPTOR_SIZE, 0, packed=packed, nested=True)
                 return steps, index

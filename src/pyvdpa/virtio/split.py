@@ -50,10 +50,12 @@ from pyvdpa.virtio.ring import (
     DirtyLogger,
     QueueBrokenError,
     QueueFullError,
+    check_aligned,
     check_index,
     check_written,
     log_written,
     need_event,
+    store_u16,
     walk_chain,
 )
 
@@ -93,11 +95,6 @@ def check_queue_size(size: int) -> None:
     """Raise ValueError unless ``size`` is a power of two from 1 to 32768."""
     if not 1 <= size <= MAX_QUEUE_SIZE or size & (size - 1):
         raise ValueError(f"split queue size {size} is not a power of two in 1..{MAX_QUEUE_SIZE}")
-
-
-def _check_aligned(addr: int, align: int, what: str) -> None:
-    if addr % align:
-        raise ValueError(f"{what} address {addr:#x} is not {align}-byte aligned")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +145,9 @@ class SplitLayout:
 
     def check_addresses(self, desc_addr: int, avail_addr: int, used_addr: int) -> None:
         """Raise ValueError unless the three areas are aligned as section 2.7 requires."""
-        _check_aligned(desc_addr, self.DESC_ALIGN, "descriptor table")
-        _check_aligned(avail_addr, self.AVAIL_ALIGN, "available ring")
-        _check_aligned(used_addr, self.USED_ALIGN, "used ring")
+        check_aligned(desc_addr, self.DESC_ALIGN, "descriptor table")
+        check_aligned(avail_addr, self.AVAIL_ALIGN, "available ring")
+        check_aligned(used_addr, self.USED_ALIGN, "used ring")
 
 
 class SplitDeviceQueue:
@@ -271,7 +268,7 @@ class SplitDeviceQueue:
         elem = self._layout.used_slot_offset(self._used_idx)
         _USED_ELEM.pack_into(self._used, elem, chain.id, written)
         self._used_idx = (self._used_idx + 1) & 0xFFFF
-        _U16.pack_into(self._used, 2, self._used_idx)
+        store_u16(self._used, 2, self._used_idx)
         self._inflight -= 1
         self._unsignalled += 1
         if self._log is not None:
@@ -320,12 +317,12 @@ class SplitDeviceQueue:
 
     def _write_avail_event(self, idx: int) -> None:
         offset = self._layout.avail_event_offset
-        _U16.pack_into(self._used, offset, idx & 0xFFFF)
+        store_u16(self._used, offset, idx & 0xFFFF)
         if self._log is not None:
             self._log.log_write(self._log_addr + offset, _U16.size)
 
     def _write_used_flags(self, flags: int) -> None:
-        _U16.pack_into(self._used, 0, flags)
+        store_u16(self._used, 0, flags)
         if self._log is not None:
             self._log.log_write(self._log_addr, _U16.size)
 
@@ -424,9 +421,9 @@ class SplitDriverQueue:
         else:
             self._write_linked(self._desc, 0, descs, buffers)
         self._chains[head] = descs
-        _U16.pack_into(self._avail, self._layout.avail_slot_offset(self._avail_idx), head)
+        store_u16(self._avail, self._layout.avail_slot_offset(self._avail_idx), head)
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
-        _U16.pack_into(self._avail, 2, self._avail_idx)
+        store_u16(self._avail, 2, self._avail_idx)
         self._unkicked += 1
         return head
 
@@ -483,7 +480,7 @@ class SplitDriverQueue:
         if self._event_idx:
             self._write_used_event(self._last_used - 1)
         else:
-            _U16.pack_into(self._avail, 0, _NO_INTERRUPT)
+            store_u16(self._avail, 0, _NO_INTERRUPT)
 
     def enable_interrupts(self) -> bool:
         """Ask for an interrupt at the next used chain; return True if one is already there."""
@@ -491,8 +488,8 @@ class SplitDriverQueue:
         if self._event_idx:
             self._write_used_event(self._last_used)
         else:
-            _U16.pack_into(self._avail, 0, 0)
+            store_u16(self._avail, 0, 0)
         return bool(_U16.unpack_from(self._used, 2)[0] != self._last_used)
 
     def _write_used_event(self, idx: int) -> None:
-        _U16.pack_into(self._avail, self._layout.used_event_offset, idx & 0xFFFF)
+        store_u16(self._avail, self._layout.used_event_offset, idx & 0xFFFF)
