@@ -118,6 +118,8 @@ def run_blk(
         raise ConfigError(f"block size {bs} is not a positive multiple of {SECTOR_SIZE}")
     if not 0 < iodepth <= ring_size // 3:
         raise ConfigError(f"iodepth must be 1..{ring_size // 3}")
+    if size is not None and size < bs * iodepth:
+        raise ConfigError(f"size {size} holds fewer than iodepth={iodepth} blocks of {bs}")
     required = VirtioFeature.VERSION_1 | (VirtioFeature.RING_PACKED if packed else 0)
     features = session.negotiate(BLK_WANTED, required)
     capacity = read_capacity(session)
@@ -140,6 +142,7 @@ def run_blk(
     cursor = 0
     generations: dict[int, int] = {}
     in_flight: dict[int, _Slot] = {}
+    busy: set[int] = set()
     free = list(slots)
     prefill = verify and not writes
     prefill_next = 0
@@ -157,14 +160,20 @@ def run_blk(
         else:
             chain = ring.queue.add([(slot.header, 16)], [(slot.data, bs), (slot.status, 1)])
         in_flight[chain] = slot
+        busy.add(offset)
 
     def next_offset() -> int:
+        # Never two requests on one block at once: their completion order
+        # would decide what the block holds, and verification would guess.
         nonlocal cursor
-        if sequential:
-            offset = cursor * bs
-            cursor = (cursor + 1) % blocks
-            return offset
-        return rng.randrange(blocks) * bs
+        while True:
+            if sequential:
+                offset = cursor * bs
+                cursor = (cursor + 1) % blocks
+            else:
+                offset = rng.randrange(blocks) * bs
+            if offset not in busy:
+                return offset
 
     def complete(slot: _Slot, written: int) -> None:
         status = mem.read(slot.status, 1)[0]
@@ -214,6 +223,7 @@ def run_blk(
             slot_done = in_flight.pop(head, None)
             if slot_done is None:
                 raise PyvdpaError(f"device completed unknown request {head}")
+            busy.discard(slot_done.offset)
             progressed = True
             complete(slot_done, written)
         if progress and now >= next_report:

@@ -68,6 +68,15 @@ class DriverRing:
             os.eventfd_read(self.call_fd)
 
 
+def feature_names(mask: int) -> str:
+    """Spec names of the generic feature bits in ``mask`` (others as hex)."""
+    names = [f.name for f in VirtioFeature if f.name and mask & f]
+    rest = mask & ~sum(int(f) for f in VirtioFeature)
+    if rest:
+        names.append(f"{rest:#x}")
+    return ", ".join(names)
+
+
 class Session:
     """A front-end with shared memory and rings, ready for a device driver."""
 
@@ -117,7 +126,7 @@ class Session:
         offered = fe.get_features()
         missing = required & ~offered
         if missing:
-            raise ConfigError(f"back-end lacks required features {missing:#x}")
+            raise ConfigError(f"back-end does not offer {feature_names(missing)}")
         if offered & VirtioFeature.PROTOCOL_FEATURES:
             proto = fe.get_protocol_features() & WANTED_PROTOCOL_FEATURES
             fe.set_protocol_features(proto)
