@@ -310,6 +310,10 @@ class BackendConnection:
         if dirty is not None and log_addr is None:
             # Without a ring log address the used ring is logged where it lies.
             log_addr = device if not self.packed else desc
+        vring.memory = self.memory
+        vring.features = self.features
+        vring.ring_addrs = (desc, driver, device)
+        vring.dirty_log, vring.log_addr = dirty, log_addr
         if self.packed:
             return PackedDeviceQueue(
                 self.memory, vring.num, desc, driver, device,

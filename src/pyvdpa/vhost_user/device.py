@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass, field
 
 from pyvdpa.errors import PyvdpaError, RingError
+from pyvdpa.memory import DirtyLog, GuestMemory
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.ring import DeviceQueue
 
@@ -61,6 +62,14 @@ class Vring:
     err_fd: int | None = None
     queue: DeviceQueue | None = None
     broken: bool = False
+    #: While running: guest memory, negotiated features and the ring's
+    #: guest-physical addresses (descriptor table, driver area, device area)
+    #: for data planes that walk the ring themselves instead of using ``queue``.
+    memory: GuestMemory | None = None
+    features: int = 0
+    ring_addrs: tuple[int, int, int] = (0, 0, 0)
+    dirty_log: DirtyLog | None = None
+    log_addr: int | None = None
     _call_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
