@@ -63,6 +63,7 @@ BLK_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ
     | ProtocolFeature.LOG_SHMFD
     | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.CONFIG
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
     | ProtocolFeature.INFLIGHT_SHMFD

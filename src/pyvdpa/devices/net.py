@@ -11,29 +11,66 @@ Modes:
   broadcast, multicast or addressed to the device's MAC (others are
   counted as dropped), as ``vdpa_sim_net`` does.  Frames wait in a small
   per-pair backlog until the driver posts receive buffers.
+* ``tap`` — the device is a NIC wired to a TAP interface
+  (:mod:`pyvdpa.devices.tap`): transmitted frames are written to the TAP,
+  and a reader thread per pair moves the frames the host stack sends to the
+  TAP into receive buffers.  When the driver posts no receive buffers the
+  reader stops reading, so the kernel's TAP queue absorbs the burst; frames
+  arriving while the receive ring is not running are dropped, as a NIC with
+  its link down drops them.
 * ``drop`` — transmitted frames are consumed and counted.
 
 With MRG_RXBUF a frame may span several receive chains; the header's
 ``num_buffers`` says how many.  A hostile ring breaks only its queue.
+
+Locking: each pair has a lock held while a thread touches that pair's
+receive ring (the TX worker in loopback, the TAP reader, the RX worker).
+A receive ring leaves :attr:`NetDevice._vrings` under that lock before its
+worker is stopped, so once :meth:`NetDevice.stop_queue` returns no thread
+holds it any more.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import select
+import struct
 import threading
 from collections import deque
+from collections.abc import Sequence
 
 from pyvdpa.devices.stats import QueueStats
+from pyvdpa.devices.tap import TAP_FRAME_MAX, Tap
 from pyvdpa.errors import ConfigError, RingError
 from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequest, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import NetFeature, NetStatus, VirtioFeature
 from pyvdpa.virtio.net import NetConfig, NetHeader, net_header_size
-from pyvdpa.virtio.ring import BufferAddressError, ChainTooLongError, DescriptorChain
+from pyvdpa.virtio.ring import (
+    BufferAddressError,
+    ChainTooLongError,
+    DescriptorChain,
+    Segment,
+)
 
-__all__ = ["NET_MODES", "NetDevice", "count_ring_error"]
+__all__ = ["NET_MODES", "NetDevice", "count_ring_error", "rarp_frame"]
 
-NET_MODES = ("loopback", "drop")
+log = logging.getLogger(__name__)
+
+NET_MODES = ("loopback", "tap", "drop")
 BACKLOG = 256
+#: Frames a TAP reader takes per wake-up before it delivers them.
+TAP_BATCH = 64
+#: Default TAP name template; the kernel fills in ``%d``.
+TAP_NAME = "pyvdpa%d"
+
+_ETHER = struct.Struct("!6s6sH")
+_RARP = struct.Struct("!HHBBH6s4s6s4s")
+_ETH_P_RARP = 0x8035
+_RARP_REQUEST_REVERSE = 3
+_MIN_FRAME = 60
 
 NET_FEATURES = (
     VirtioFeature.VERSION_1
@@ -52,6 +89,7 @@ NET_PROTOCOL_FEATURES = (
     | ProtocolFeature.LOG_SHMFD
     | ProtocolFeature.RARP
     | ProtocolFeature.REPLY_ACK
+    | ProtocolFeature.BACKEND_REQ
     | ProtocolFeature.NET_MTU
     | ProtocolFeature.CONFIG
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
@@ -70,8 +108,20 @@ def count_ring_error(stats: QueueStats, error: RingError) -> None:
         stats.bad_desc_errors += 1
 
 
+def rarp_frame(mac: bytes) -> bytes:
+    """The RARP announcement a migrated NIC broadcasts so switches learn ``mac``."""
+    body = _RARP.pack(1, 0x0800, 6, 4, _RARP_REQUEST_REVERSE, mac, bytes(4), mac, bytes(4))
+    frame = _ETHER.pack(b"\xff" * 6, mac, _ETH_P_RARP) + body
+    return frame.ljust(_MIN_FRAME, b"\0")
+
+
 class NetDevice(ThreadedDevice):
-    """A virtio-net device looping frames back or dropping them."""
+    """A virtio-net device looping frames back, wired to a TAP, or dropping them.
+
+    ``ifname`` names the TAP in ``tap`` mode (a ``%d`` template lets the
+    kernel choose); the TAP is created here, so a name that cannot be used
+    is a :class:`ConfigError` at once.  :meth:`close` releases it.
+    """
 
     def __init__(
         self,
@@ -81,6 +131,7 @@ class NetDevice(ThreadedDevice):
         mtu: int = 1500,
         queue_pairs: int = 1,
         status_feature: bool = False,
+        ifname: str | None = None,
     ) -> None:
         super().__init__()
         if mode not in NET_MODES:
@@ -89,6 +140,8 @@ class NetDevice(ThreadedDevice):
             raise ConfigError(f"queue pairs must be 1..128, not {queue_pairs}")
         if not 68 <= mtu <= 65535:
             raise ConfigError(f"MTU must be 68..65535, not {mtu}")
+        if ifname is not None and mode != "tap":
+            raise ConfigError(f"ifname={ifname} needs mode=tap, not mode={mode}")
         self.mode = mode
         self.mac = mac
         self.mtu = mtu
@@ -104,6 +157,37 @@ class NetDevice(ThreadedDevice):
         self._vrings: dict[int, Vring] = {}
         self._backlog: list[deque[bytes]] = [deque() for _ in range(queue_pairs)]
         self._pair_locks = [threading.Lock() for _ in range(queue_pairs)]
+        self.tap: Tap | None = None
+        self._wakes: list[int] = []
+        self._readers: list[threading.Thread] = []
+        self._closing = False
+        if mode == "tap":
+            self._open_tap(ifname or TAP_NAME)
+
+    def _open_tap(self, ifname: str) -> None:
+        tap = Tap(ifname, queues=self.queue_pairs)
+        self.tap = tap
+        for pair in range(self.queue_pairs):
+            self._wakes.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+            reader = threading.Thread(
+                target=self._tap_reader, args=(pair,), name=f"tap-{tap.name}-{pair}", daemon=True
+            )
+            self._readers.append(reader)
+            reader.start()
+
+    def close(self) -> None:
+        """Stop the TAP readers and release the TAP (``tap`` mode)."""
+        self._closing = True
+        for wake in self._wakes:
+            os.eventfd_write(wake, 1)
+        for reader in self._readers:
+            reader.join()
+        self._readers.clear()
+        for wake in self._wakes:
+            os.close(wake)
+        self._wakes.clear()
+        if self.tap is not None:
+            self.tap.close()
 
     # ------------------------------------------------------------------ control
 
@@ -124,7 +208,9 @@ class NetDevice(ThreadedDevice):
         raise UnsupportedRequest("virtio-net config space is read-only")
 
     def send_rarp(self, mac: bytes) -> None:
-        """Nothing to announce to: a simulated device has no upstream switch."""
+        """Announce ``mac`` on the TAP; in other modes there is no switch to tell."""
+        if self.tap is not None:
+            self._tap_send(0, [rarp_frame(mac)])
 
     def set_mtu(self, mtu: int) -> None:
         """Accept the MTU the front-end chose."""
@@ -132,28 +218,32 @@ class NetDevice(ThreadedDevice):
 
     def start_queue(self, vring: Vring) -> None:
         """Track the ring, then start its worker."""
-        self._vrings[vring.index] = vring
+        with self._pair_locks[vring.index // 2]:
+            self._vrings[vring.index] = vring
         super().start_queue(vring)
 
     def stop_queue(self, vring: Vring) -> None:
-        """Stop the worker, then forget the ring."""
+        """Forget the ring (under its pair's lock), then stop its worker."""
+        with self._pair_locks[vring.index // 2]:
+            self._vrings.pop(vring.index, None)
         super().stop_queue(vring)
-        self._vrings.pop(vring.index, None)
 
     def reset(self) -> None:
-        """Drop pending frames."""
+        """Drop pending frames (a TAP reader waiting for room reads again)."""
         for backlog in self._backlog:
             backlog.clear()
+        for wake in self._wakes:
+            os.eventfd_write(wake, 1)
 
     # ------------------------------------------------------------------ data path
 
     def process(self, vring: Vring) -> None:
-        """Drain a TX ring, or deliver the backlog into a newly refilled RX ring."""
+        """Drain a TX ring, or deliver waiting frames into a newly refilled RX ring."""
         pair = vring.index // 2
         with self._pair_locks[pair]:
             if vring.index % 2:
                 self._transmit(vring, pair)
-            if self.mode == "loopback":
+            if self.mode != "drop":
                 self._deliver(pair)
 
     def _accepts(self, frame: bytes) -> bool:
@@ -176,17 +266,20 @@ class NetDevice(ThreadedDevice):
             if chain is None:
                 break
             stats.received_desc += 1
-            data = chain.read_all()
-            if len(data) < hdr:
+            length = chain.readable_len() - hdr
+            if length < 0:
                 stats.invalid_buffer += 1
             else:
-                frame = data[hdr:]
                 stats.packets += 1
-                stats.bytes += len(frame)
-                if self.mode == "loopback" and self._accepts(frame) and len(backlog) < BACKLOG:
-                    backlog.append(frame)
+                stats.bytes += length
+                if self.tap is not None:
+                    self._tap_send(pair, _skip(chain.readable, hdr))
                 else:
-                    self.dropped += 1
+                    frame = chain.read_all()[hdr:]
+                    if self.mode == "loopback" and self._accepts(frame) and len(backlog) < BACKLOG:
+                        backlog.append(frame)
+                    else:
+                        self.dropped += 1
             queue.push(chain, 0)
             stats.completed_desc += 1
             pushed = True
@@ -211,6 +304,66 @@ class NetDevice(ThreadedDevice):
             rx.fail(exc)
         if delivered:
             rx.notify()
+            if self._wakes:
+                # The TAP reader may be waiting for room in the backlog.
+                os.eventfd_write(self._wakes[pair], 1)
+
+    # ------------------------------------------------------------------ TAP
+
+    def _tap_send(self, pair: int, buffers: Sequence[memoryview | bytes]) -> None:
+        tap = self.tap
+        assert tap is not None
+        try:
+            tap.write(pair, buffers)
+        except OSError:
+            # The interface is down or the frame malformed: the wire drops it.
+            self.dropped += 1
+
+    def _tap_reader(self, pair: int) -> None:
+        """Move frames from the TAP into the pair's receive ring until :meth:`close`."""
+        tap = self.tap
+        assert tap is not None
+        wake = self._wakes[pair]
+        backlog = self._backlog[pair]
+        buffer = memoryview(bytearray(TAP_FRAME_MAX))
+        poller = select.poll()
+        poller.register(wake, select.POLLIN)
+        reading = False
+        while not self._closing:
+            room = len(backlog) < BACKLOG
+            if room != reading:
+                if room:
+                    poller.register(tap.fds[pair], select.POLLIN)
+                else:
+                    poller.unregister(tap.fds[pair])
+                reading = room
+            poller.poll()
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(wake)
+            if self._closing:
+                return
+            try:
+                self._tap_receive(pair, buffer)
+            except OSError as exc:
+                log.error("TAP %s: read failed: %s", tap.name, exc)
+                return
+            with self._pair_locks[pair]:
+                self._deliver(pair)
+
+    def _tap_receive(self, pair: int, buffer: memoryview) -> None:
+        tap = self.tap
+        assert tap is not None
+        backlog = self._backlog[pair]
+        for _ in range(TAP_BATCH):
+            if len(backlog) >= BACKLOG:
+                return
+            length = tap.read_into(pair, buffer)
+            if length is None:
+                return
+            if 2 * pair in self._vrings:
+                backlog.append(bytes(buffer[:length]))
+            else:
+                self.dropped += 1
 
     def _receive_one(self, rx: Vring, frame: bytes, stats: QueueStats) -> bool:
         """Write one frame into receive chains; False when no buffer is available."""
@@ -257,3 +410,16 @@ class NetDevice(ThreadedDevice):
         stats.packets += 1
         stats.bytes += len(frame)
         return True
+
+
+def _skip(segments: tuple[Segment, ...], count: int) -> list[memoryview]:
+    """The views of ``segments`` without their first ``count`` bytes."""
+    views = []
+    for segment in segments:
+        view = segment.view
+        if count >= len(view):
+            count -= len(view)
+            continue
+        views.append(view[count:])
+        count = 0
+    return views

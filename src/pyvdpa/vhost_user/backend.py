@@ -234,7 +234,7 @@ class BackendConnection:
             return [(codec.HEADER.pack(req, HeaderFlags.VERSION | HeaderFlags.REPLY, 0), ())]
         if codec.has_reply(req):
             # The front-end waits for a reply we cannot give: close the connection.
-            raise RemoteProtocolError(f"{req.name}: {exc}", drop_connection=True) from exc
+            raise RemoteProtocolError(str(exc), drop_connection=True) from exc
         return self._ack_failure(request, flags)
 
     def _ack_failure(self, request: int, flags: int) -> list[tuple[bytes, tuple[int, ...]]]:
