@@ -1,6 +1,7 @@
 """The ``pyvdpa`` command.
 
-* ``pyvdpa run`` serves simulated devices on vhost-user sockets;
+* ``pyvdpa run`` is the vDPA example app (:mod:`pyvdpa.app`): simulated
+  vDPA devices served on vhost-user sockets;
 * ``pyvdpa drive net|blk`` drives any vhost-user back-end with traffic.
 
 Every failure the user can cause prints one line, ``pyvdpa: error: ...``,
@@ -12,20 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import signal
 import sys
-import threading
-from collections.abc import Callable, Sequence
-from types import FrameType
+from collections.abc import Sequence
 
+from pyvdpa.app import add_run_arguments
+from pyvdpa.app import run as run_app
 from pyvdpa.drive.blk import WORKLOADS, run_blk
 from pyvdpa.drive.net import run_net
 from pyvdpa.drive.session import Session
 from pyvdpa.errors import ConfigError, PyvdpaError
-from pyvdpa.vdev import parse_size, parse_vdev
-from pyvdpa.vhost_user.device import VhostUserDevice
+from pyvdpa.vdev import parse_size
 from pyvdpa.vhost_user.frontend import Frontend
-from pyvdpa.vhost_user.server import BackendServer
 
 __all__ = ["main"]
 
@@ -71,19 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    run = sub.add_parser("run", help="serve simulated devices on vhost-user sockets")
-    run.add_argument(
-        "--vdev",
-        action="append",
-        required=True,
-        metavar="SPEC",
-        help="sim-net,name=N,mode=loopback|drop,mac=M,mtu=N,queues=N or "
-        "sim-blk,name=N,path=FILE|size=N,readonly=on,queues=N,serial=S",
-    )
-    run.add_argument(
-        "--iface", required=True, metavar="PREFIX", help="socket path prefix: PREFIX0, PREFIX1…"
-    )
-    run.add_argument("--client", action="store_true", help="connect to the sockets (client mode)")
+    run = sub.add_parser("run", help="the vDPA example app: serve simulated vDPA devices")
+    add_run_arguments(run)
 
     drive = sub.add_parser("drive", help="drive a vhost-user back-end with traffic")
     kinds = drive.add_subparsers(dest="kind", required=True, parser_class=_Parser)
@@ -109,14 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--iodepth", type=_positive, default=32)
             p.add_argument("--size", type=_size, default=None, help="bytes of the disk to use")
             p.add_argument("--verify", action="store_true", help="read back and compare")
+            p.add_argument("--ios", type=_positive, default=None, help="stop after N I/Os")
     return parser
 
 
 def _open_session(args: argparse.Namespace) -> Session:
-    if args.server:
-        frontend = Frontend.listen(args.socket)
-    else:
-        frontend = Frontend.connect(args.socket)
+    frontend = Frontend.listen(args.socket) if args.server else Frontend.connect(args.socket)
     return Session(frontend, memory_size=args.memory)
 
 
@@ -154,47 +139,13 @@ def _cmd_drive(args: argparse.Namespace) -> int:
             size=args.size,
             verify=args.verify,
             duration=args.duration,
+            ios=args.ios,
             ring_size=args.ring_size,
             packed=args.packed,
             progress=progress,
         )
         _print_result(blk.as_dict(), args.json)
         return EXIT_ERROR if blk.errors or blk.verify_errors else 0
-
-
-def _shared(device: VhostUserDevice) -> Callable[[], VhostUserDevice]:
-    """A factory handing every connection the same device."""
-    return lambda: device
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    specs = [parse_vdev(text, i) for i, text in enumerate(args.vdev)]
-    names = [spec.name for spec in specs]
-    duplicates = {n for n in names if names.count(n) > 1}
-    if duplicates:
-        raise ConfigError(f"device names must be unique: {', '.join(sorted(duplicates))}")
-    servers: list[BackendServer] = []
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        for i, spec in enumerate(specs):
-            device = spec.create()
-            path = f"{args.iface}{i}"
-            server = BackendServer(path, _shared(device), client=args.client)
-            server.start()
-            servers.append(server)
-            role = "connecting to" if args.client else "listening on"
-            print(f"{spec.name}: {spec.kind} {role} {path}", flush=True)
-        stop.wait()
-    finally:
-        for server in servers:
-            server.stop()
-    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="pyvdpa: %(levelname)s: %(message)s")
     try:
         if args.command == "run":
-            return _cmd_run(args)
+            return run_app(args)
         return _cmd_drive(args)
     except ConfigError as exc:
         print(f"pyvdpa: error: {exc}", file=sys.stderr)
