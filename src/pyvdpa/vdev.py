@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from pyvdpa.devices.blk import BlkDevice
 from pyvdpa.devices.net import NetDevice
 from pyvdpa.errors import ConfigError
-from pyvdpa.vhost_user.device import VhostUserDevice
 from pyvdpa.virtio.net import parse_mac
 
 __all__ = ["VDEV_KEYS", "VdevSpec", "parse_size", "parse_vdev"]
 
 VDEV_KEYS: dict[str, frozenset[str]] = {
-    "sim-net": frozenset({"name", "mode", "mac", "mtu", "queues"}),
+    "sim-net": frozenset({"name", "mode", "ifname", "mac", "mtu", "queues"}),
     "sim-blk": frozenset({"name", "path", "size", "readonly", "queues", "serial"}),
 }
 
@@ -68,12 +67,13 @@ class VdevSpec:
     options: dict[str, str]
     text: str
 
-    def create(self) -> VhostUserDevice:
-        """Build the device the spec describes."""
+    def create(self) -> NetDevice | BlkDevice:
+        """Build the device the spec describes (in ``tap`` mode, its TAP too)."""
         o, t = self.options, self.text
         if self.kind == "sim-net":
             return NetDevice(
                 mode=o.get("mode", "loopback"),
+                ifname=o.get("ifname"),
                 mac=parse_mac(o["mac"]) if "mac" in o else bytes.fromhex("525400123456"),
                 mtu=_int(t, "mtu", o.get("mtu", "1500"), 68, 65535),
                 queue_pairs=_int(t, "queues", o.get("queues", "1"), 1, 128),

@@ -22,7 +22,7 @@ import os
 import threading
 from collections.abc import Callable
 
-from pyvdpa.errors import ProtocolError, TransportError
+from pyvdpa.errors import ProtocolError, PyvdpaError, TransportError
 from pyvdpa.vhost_user.backend import BackendConnection
 from pyvdpa.vhost_user.device import VhostUserDevice
 from pyvdpa.vhost_user.transport import Channel, Listener, connect
@@ -40,7 +40,9 @@ class BackendServer:
 
     ``client=True`` connects to a listening front-end instead of listening,
     and reconnects after each disconnect until :meth:`stop`.  ``on_connect``
-    and ``on_disconnect`` are called on the connection's thread.
+    and ``on_disconnect`` are called on the connection's thread, and so is
+    ``device_factory``, which may refuse a front-end by raising
+    :class:`~pyvdpa.errors.PyvdpaError`: that connection alone is closed.
     """
 
     def __init__(
@@ -131,7 +133,16 @@ class BackendServer:
     def _serve(self, channel: Channel) -> None:
         with self._lock:
             self._channels.add(channel)
-        connection = BackendConnection(self._factory(), name=self.path)
+        try:
+            device = self._factory()
+        except PyvdpaError as exc:
+            # The factory refuses this front-end (e.g. the device is busy): close it alone.
+            log.warning("%s: refusing front-end: %s", self.path, exc)
+            with self._lock:
+                self._channels.discard(channel)
+            channel.close()
+            return
+        connection = BackendConnection(device, name=self.path)
         with self._lock:
             self.connections.append(connection)
         if self._on_connect is not None:

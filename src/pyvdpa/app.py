@@ -1,0 +1,312 @@
+"""``pyvdpa run``: the vDPA example application.
+
+Theory of operation (DPDK ``examples/vdpa``, whose options and console this
+follows): the ``--vdev`` arguments are probed by the vDPA drivers
+(:mod:`pyvdpa.vdpa.driver`) and registered; with ``--iface PREFIX`` every
+device, in ``--vdev`` order, is attached to a port on socket ``PREFIX0``,
+``PREFIX1``… and started (``--client`` connects to the sockets instead of
+listening on them).  Without ``-i`` the application then serves until
+SIGINT or SIGTERM; with ``-i`` it reads commands from standard input at the
+``vdpa> `` prompt:
+
+* ``help``;
+* ``list`` — ``device name  queue num  supported features`` rows;
+* ``create <socket file> <device name>`` — attach a device to a new port;
+* ``stats <device name> <queue id>`` — a queue's counters, ``0xffff`` for
+  every queue of the device;
+* ``quit`` (or end of input).
+
+Shutting down stops every port (front-ends are disconnected, ``dev_close``
+runs, the sockets made are removed) and removes every device (TAPs and
+disks are released).  A mistake on the command line is one line on stderr
+and a non-zero exit; a mistake at the console is one line and the console
+goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import TextIO
+
+from pyvdpa.errors import ConfigError, PyvdpaError
+from pyvdpa.vdev import parse_vdev
+from pyvdpa.vdpa import (
+    DRIVERS,
+    VdpaDevice,
+    VdpaDriver,
+    VdpaError,
+    VdpaPort,
+    VdpaRegistry,
+    VhostDevice,
+)
+
+__all__ = ["PROMPT", "QUEUE_ALL", "Console", "VdpaApp", "add_run_arguments", "run"]
+
+#: The console prompt.
+PROMPT = "vdpa> "
+
+#: ``stats`` queue id meaning every queue of the device.
+QUEUE_ALL = 0xFFFF
+
+#: Width of a counter name in ``stats`` output (DPDK's ``RTE_VDPA_STATS_NAME_SIZE``).
+STATS_NAME_WIDTH = 64
+
+HELP = """
+The following commands are currently available:
+
+Control:
+    help                                      : Show interactive instructions.
+    list                                      : list all available vdpa devices.
+    create <socket file> <device name>        : create a new vdpa port.
+    stats <device name> <virtio queue ID>     : show statistics of virtio queue, 0xffff for all.
+    quit                                      : exit vdpa sample app."""
+
+
+class _Shutdown(BaseException):
+    """Raised in the main thread by SIGINT/SIGTERM to unwind to the cleanup."""
+
+
+class VdpaApp:
+    """The devices, drivers and ports of one ``pyvdpa run``."""
+
+    def __init__(self, *, client: bool = False, out: TextIO = sys.stdout) -> None:
+        self.client = client
+        self.out = out
+        self.registry = VdpaRegistry()
+        self.drivers: dict[str, VdpaDriver] = {kind: cls() for kind, cls in DRIVERS.items()}
+        self.ports: list[VdpaPort] = []
+        self._owners: dict[str, VdpaDriver] = {}
+        # Re-entrant: the signal handler prints from the main thread, maybe mid-print.
+        self._out_lock = threading.RLock()
+
+    def write(self, text: str) -> None:
+        """Write ``text`` as is (callbacks write from connection threads too)."""
+        with self._out_lock:
+            self.out.write(text)
+            self.out.flush()
+
+    def say(self, text: str) -> None:
+        """Print one message and a newline."""
+        self.write(text + "\n")
+
+    def probe(self, specs: Sequence[str]) -> list[VdpaDevice]:
+        """Probe and register the devices ``--vdev`` arguments describe, in order."""
+        devices = []
+        for index, text in enumerate(specs):
+            spec = parse_vdev(text, index)
+            driver = self.drivers[spec.kind]
+            device = driver.probe(spec, self.registry)
+            self._owners[device.name] = driver
+            devices.append(device)
+        return devices
+
+    def create(self, path: str, name: str) -> VdpaPort:
+        """Attach device ``name`` to a new port on ``path`` and start it."""
+        device = self.registry.find(name)
+        if device is None:
+            raise VdpaError(f"Unable to find vdpa device id for {name}.")
+        port = VdpaPort(
+            path,
+            client=self.client,
+            new_device=self._new_device,
+            destroy_device=self._destroy_device,
+        )
+        port.attach(device)
+        try:
+            port.start()
+        except BaseException:
+            port.detach()
+            raise
+        self.ports.append(port)
+        role = "client" if self.client else "server"
+        self.say(f"VHOST_CONFIG: ({path}) vhost-user {role}: socket created, device {name}")
+        return port
+
+    def create_ifaces(self, prefix: str) -> None:
+        """One port per device, ``PREFIX0``, ``PREFIX1``… in registration order."""
+        for index, device in enumerate(self.registry):
+            self.create(f"{prefix}{index}", device.name)
+
+    def list_lines(self) -> list[str]:
+        """The ``list`` table."""
+        lines = ["device name\tqueue num\tsupported features"]
+        for device in self.registry:
+            caps = device.capabilities()
+            lines.append(f"{device.name}\t\t{caps.queue_num}\t\t{caps.features:#x}")
+        return lines
+
+    def stats_lines(self, name: str, qid: int) -> list[str]:
+        """The ``stats`` report of queue ``qid`` (or every queue) of device ``name``."""
+        device = self.registry.find(name)
+        if device is None:
+            raise VdpaError(f"Invalid device: {name}.")
+        if device.port is None:
+            raise VdpaError(f"Device {name} was not created.")
+        qids = range(device.capabilities().num_vrings) if qid == QUEUE_ALL else range(qid, qid + 1)
+        lines = ["", f"Device {name}:"]
+        for queue in qids:
+            try:
+                stats = device.get_stats(queue)
+            except VdpaError as exc:
+                raise VdpaError(
+                    f"Failed to get vdpa queue statistics for device {name} qid {queue}: {exc}"
+                ) from exc
+            lines.append(f"\tVirtq {queue}:")
+            lines.extend(f"\t\t{stat:<{STATS_NAME_WIDTH}} {value}" for stat, value in stats.items())
+        return lines
+
+    def close(self) -> None:
+        """Stop every port, then remove every device."""
+        for port in self.ports:
+            port.close()
+        self.ports.clear()
+        for device in list(self.registry):
+            owner = self._owners.pop(device.name, None)
+            if owner is not None:
+                owner.remove(device, self.registry)
+
+    def _new_device(self, vhost: VhostDevice) -> None:
+        self.say(f"\nnew port {vhost.ifname}, device : {vhost.device.name}")
+
+    def _destroy_device(self, vhost: VhostDevice) -> None:
+        self.say(f"\ndestroy port {vhost.ifname}, device: {vhost.device.name}")
+
+
+class Console:
+    """The interactive command line over ``stdin`` and the app's output."""
+
+    def __init__(self, app: VdpaApp, stdin: TextIO) -> None:
+        self.app = app
+        self.stdin = stdin
+        self._commands: dict[str, tuple[int, Callable[[list[str]], bool]]] = {
+            "help": (0, self._help),
+            "list": (0, self._list),
+            "create": (2, self._create),
+            "stats": (2, self._stats),
+            "quit": (0, self._quit),
+        }
+
+    def run(self) -> None:
+        """Read and execute commands until ``quit`` or the end of input."""
+        while True:
+            self.app.write(PROMPT)
+            line = self.stdin.readline()
+            if not line:
+                self.app.say("")
+                return
+            if not self.execute(line):
+                return
+
+    def execute(self, line: str) -> bool:
+        """Run one command line; ``False`` when the console should end."""
+        words = line.split()
+        if not words:
+            return True
+        entry = self._commands.get(words[0])
+        if entry is None:
+            self.app.say("Command not found")
+            return True
+        arity, handler = entry
+        if len(words) - 1 != arity:
+            self.app.say("Bad arguments")
+            return True
+        try:
+            return handler(words[1:])
+        except PyvdpaError as exc:
+            self.app.say(str(exc))
+            return True
+
+    def _help(self, args: list[str]) -> bool:
+        self.app.say(HELP)
+        return True
+
+    def _list(self, args: list[str]) -> bool:
+        self.app.say("\n".join(self.app.list_lines()))
+        return True
+
+    def _create(self, args: list[str]) -> bool:
+        self.app.create(args[0], args[1])
+        return True
+
+    def _stats(self, args: list[str]) -> bool:
+        try:
+            qid = int(args[1], 0)
+        except ValueError:
+            self.app.say("Bad arguments")
+            return True
+        if not 0 <= qid <= QUEUE_ALL:
+            self.app.say("Bad arguments")
+            return True
+        self.app.say("\n".join(self.app.stats_lines(args[0], qid)))
+        return True
+
+    def _quit(self, args: list[str]) -> bool:
+        return False
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``pyvdpa run`` (those of DPDK's vdpa example, plus ``--vdev``)."""
+    parser.add_argument(
+        "--vdev",
+        action="append",
+        required=True,
+        metavar="SPEC",
+        help="sim-net,name=N,mode=loopback|tap|drop,ifname=TAP,mac=M,mtu=N,queues=N or "
+        "sim-blk,name=N,path=FILE|size=N,readonly=on,queues=N,serial=S",
+    )
+    parser.add_argument(
+        "--iface", metavar="PREFIX", help="socket path prefix: PREFIX0, PREFIX1… in --vdev order"
+    )
+    parser.add_argument(
+        "--client", action="store_true", help="connect to the sockets (client mode)"
+    )
+    parser.add_argument(
+        "-i", "--interactive", action="store_true", help="read commands at a vdpa> prompt"
+    )
+
+
+def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+    """Run the application; errors from the command line propagate (after cleanup)."""
+    if not args.iface and not args.interactive:
+        raise ConfigError("--iface PREFIX is required unless -i/--interactive is given")
+    app = VdpaApp(client=args.client, out=out)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        app.say(f"\nSignal {signum} received, preparing to exit...")
+        raise _Shutdown
+
+    for sig in previous:
+        signal.signal(sig, on_signal)
+    try:
+        if args.interactive:
+            app.say("Interactive-mode selected")
+        if args.iface:
+            app.say(f"iface {args.iface}")
+        app.probe(args.vdev)
+        if args.iface:
+            app.create_ifaces(args.iface)
+        if args.interactive:
+            Console(app, stdin).run()
+        else:
+            while True:
+                signal.pause()
+    except _Shutdown:
+        pass
+    finally:
+        # A signal during the cleanup must not cut it short.
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            app.close()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    return 0

@@ -1,0 +1,128 @@
+"""TAP interfaces: a simulated NIC's wire into the host network stack.
+
+Theory of operation (Linux ``Documentation/networking/tuntap.rst``): opening
+``/dev/net/tun`` and issuing ``TUNSETIFF`` with ``IFF_TAP`` attaches the fd to
+a TAP interface, creating it if the name is free (the kernel picks a name
+from a ``%d`` template).  With ``IFF_NO_PI`` every ``read`` returns exactly
+one Ethernet frame and every ``write`` injects exactly one, with no packet
+information prefix.  ``IFF_MULTI_QUEUE`` lets several fds attach to the same
+interface, one per queue pair; the kernel spreads the frames it sends to the
+TAP over them by flow.  The interface lives as long as an fd is attached
+(unless it was made persistent with ``ip tuntap add``), in the network
+namespace of the thread that created it.
+
+Frames cross the boundary with ``readv``/``writev``: a transmitted frame is
+written straight from the guest's buffers, without joining them first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import struct
+from collections.abc import Sequence
+from enum import IntFlag
+
+from pyvdpa.errors import ConfigError
+
+__all__ = ["IFNAMSIZ", "TAP_FRAME_MAX", "TUNSETIFF", "Tap", "TunFlag"]
+
+#: ``_IOW('T', 202, int)``: attach the fd to a TUN/TAP interface.
+TUNSETIFF = 0x400454CA
+
+#: Interface names are at most 15 bytes plus a NUL.
+IFNAMSIZ = 16
+
+#: Largest frame a read can return: a 64 KiB payload and an Ethernet header.
+TAP_FRAME_MAX = 65536 + 14
+
+#: The control device of the TUN/TAP driver.
+TUN_DEVICE = "/dev/net/tun"
+
+#: ``struct ifreq``: the name, the flags (a short), padding to 40 bytes.
+_IFREQ = struct.Struct("=16sH22x")
+
+
+class TunFlag(IntFlag):
+    """``ifr_flags`` bits of ``TUNSETIFF`` (``linux/if_tun.h``)."""
+
+    TUN = 0x0001
+    TAP = 0x0002
+    MULTI_QUEUE = 0x0100
+    NO_PI = 0x1000
+
+
+class Tap:
+    """A TAP interface with one fd per queue.
+
+    ``ifname`` may be a name or a template such as ``"pyvdpa%d"``; the name
+    the kernel settled on is :attr:`name`.  Creating it needs CAP_NET_ADMIN;
+    every failure is a :class:`ConfigError` that says why.
+    """
+
+    def __init__(self, ifname: str = "pyvdpa%d", *, queues: int = 1) -> None:
+        encoded = ifname.encode()
+        if not encoded or len(encoded) >= IFNAMSIZ or b"/" in encoded or b" " in encoded:
+            raise ConfigError(
+                f"invalid TAP interface name {ifname!r}: 1..{IFNAMSIZ - 1} bytes, no '/' or space"
+            )
+        if queues < 1:
+            raise ConfigError(f"a TAP needs at least one queue, not {queues}")
+        flags = TunFlag.TAP | TunFlag.NO_PI
+        if queues > 1:
+            flags |= TunFlag.MULTI_QUEUE
+        self.fds: list[int] = []
+        name = encoded
+        try:
+            for _ in range(queues):
+                fd = _open_tun()
+                self.fds.append(fd)
+                name = _attach(fd, name, flags, ifname)
+        except BaseException:
+            self.close()
+            raise
+        self.name = name.decode()
+
+    def write(self, queue: int, buffers: Sequence[memoryview | bytes]) -> int:
+        """Inject one frame, gathered from ``buffers``, on ``queue``; return its length."""
+        return os.writev(self.fds[queue], buffers)
+
+    def read_into(self, queue: int, buffer: memoryview) -> int | None:
+        """Read one frame from ``queue`` into ``buffer``; ``None`` when none is waiting."""
+        try:
+            return os.readv(self.fds[queue], [buffer])
+        except BlockingIOError:
+            return None
+
+    def close(self) -> None:
+        """Detach every fd; a non-persistent interface disappears with the last one."""
+        fds, self.fds = self.fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _open_tun() -> int:
+    try:
+        return os.open(TUN_DEVICE, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create a TAP: cannot open {TUN_DEVICE}: {os.strerror(exc.errno or 0)}"
+        ) from exc
+
+
+def _attach(fd: int, name: bytes, flags: TunFlag, asked: str) -> bytes:
+    request = bytearray(_IFREQ.pack(name, flags))
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, request)
+    except OSError as exc:
+        why = os.strerror(exc.errno or 0)
+        if exc.errno == errno.EPERM:
+            why += " (creating a TAP needs CAP_NET_ADMIN)"
+        elif exc.errno in (errno.EBUSY, errno.EINVAL):
+            why += " (the name belongs to another interface or a TAP in use)"
+        raise ConfigError(f"cannot create TAP {asked!r}: {why}") from exc
+    raw, _ = _IFREQ.unpack(request)
+    return bytes(raw).rstrip(b"\0")

@@ -1,0 +1,235 @@
+"""vDPA drivers, and the simulated devices they drive.
+
+Theory of operation (DPDK's vDPA drivers, e.g. ``drivers/vdpa/ifc``, and
+Linux ``vdpa_sim``): a driver *probes* a device description, brings up the
+"hardware", checks that it can do vDPA, and registers it with its operations
+in a :class:`~pyvdpa.vdpa.registry.VdpaRegistry`; *remove* unregisters it and
+releases the hardware.
+
+The simulated hardware is a device model of :mod:`pyvdpa.devices`
+(:class:`~pyvdpa.devices.net.NetDevice`, :class:`~pyvdpa.devices.blk.BlkDevice`),
+whose queues run on threads of their own, straight on the guest's rings.
+:class:`SimDeviceOps` is the driver side of the ops table: ``dev_conf``
+hands the hardware every ready ring, ``set_vring_state`` adds or removes one
+ring while configured, ``dev_close`` takes them all back and resets the
+hardware.  The hardware only ever runs between ``dev_conf`` and
+``dev_close``: that is the vDPA contract.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from collections.abc import Mapping
+from typing import ClassVar
+
+from pyvdpa.devices.blk import BlkDevice
+from pyvdpa.devices.net import NetDevice
+from pyvdpa.devices.stats import STAT_NAMES
+from pyvdpa.errors import ConfigError
+from pyvdpa.vdev import VdevSpec
+from pyvdpa.vdpa.device import VdpaDevice, VdpaError
+from pyvdpa.vdpa.registry import VdpaRegistry
+from pyvdpa.vdpa.vhost import VhostDevice
+from pyvdpa.vhost_user.device import Vring
+from pyvdpa.vhost_user.protocol import ProtocolFeature
+from pyvdpa.virtio.constants import DeviceId, VirtioFeature
+
+__all__ = [
+    "BLK_STAT_NAMES",
+    "DRIVERS",
+    "NET_STAT_NAMES",
+    "SimBlkDriver",
+    "SimDeviceOps",
+    "SimDriver",
+    "SimNetDriver",
+    "VdpaDriver",
+]
+
+#: Per-queue counters of a simulated net device (DPDK's names, plus traffic).
+NET_STAT_NAMES = STAT_NAMES
+
+#: Per-queue counters of a simulated blk device (DPDK's names).
+BLK_STAT_NAMES = tuple(name for name in STAT_NAMES if name not in ("packets", "bytes"))
+
+
+class SimDeviceOps:
+    """The vDPA operations of a simulated device over its hardware model."""
+
+    def __init__(self, hardware: NetDevice | BlkDevice) -> None:
+        self.hardware = hardware
+        if isinstance(hardware, NetDevice):
+            self.device_type = DeviceId.NET
+            self.stat_names = NET_STAT_NAMES
+        else:
+            self.device_type = DeviceId.BLOCK
+            self.stat_names = BLK_STAT_NAMES
+        self._configured = False
+        self._running: dict[int, Vring] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ capabilities
+
+    def get_queue_num(self) -> int:
+        """Queue pairs of a net device, queues of a blk device."""
+        hw = self.hardware
+        return hw.queue_pairs if isinstance(hw, NetDevice) else hw.num_queues
+
+    def get_features(self) -> int:
+        """The hardware's feature bits; vDPA devices always take protocol features."""
+        return int(self.hardware.features) | int(VirtioFeature.PROTOCOL_FEATURES)
+
+    def get_protocol_features(self) -> ProtocolFeature:
+        """The protocol features the hardware supports."""
+        return self.hardware.protocol_features
+
+    def get_dev_type(self) -> DeviceId:
+        """Net or block."""
+        return self.device_type
+
+    # ------------------------------------------------------------------ control path
+
+    def set_features(self, vhost: VhostDevice) -> None:
+        """Program the negotiated features (they size the net header)."""
+        self.hardware.set_features(vhost.negotiated_features)
+
+    def dev_conf(self, vhost: VhostDevice) -> None:
+        """Apply the front-end's MTU and hand the hardware every ready ring."""
+        with self._lock:
+            hw = self.hardware
+            if vhost.mtu is not None and isinstance(hw, NetDevice):
+                hw.set_mtu(vhost.mtu)
+            self._configured = True
+            for vring in vhost.ready_vrings():
+                self._start(vring)
+
+    def dev_close(self, vhost: VhostDevice) -> None:
+        """Take every ring back from the hardware and reset it."""
+        with self._lock:
+            self._configured = False
+            for qid in list(self._running):
+                self._stop(qid)
+            self.hardware.reset()
+
+    def set_vring_state(self, vhost: VhostDevice, qid: int, enable: bool) -> None:
+        """While configured, start or stop the hardware queue of ring ``qid``."""
+        with self._lock:
+            if not enable:
+                self._stop(qid)
+                return
+            vring = vhost.vring(qid)
+            if self._configured and vring is not None:
+                self._start(vring)
+
+    def migration_done(self, vhost: VhostDevice) -> None:
+        """Announce the guest's MAC after live migration (net devices)."""
+        hw = self.hardware
+        if isinstance(hw, NetDevice) and vhost.rarp_mac is not None:
+            hw.send_rarp(vhost.rarp_mac)
+
+    def get_config(self, vhost: VhostDevice, offset: int, size: int) -> bytes:
+        """Read the hardware's config space."""
+        return self.hardware.get_config(offset, size)
+
+    def set_config(self, vhost: VhostDevice, offset: int, data: bytes) -> None:
+        """Write the hardware's config space."""
+        self.hardware.set_config(offset, data)
+
+    # ------------------------------------------------------------------ statistics
+
+    def get_stats_names(self) -> tuple[str, ...]:
+        """Names of the per-queue counters."""
+        return self.stat_names
+
+    def get_stats(self, qid: int) -> Mapping[str, int]:
+        """Counters of queue ``qid``."""
+        counters = self.hardware.stats[qid].as_dict()
+        return {name: counters[name] for name in self.stat_names}
+
+    def reset_stats(self, qid: int) -> None:
+        """Zero the counters of queue ``qid``."""
+        self.hardware.stats[qid].reset()
+
+    # ------------------------------------------------------------------ hardware
+
+    def close(self) -> None:
+        """Release the hardware (TAP, disk); the device must be closed already."""
+        self.hardware.close()
+
+    def _start(self, vring: Vring) -> None:
+        if vring.index not in self._running:
+            self._running[vring.index] = vring
+            self.hardware.start_queue(vring)
+
+    def _stop(self, qid: int) -> None:
+        vring = self._running.pop(qid, None)
+        if vring is not None:
+            self.hardware.stop_queue(vring)
+
+
+class VdpaDriver(abc.ABC):
+    """A vDPA driver: probes device descriptions and registers the devices."""
+
+    #: The ``--vdev`` kind this driver probes.
+    kind: ClassVar[str]
+
+    @abc.abstractmethod
+    def probe(self, spec: VdevSpec, registry: VdpaRegistry) -> VdpaDevice:
+        """Bring up the device ``spec`` describes and register it."""
+
+    @abc.abstractmethod
+    def remove(self, device: VdpaDevice, registry: VdpaRegistry) -> None:
+        """Unregister ``device`` and release its hardware."""
+
+
+class SimDriver(VdpaDriver):
+    """The driver of simulated devices: the hardware is a :mod:`pyvdpa.devices` model."""
+
+    def __init__(self) -> None:
+        self._ops: dict[str, SimDeviceOps] = {}
+        self._lock = threading.Lock()
+
+    def probe(self, spec: VdevSpec, registry: VdpaRegistry) -> VdpaDevice:
+        """Build the hardware, register it, and keep its ops for :meth:`remove`."""
+        if spec.kind != self.kind:
+            raise ConfigError(f"{self.kind} driver cannot probe a {spec.kind} device")
+        if spec.name in registry:
+            raise VdpaError(f"{spec.name}: cannot register: a device of that name exists")
+        ops = SimDeviceOps(spec.create())
+        try:
+            device = registry.register(spec.name, ops)
+        except BaseException:
+            ops.close()
+            raise
+        with self._lock:
+            self._ops[device.name] = ops
+        return device
+
+    def remove(self, device: VdpaDevice, registry: VdpaRegistry) -> None:
+        """Unregister ``device`` (refused while attached), then release its hardware."""
+        with self._lock:
+            ops = self._ops.get(device.name)
+            if ops is None or device.ops is not ops:
+                raise VdpaError(f"{device.name}: not a device of the {self.kind} driver")
+            registry.unregister(device)
+            del self._ops[device.name]
+        ops.close()
+
+
+class SimNetDriver(SimDriver):
+    """Simulated virtio-net devices (like Linux ``vdpa_sim_net``)."""
+
+    kind = "sim-net"
+
+
+class SimBlkDriver(SimDriver):
+    """Simulated virtio-blk devices (like Linux ``vdpa_sim_blk``)."""
+
+    kind = "sim-blk"
+
+
+#: The drivers ``--vdev`` kinds name.
+DRIVERS: dict[str, type[VdpaDriver]] = {
+    SimNetDriver.kind: SimNetDriver,
+    SimBlkDriver.kind: SimBlkDriver,
+}

@@ -1,0 +1,212 @@
+"""The vhost device of one connection, bound to a vDPA device.
+
+Theory of operation (DPDK ``lib/vhost/vhost_user.c``, ``vhost_user_msg_handler``
+and ``vhost_destroy_device_notify``): every front-end connection on a port
+gets a :class:`VhostDevice`.  The back-end connection
+(:class:`~pyvdpa.vhost_user.backend.BackendConnection`) drives it through the
+:class:`~pyvdpa.vhost_user.device.VhostUserDevice` interface, and it turns
+those calls into the vDPA device's operations with DPDK's semantics:
+
+============================================  ==================================
+back-end event                                 vDPA operations
+============================================  ==================================
+SET_FEATURES                                   ``set_features``
+a ring becomes ready (started, enabled,        ``set_vring_state(qid, True)``, then
+configured)                                    ``dev_conf`` once the device is ready
+a ring is disabled                             ``set_vring_state(qid, False)``
+GET_VRING_BASE, RESET_OWNER / RESET_DEVICE,    ``dev_close`` (if configured), then
+disconnect, a ring re-set-up while running     ``set_vring_state(qid, False)``
+(new memory table, dirty log, address, kick)
+SEND_RARP                                      ``migration_done``
+============================================  ==================================
+
+The device is *ready* when, for a net device, queues 0 and 1 are ready (the
+first pair, as DPDK's built-in net rule), and otherwise when at least one
+queue is ready and every enabled queue is.  ``dev_conf`` runs once per
+ready period: after ``dev_close`` the device is configured again when it is
+next ready.  The ports' ``new_device`` / ``destroy_device`` callbacks (DPDK's
+``rte_vhost_device_ops``) bracket the same period.
+
+A ring re-set-up while it runs is handled as DPDK handles a new memory
+table: the hardware lets go of every ring (``dev_close``) and is configured
+again once the new rings are ready, because the ring objects it was given
+are replaced.
+
+What the connection offers is the device's capabilities intersected with
+the port's: feature bits, protocol features (never in-band notifications:
+kicks go to the device's data path, not through the control plane) and the
+queue count.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pyvdpa.errors import PyvdpaError
+from pyvdpa.vdpa.device import VdpaDevice
+from pyvdpa.vhost_user.device import VhostUserDevice, Vring
+from pyvdpa.vhost_user.protocol import ProtocolFeature
+from pyvdpa.virtio.constants import DeviceId
+
+if TYPE_CHECKING:
+    from pyvdpa.vdpa.port import VdpaPort
+
+__all__ = ["UNSUPPORTED_PROTOCOL_FEATURES", "DeviceCallback", "VhostDevice"]
+
+log = logging.getLogger(__name__)
+
+#: Protocol features a vDPA device is never offered with.
+UNSUPPORTED_PROTOCOL_FEATURES = ProtocolFeature.INBAND_NOTIFICATIONS
+
+#: An application callback on a vhost device (``new_device``, ``destroy_device``).
+DeviceCallback = Callable[["VhostDevice"], None]
+
+_vids = itertools.count()
+
+
+class VhostDevice(VhostUserDevice):
+    """One front-end's vhost device, bound to :attr:`device` through ``port``.
+
+    Drivers read the connection's state from it: :attr:`vid`,
+    :attr:`ifname`, :attr:`negotiated_features`, :attr:`mtu`,
+    :attr:`rarp_mac` and the ready vrings (:meth:`vring`,
+    :meth:`ready_vrings`).
+    """
+
+    def __init__(self, device: VdpaDevice, port: VdpaPort) -> None:
+        caps = device.capabilities()
+        self.device = device
+        self.vid = next(_vids)
+        self.ifname = port.path
+        self.queue_num = caps.queue_num
+        if port.queue_num is not None:
+            self.queue_num = min(self.queue_num, port.queue_num)
+        self.num_queues = (
+            2 * self.queue_num if device.device_type is DeviceId.NET else self.queue_num
+        )
+        self.features = caps.features if port.features is None else caps.features & port.features
+        self.protocol_features = (
+            caps.protocol_features & port.protocol_features & ~UNSUPPORTED_PROTOCOL_FEATURES
+        )
+        self.negotiated_features = 0
+        self.mtu: int | None = None
+        self.rarp_mac: bytes | None = None
+        #: ``dev_conf`` succeeded and ``dev_close`` has not run since.
+        self.configured = False
+        #: ``new_device`` was called and ``destroy_device`` has not been since.
+        self.running = False
+        self._new_device = port.new_device
+        self._destroy_device = port.destroy_device
+        self._ready: dict[int, Vring] = {}
+        self._known: dict[int, Vring] = {}
+
+    def __repr__(self) -> str:
+        return f"VhostDevice(vid={self.vid}, {self.ifname!r}, device={self.device.name!r})"
+
+    # ------------------------------------------------------------------ for drivers
+
+    def vring(self, qid: int) -> Vring | None:
+        """Ring ``qid`` if it is ready, else ``None``."""
+        return self._ready.get(qid)
+
+    def ready_vrings(self) -> list[Vring]:
+        """The ready rings, by index."""
+        return [self._ready[qid] for qid in sorted(self._ready)]
+
+    def is_ready(self) -> bool:
+        """Whether the device as a whole is ready for ``dev_conf``."""
+        if self.device.device_type is DeviceId.NET:
+            return 0 in self._ready and 1 in self._ready
+        return bool(self._ready) and all(
+            qid in self._ready for qid, vring in self._known.items() if vring.enabled
+        )
+
+    # ------------------------------------------------------------------ VhostUserDevice
+
+    def set_features(self, features: int) -> None:
+        """SET_FEATURES: record them and tell the device."""
+        self.negotiated_features = features
+        self._call("set_features", self.device.ops.set_features, self)
+
+    def vring_state_changed(self, vring: Vring, enabled: bool) -> None:
+        """An enable change may complete (or hold back) the device's readiness."""
+        self._known[vring.index] = vring
+        self._maybe_configure()
+
+    def start_queue(self, vring: Vring) -> None:
+        """The ring is ready: ``set_vring_state(qid, True)``, then ``dev_conf`` if due."""
+        self._known[vring.index] = vring
+        self._ready[vring.index] = vring
+        self._call("set_vring_state", self.device.ops.set_vring_state, self, vring.index, True)
+        self._maybe_configure()
+
+    def stop_queue(self, vring: Vring) -> None:
+        """The ring stops being ready; unless merely disabled, the device is closed first."""
+        if self._ready.pop(vring.index, None) is None:
+            return
+        disabled_only = vring.started and not vring.enabled
+        if not disabled_only:
+            self._close_device()
+        self._call("set_vring_state", self.device.ops.set_vring_state, self, vring.index, False)
+
+    def reset(self) -> None:
+        """RESET_OWNER, RESET_DEVICE or disconnect: close the device, forget the rings."""
+        self._close_device()
+        self._ready.clear()
+        self._known.clear()
+        self.negotiated_features = 0
+
+    def send_rarp(self, mac: bytes) -> None:
+        """SEND_RARP: live migration finished; ``migration_done`` if the device has it."""
+        self.rarp_mac = mac
+        if self.device.supports("migration_done"):
+            self._call("migration_done", self.device.migration_done, self)
+
+    def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU: recorded for the driver (read it in ``dev_conf``)."""
+        self.mtu = mtu
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """GET_CONFIG through the device's ``get_config``."""
+        return self.device.get_config(self, offset, size)
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """SET_CONFIG through the device's ``set_config``."""
+        self.device.set_config(self, offset, data)
+
+    # ------------------------------------------------------------------ internals
+
+    def _maybe_configure(self) -> None:
+        if self.configured or not self.is_ready():
+            return
+        if not self.running and self._new_device is not None:
+            self._callback(self._new_device)
+        self.running = True
+        if self._call("dev_conf", self.device.ops.dev_conf, self):
+            self.configured = True
+
+    def _close_device(self) -> None:
+        if self.running and self._destroy_device is not None:
+            self._callback(self._destroy_device)
+        self.running = False
+        if self.configured:
+            self.configured = False
+            self._call("dev_close", self.device.ops.dev_close, self)
+
+    def _call(self, op: str, method: Callable[..., object], *args: object) -> bool:
+        """Run a device operation; a failure is logged, as the vhost library logs it."""
+        try:
+            method(*args)
+        except PyvdpaError as exc:
+            log.error("%s: %s: %s failed: %s", self.ifname, self.device.name, op, exc)
+            return False
+        return True
+
+    def _callback(self, callback: DeviceCallback) -> None:
+        try:
+            callback(self)
+        except PyvdpaError as exc:
+            log.error("%s: application callback failed: %s", self.ifname, exc)
