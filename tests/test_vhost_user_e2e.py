@@ -343,3 +343,27 @@ def test_inflight_fd_requests(sock: Path) -> None:
         finally:
             os.close(fd)
     device.close()
+
+
+def test_regression_qemu_packed_base_and_duplicate_add_mem_reg(
+    net_server: tuple[BackendServer, NetDevice], sock: Path
+) -> None:
+    """QEMU 7.2: SET_VRING_BASE 0x80008000 on packed rings; ADD_MEM_REG repeated for mq=on."""
+    server, _ = net_server
+    shared = allocate_shared(1 << 20)
+    with Frontend.connect(sock) as fe:
+        fe.get_features()
+        fe.set_protocol_features(
+            ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.MQ
+        )
+        fe.set_owner()
+        features = VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES
+        fe.set_features(int(features | VirtioFeature.RING_PACKED))
+        region = MemoryRegion(GPA_BASE, shared.size, shared.address, 0)
+        fe.add_mem_reg(region, shared.fd)
+        fe.add_mem_reg(region, shared.fd)
+        assert server.connections[0].memory.regions == (region,)
+        fe.set_vring_num(0, 256)
+        fe.set_vring_base(0, 0x80008000)
+        assert server.connections[0].vrings[0].base == 0x8000
+    shared.close()

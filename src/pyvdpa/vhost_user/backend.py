@@ -431,6 +431,10 @@ class BackendConnection:
     def _on_add_mem_reg(self, msg: Message, fds: list[int]) -> None:
         assert isinstance(msg.payload, codec.SingleMemRegion)
         region: MemoryRegion = msg.payload.region
+        if region in self.memory.regions:
+            # QEMU 7.2 re-sends regions already mapped when it adds queues
+            # (mq=on): the same region again changes nothing.
+            return
         fd = fds[0]
         self._restart_running(lambda: self.memory.add_region(region, fd))
 
@@ -482,8 +486,13 @@ class BackendConnection:
         if vring.running:
             raise RemoteProtocolError(f"SET_VRING_BASE: vring {vring.index} is running")
         base = msg.payload.num
-        if base > 0xFFFF:
-            raise RemoteProtocolError(f"SET_VRING_BASE: base {base:#x} out of range")
+        if self.packed:
+            # Bits 0-14 avail index, bit 15 its wrap counter.  QEMU also sends
+            # the used index and wrap in bits 16-31; as in DPDK, the used side
+            # restarts where the avail side is (nothing is in flight after a stop).
+            base &= 0xFFFF
+        elif base > 0xFFFF:
+            raise RemoteProtocolError(f"SET_VRING_BASE: split ring base {base:#x} is not 16 bits")
         vring.base = base
         vring.broken = False
 
