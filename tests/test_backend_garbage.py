@@ -384,8 +384,8 @@ def test_driver_region_outside_memory_via_add_mem_reg(
         fe.get_features()
         fe.set_protocol_features(ProtocolFeature.REPLY_ACK | ProtocolFeature.CONFIGURE_MEM_SLOTS)
         fe.set_owner()
-        from pyvdpa.vhost_user.frontend import BackendRefused
+        from pyvdpa.vhost_user.frontend import BackendRefusedError
 
-        with pytest.raises(BackendRefused):
+        with pytest.raises(BackendRefusedError):
             fe.rem_mem_reg(MemoryRegion(0, 1 << 20, shared.address, 0))
     shared.close()

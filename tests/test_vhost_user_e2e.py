@@ -19,7 +19,7 @@ from pyvdpa.errors import TransportError
 from pyvdpa.memory import MemoryRegion, allocate_shared
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.backend import MAX_MEM_SLOTS
-from pyvdpa.vhost_user.frontend import BackendRefused, Frontend
+from pyvdpa.vhost_user.frontend import BackendRefusedError, Frontend
 from pyvdpa.vhost_user.protocol import BackendRequest, ProtocolFeature, Request
 from pyvdpa.vhost_user.server import BackendServer
 from pyvdpa.vhost_user.transport import Channel, Listener
@@ -151,7 +151,7 @@ def test_every_request_over_a_socket(
         fe.net_set_mtu(9000)  # 20
         assert device.mtu == 9000
         assert fe.get_config(0, 6) == device.mac  # 24
-        with pytest.raises(BackendRefused):
+        with pytest.raises(BackendRefusedError):
             fe.set_config(0, b"\x00" * 6)  # 25: net config is read-only
         fe.set_status(int(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER))  # 39
         assert fe.get_status() == DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER  # 40
@@ -163,13 +163,13 @@ def test_every_request_over_a_socket(
             os.close(fd)
         # Requests this back-end does not implement: refused, connection kept
         # (a REPLY_ACK failure) when they have no reply of their own...
-        with pytest.raises(BackendRefused):
+        with pytest.raises(BackendRefusedError):
             fe.request(Request.SET_VRING_ENDIAN, codec.VringState(0, 0))  # 23
-        with pytest.raises(BackendRefused):
+        with pytest.raises(BackendRefusedError):
             fe.request(Request.GPU_SET_SOCKET, codec.NoPayload(), [log_mem.fd])  # 33
-        with pytest.raises(BackendRefused):
+        with pytest.raises(BackendRefusedError):
             fe.request(Request.POSTCOPY_LISTEN)  # 29
-        with pytest.raises(BackendRefused):
+        with pytest.raises(BackendRefusedError):
             fe.request(Request.CLOSE_CRYPTO_SESSION, codec.U64(1))  # 27
         assert fe.get_queue_num() == 2
         assert changes and changes[0].request == BackendRequest.CONFIG_CHANGE_MSG

@@ -23,7 +23,7 @@ from pathlib import Path
 from pyvdpa.devices.net import count_ring_error
 from pyvdpa.devices.stats import QueueStats
 from pyvdpa.errors import ConfigError, RingError
-from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequest, Vring
+from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequestError, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.blk import (
     BLK_ID_BYTES,
@@ -154,7 +154,7 @@ class BlkDevice(ThreadedDevice):
 
     def set_config(self, offset: int, data: bytes) -> None:
         """Only the writeback byte is writable, and it is not offered."""
-        raise UnsupportedRequest("virtio-blk config space is read-only")
+        raise UnsupportedRequestError("virtio-blk config space is read-only")
 
     # ------------------------------------------------------------------ data path
 
@@ -243,7 +243,11 @@ class BlkDevice(ThreadedDevice):
             raise _RequestError(BlkStatus.IOERR, "device is read-only")
 
     def _discard_or_zero(self, kind: int, data: bytes) -> None:
-        if not data or len(data) % BLK_SEGMENT_SIZE or len(data) // BLK_SEGMENT_SIZE > MAX_DISCARD_SEG:
+        if (
+            not data
+            or len(data) % BLK_SEGMENT_SIZE
+            or len(data) // BLK_SEGMENT_SIZE > MAX_DISCARD_SEG
+        ):
             raise _RequestError(BlkStatus.UNSUPP, "malformed discard/write-zeroes segments")
         for segment in DiscardWriteZeroesSegment.unpack_all(data):
             if segment.flags & ~1 or (kind == BlkType.DISCARD and segment.flags):
@@ -276,4 +280,3 @@ def _zero(fd: int, offset: int, length: int) -> None:
             n = os.pwrite(fd, chunk[: min(length, len(chunk))], offset)
             offset += n
             length -= n
-

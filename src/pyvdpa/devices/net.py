@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from pyvdpa.devices.stats import QueueStats
 from pyvdpa.devices.tap import TAP_FRAME_MAX, Tap
 from pyvdpa.errors import ConfigError, RingError
-from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequest, Vring
+from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequestError, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import NetFeature, NetStatus, VirtioFeature
 from pyvdpa.virtio.net import NetConfig, NetHeader, net_header_size
@@ -205,7 +205,7 @@ class NetDevice(ThreadedDevice):
 
     def set_config(self, offset: int, data: bytes) -> None:
         """The net config space is read-only for the driver."""
-        raise UnsupportedRequest("virtio-net config space is read-only")
+        raise UnsupportedRequestError("virtio-net config space is read-only")
 
     def send_rarp(self, mac: bytes) -> None:
         """Announce ``mac`` on the TAP; in other modes there is no switch to tell."""

@@ -144,9 +144,11 @@ class _RxPath:
         self.busy[head] = addr
 
     def receive(self) -> list[bytes]:
-        frames = []
+        frames: list[bytes] = []
         queue = self.ring.queue
-        while (used := queue.get_used()) is not None:
+        # At most one ring's worth: a back-end refilling as fast as buffers
+        # are reposted would otherwise keep this loop, and the run, going.
+        while len(frames) < queue.size and (used := queue.get_used()) is not None:
             head, length = used
             addr = self.busy.pop(head)
             if length < self.hdr or length > RX_BUFFER:

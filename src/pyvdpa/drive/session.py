@@ -179,7 +179,12 @@ class Session:
         fe.set_vring_num(index, size)
         fe.set_vring_base(index, 0x8000 if self.packed else 0)
         addr = codec.VringAddr(
-            index, codec.VringAddrFlags(0), self.gpa_to_uva(desc), self.gpa_to_uva(used), self.gpa_to_uva(avail), 0
+            index,
+            codec.VringAddrFlags(0),
+            self.gpa_to_uva(desc),
+            self.gpa_to_uva(used),
+            self.gpa_to_uva(avail),
+            0,
         )
         fe.set_vring_addr(addr)
         fe.set_vring_kick(index, kick_fd)

@@ -36,11 +36,17 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pyvdpa.errors import GuestMemoryError, ProtocolError, PyvdpaError, RemoteProtocolError, RingError
+from pyvdpa.errors import (
+    GuestMemoryError,
+    ProtocolError,
+    PyvdpaError,
+    RemoteProtocolError,
+    RingError,
+)
 from pyvdpa.memory import DirtyLog, GuestMemory, MemoryRegion
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.codec import Message
-from pyvdpa.vhost_user.device import UnsupportedRequest, VhostUserDevice, Vring
+from pyvdpa.vhost_user.device import UnsupportedRequestError, VhostUserDevice, Vring
 from pyvdpa.vhost_user.inflight import InflightRegion
 from pyvdpa.vhost_user.protocol import (
     VRING_IDX_MASK,
@@ -196,7 +202,7 @@ class BackendConnection:
                         f"{Request(message.request).name}: not supported by this back-end"
                     )
                 result = handler(message, fds)
-            except (PyvdpaError, UnsupportedRequest) as exc:
+            except (PyvdpaError, UnsupportedRequestError) as exc:
                 return self._refuse(header.request, header.flags, exc)
         finally:
             close_fds(fds)

@@ -34,12 +34,12 @@ from pyvdpa.memory import DirtyLog, GuestMemory
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.ring import DeviceQueue
 
-__all__ = ["ThreadedDevice", "UnsupportedRequest", "VhostUserDevice", "Vring"]
+__all__ = ["ThreadedDevice", "UnsupportedRequestError", "VhostUserDevice", "Vring"]
 
 log = logging.getLogger(__name__)
 
 
-class UnsupportedRequest(PyvdpaError):
+class UnsupportedRequestError(PyvdpaError):
     """The device does not implement an optional request (e.g. GET_CONFIG)."""
 
 
@@ -85,6 +85,15 @@ class Vring:
                 with contextlib.suppress(OSError):
                     os.eventfd_write(fd, 1)
 
+    def dup_call_fd(self) -> int | None:
+        """A duplicate of the call eventfd, for a data plane that signals it itself.
+
+        Taken under the lock that guards the fd's replacement, so it never
+        duplicates an fd that SET_VRING_CALL is closing.
+        """
+        with self._call_lock:
+            return None if self.call_fd is None else os.dup(self.call_fd)
+
     def notify(self) -> None:
         """Interrupt the driver if the ring's notification suppression allows it."""
         queue = self.queue
@@ -117,7 +126,7 @@ class VhostUserDevice(abc.ABC):
     Subclasses give their capabilities (:attr:`features`,
     :attr:`protocol_features`, :attr:`num_queues`) and process rings between
     :meth:`start_queue` and :meth:`stop_queue`.  Optional requests raise
-    :class:`UnsupportedRequest` by default.
+    :class:`UnsupportedRequestError` by default.
     """
 
     #: virtio feature bits the device offers (device-specific and generic).
@@ -148,19 +157,19 @@ class VhostUserDevice(abc.ABC):
 
     def get_config(self, offset: int, size: int) -> bytes:
         """Read ``size`` bytes of the device config space at ``offset``."""
-        raise UnsupportedRequest("device has no config space")
+        raise UnsupportedRequestError("device has no config space")
 
     def set_config(self, offset: int, data: bytes) -> None:
         """Write the device config space."""
-        raise UnsupportedRequest("device config space is read-only")
+        raise UnsupportedRequestError("device config space is read-only")
 
     def send_rarp(self, mac: bytes) -> None:
         """Announce ``mac`` after migration (SEND_RARP)."""
-        raise UnsupportedRequest("device does not send RARP")
+        raise UnsupportedRequestError("device does not send RARP")
 
     def set_mtu(self, mtu: int) -> None:
         """The front-end set the MTU (NET_SET_MTU)."""
-        raise UnsupportedRequest("device has no MTU")
+        raise UnsupportedRequestError("device has no MTU")
 
     def reset(self) -> None:  # noqa: B027 - optional hook
         """All queues are stopped and the device returns to its initial state."""

@@ -12,7 +12,7 @@ sends, and for requests that answer, waits for and validates the reply
 (flags exactly VERSION|REPLY, same request, exact size; the codec's
 :func:`~pyvdpa.vhost_user.codec.decode_reply`).  With REPLY_ACK negotiated
 every request without a reply of its own asks for an ack, so a refusal is
-reported as :class:`BackendRefused` at the request that caused it.
+reported as :class:`BackendRefusedError` at the request that caused it.
 
 Back-end requests (SET_BACKEND_REQ_FD) are served on a thread of their own;
 VRING_CALL / VRING_ERR / CONFIG_CHANGE_MSG are handed to callbacks.
@@ -40,14 +40,14 @@ from pyvdpa.vhost_user.protocol import (
 )
 from pyvdpa.vhost_user.transport import Channel, Listener, close_fds, connect
 
-__all__ = ["BackendRefused", "Frontend"]
+__all__ = ["BackendRefusedError", "Frontend"]
 
 log = logging.getLogger(__name__)
 
 BackendHandler = Callable[[Message], int]
 
 
-class BackendRefused(PyvdpaError):
+class BackendRefusedError(PyvdpaError):
     """The back-end answered a request with a non-zero REPLY_ACK."""
 
 
@@ -120,7 +120,7 @@ class Frontend:
                 close_fds(frame.fds)
                 raise
         if reply:
-            raise BackendRefused(f"back-end refused {request.name} (REPLY_ACK {reply})")
+            raise BackendRefusedError(f"back-end refused {request.name} (REPLY_ACK {reply})")
         return None
 
     def _u64(self, request: Request) -> int:
@@ -244,12 +244,14 @@ class Frontend:
         reply = self.request(Request.GET_CONFIG, query)
         assert reply is not None
         if not isinstance(reply.payload, codec.ConfigSpace) or reply.payload.size != size:
-            raise BackendRefused(f"back-end refused GET_CONFIG of {size} bytes at {offset}")
+            raise BackendRefusedError(f"back-end refused GET_CONFIG of {size} bytes at {offset}")
         return reply.payload.data
 
     def set_config(self, offset: int, data: bytes) -> None:
         """SET_CONFIG."""
-        self.request(Request.SET_CONFIG, codec.ConfigSpace(offset, len(data), codec.ConfigType(0), data))
+        self.request(
+            Request.SET_CONFIG, codec.ConfigSpace(offset, len(data), codec.ConfigType(0), data)
+        )
 
     def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[codec.Inflight, int]:
         """GET_INFLIGHT_FD: returns the region description and its fd (owned by the caller)."""

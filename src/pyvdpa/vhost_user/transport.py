@@ -199,7 +199,9 @@ class Listener:
             self._sock.listen(backlog)
         except OSError as exc:
             self._sock.close()
-            raise ConfigError(f"cannot listen on {self.path}: {os.strerror(exc.errno or 0)}") from exc
+            raise ConfigError(
+                f"cannot listen on {self.path}: {os.strerror(exc.errno or 0)}"
+            ) from exc
         self._ino = os.stat(self.path).st_ino
         self._closed = False
 
