@@ -11,7 +11,7 @@ import pytest
 from pyvdpa.devices.blk import BlkDevice
 from pyvdpa.devices.net import NetDevice
 from pyvdpa.drive.blk import run_blk
-from pyvdpa.drive.net import build_frame, check_frame, run_net
+from pyvdpa.drive.net import FrameCheck, build_frame, check_frame, run_net
 from pyvdpa.drive.session import DriverRing, Session
 from pyvdpa.errors import ConfigError, PyvdpaError
 from pyvdpa.vdpa import SimDeviceOps, VdpaDevice, VdpaError, VdpaPort, VdpaRegistry, VhostDevice
@@ -104,7 +104,7 @@ class NetLink:
         frame = build_frame(80, seq)
         self.send(frame)
         assert self.receive() == [frame]
-        assert check_frame(frame)
+        assert check_frame(frame) is FrameCheck.INTACT
 
 
 def negotiate(session: Session, protocol: ProtocolFeature = PROTOCOL) -> int:

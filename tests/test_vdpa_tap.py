@@ -29,7 +29,7 @@ import pytest
 
 from peers.netns import NetNamespace
 from pyvdpa.devices.net import BACKLOG, NetDevice, rarp_frame
-from pyvdpa.drive.net import build_frame, check_frame
+from pyvdpa.drive.net import FrameCheck, build_frame, check_frame
 from pyvdpa.drive.session import Session
 from pyvdpa.errors import ConfigError
 from pyvdpa.vdev import parse_vdev
@@ -221,7 +221,7 @@ def test_frames_sent_to_the_tap_all_reach_the_ring_in_order(
                 deadline = time.monotonic() + 10
                 while len(received) < count and time.monotonic() < deadline:
                     batch = link.receive(count - len(received), timeout=0.5)
-                    received += [f for f in batch if check_frame(f)]
+                    received += [f for f in batch if check_frame(f) is FrameCheck.INTACT]
         assert received == frames
         stats = device.get_stats(0)
         assert stats["packets"] >= count and stats["bad_desc_errors"] == 0
