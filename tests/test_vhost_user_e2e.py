@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -367,3 +368,74 @@ def test_regression_qemu_packed_base_and_duplicate_add_mem_reg(
         fe.set_vring_base(0, 0x80008000)
         assert server.connections[0].vrings[0].base == 0x8000
     shared.close()
+
+
+def test_inflight_request_is_resubmitted_after_restart(sock: Path) -> None:
+    """A request a previous back-end took and never completed is served on restart.
+
+    The front-end plays QEMU after a back-end crash: it hands the inflight
+    region back (SET_INFLIGHT_FD) with one head marked in flight and the
+    avail index already past it (SET_VRING_BASE).
+    """
+    from pyvdpa.vhost_user.inflight import InflightRegion
+    from pyvdpa.virtio.blk import BlkRequestHeader
+    from pyvdpa.virtio.constants import BlkType
+
+    device = BlkDevice(size=1 << 20, serial="resubmitted")
+    with BackendServer(sock, lambda: device), _connected_session(sock) as session:
+        fe = session.frontend
+        session.negotiate(
+            int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES),
+            0,
+            protocol=ProtocolFeature.REPLY_ACK | ProtocolFeature.INFLIGHT_SHMFD,
+        )
+        info, fd = fe.get_inflight_fd(1, 16)
+        region = InflightRegion.from_fd(fd, info.mmap_size, 0, 1, 16, packed=False)
+        try:
+            header, data, status = session.alloc(16), session.alloc(20), session.alloc(1)
+            session.memory.write(header, BlkRequestHeader(BlkType.GET_ID, 0, 0).pack())
+            # Set the ring up by hand so SET_VRING_BASE can say "one consumed".
+            from pyvdpa.virtio.split import SplitDriverQueue, SplitLayout
+
+            layout = SplitLayout(16)
+            desc = session.alloc(layout.desc_size, 16)
+            avail = session.alloc(layout.avail_size, 2)
+            used = session.alloc(layout.used_size, 4)
+            queue = SplitDriverQueue(session.memory, 16, desc, avail, used, event_idx=False)
+            head = queue.add([(header, 16)], [(data, 20), (status, 1)])
+            region.split_queue(0).mark_inflight(head)
+            fe.set_inflight_fd(info, fd)
+            call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            kick = os.eventfd(0, os.EFD_CLOEXEC)
+            fe.set_vring_call(0, call)
+            fe.set_vring_num(0, 16)
+            fe.set_vring_base(0, 1)
+            fe.set_vring_addr(
+                codec.VringAddr(
+                    0,
+                    codec.VringAddrFlags(0),
+                    session.gpa_to_uva(desc),
+                    session.gpa_to_uva(used),
+                    session.gpa_to_uva(avail),
+                    0,
+                )
+            )
+            fe.set_vring_kick(0, kick)
+            fe.set_vring_enable(0, True)
+            for _ in range(300):
+                done = queue.get_used()
+                if done is not None:
+                    break
+                time.sleep(0.01)
+            else:
+                raise AssertionError("the in-flight request was never served")
+            assert done == (head, 21)
+            assert session.memory.read(status, 1) == b"\x00"
+            assert session.memory.read(data, 11) == b"resubmitted"
+            assert region.split_queue(0).inflight_heads() == []
+            os.close(call)
+            os.close(kick)
+        finally:
+            region.close()
+            os.close(fd)
+    device.close()

@@ -166,7 +166,7 @@ class BlkDevice(ThreadedDevice):
         pushed = False
         while True:
             try:
-                chain = queue.pop()
+                chain = vring.pop()
             except RingError as exc:
                 count_ring_error(stats, exc)
                 raise
@@ -174,7 +174,7 @@ class BlkDevice(ThreadedDevice):
                 break
             stats.received_desc += 1
             written = self._serve(chain, stats)
-            queue.push(chain, written)
+            vring.push(chain, written)
             stats.completed_desc += 1
             pushed = True
         if pushed:

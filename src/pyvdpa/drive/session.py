@@ -116,11 +116,18 @@ class Session:
 
     # ------------------------------------------------------------------ negotiation
 
-    def negotiate(self, wanted: int, required: int) -> int:
+    def negotiate(
+        self,
+        wanted: int,
+        required: int,
+        *,
+        protocol: ProtocolFeature = WANTED_PROTOCOL_FEATURES,
+    ) -> int:
         """Run the start-up handshake; return the negotiated feature bits.
 
         ``required`` bits missing from the back-end's offer are a
-        :class:`ConfigError` naming them.
+        :class:`ConfigError` naming them; ``protocol`` is the set of protocol
+        features to use when the back-end offers them.
         """
         fe = self.frontend
         offered = fe.get_features()
@@ -128,7 +135,7 @@ class Session:
         if missing:
             raise ConfigError(f"back-end does not offer {feature_names(missing)}")
         if offered & VirtioFeature.PROTOCOL_FEATURES:
-            proto = fe.get_protocol_features() & WANTED_PROTOCOL_FEATURES
+            proto = fe.get_protocol_features() & protocol
             fe.set_protocol_features(proto)
             self.protocol_features = proto
         fe.set_owner()

@@ -296,11 +296,30 @@ class BackendConnection:
     def _start(self, vring: Vring) -> None:
         try:
             vring.queue = self._build_queue(vring)
+            self._attach_inflight(vring)
         except (RingError, GuestMemoryError, RemoteProtocolError) as exc:
+            vring.queue = None
             log.error("%s: vring %d cannot start: %s", self.name, vring.index, exc)
             vring.fail(RingError(str(exc)))
             return
         self.device.start_queue(vring)
+
+    def _attach_inflight(self, vring: Vring) -> None:
+        """Track the ring in the inflight region; queue what a previous back-end left undone."""
+        vring.inflight, vring.resubmit = None, []
+        region, queue = self.inflight, vring.queue
+        if region is None or region.packed or not isinstance(queue, SplitDeviceQueue):
+            return
+        if vring.index >= region.num_queues:
+            return
+        tracker = region.split_queue(vring.index)
+        vring.resubmit = tracker.recover(queue.used_idx)
+        vring.inflight = tracker
+        if vring.resubmit:
+            log.info(
+                "%s: vring %d resubmits %d in-flight requests",
+                self.name, vring.index, len(vring.resubmit),
+            )  # fmt: skip
 
     def _build_queue(self, vring: Vring) -> DeviceQueue:
         addr = self._addrs.get(vring.index)

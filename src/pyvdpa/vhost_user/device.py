@@ -31,8 +31,10 @@ from dataclasses import dataclass, field
 
 from pyvdpa.errors import PyvdpaError, RingError
 from pyvdpa.memory import DirtyLog, GuestMemory
+from pyvdpa.vhost_user.inflight import SplitInflightQueue
 from pyvdpa.vhost_user.protocol import ProtocolFeature
-from pyvdpa.virtio.ring import DeviceQueue
+from pyvdpa.virtio.ring import DescriptorChain, DeviceQueue
+from pyvdpa.virtio.split import SplitDeviceQueue
 
 __all__ = ["ThreadedDevice", "UnsupportedRequestError", "VhostUserDevice", "Vring"]
 
@@ -70,12 +72,43 @@ class Vring:
     ring_addrs: tuple[int, int, int] = (0, 0, 0)
     dirty_log: DirtyLog | None = None
     log_addr: int | None = None
+    #: Inflight I/O tracking (GET/SET_INFLIGHT_FD), split rings only, and the
+    #: heads a previous back-end took but never completed, to serve first.
+    inflight: SplitInflightQueue | None = None
+    resubmit: list[int] = field(default_factory=list)
     _call_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def running(self) -> bool:
         """Started, enabled and configured: the device may process it."""
         return self.queue is not None
+
+    def pop(self) -> DescriptorChain | None:
+        """The next chain to serve: resubmitted ones first, then the avail ring.
+
+        With inflight tracking, the chain is recorded as in flight in the
+        shared region before the device touches it.
+        """
+        queue = self.queue
+        assert queue is not None
+        if self.resubmit and isinstance(queue, SplitDeviceQueue):
+            return queue.resubmit(self.resubmit.pop(0))
+        chain = queue.pop()
+        if chain is not None and self.inflight is not None:
+            self.inflight.mark_inflight(chain.id)
+        return chain
+
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        """Complete ``chain``; with inflight tracking, in the spec's batch order."""
+        queue = self.queue
+        assert queue is not None
+        tracker = self.inflight
+        if tracker is None or not isinstance(queue, SplitDeviceQueue):
+            queue.push(chain, written)
+            return
+        tracker.record_batch((chain.id,))
+        queue.push(chain, written)
+        tracker.commit_batch((chain.id,), queue.used_idx)
 
     def signal_call(self) -> None:
         """Interrupt the driver (write the call eventfd) unconditionally."""

@@ -259,6 +259,30 @@ class SplitDeviceQueue:
             self._write_avail_event(self._last_avail)
         return DescriptorChain(head, walk.readable, walk.writable, walk.desc_count)
 
+    @property
+    def used_idx(self) -> int:
+        """The used ring ``idx`` this queue publishes next."""
+        return self._used_idx
+
+    def resubmit(self, head: int) -> DescriptorChain:
+        """Take again the chain at ``head``, consumed but never completed before a restart.
+
+        Inflight recovery (vhost-user spec, "Inflight I/O tracking"): the
+        avail index already counts it; the chain is walked and validated as
+        :meth:`pop` would.
+        """
+        self._check_usable()
+        try:
+            check_index(head, self._size, "resubmitted head")
+            walk = walk_chain(
+                self._mem, self._desc, self._size, head, packed=False, indirect=self._indirect
+            )
+        except RingError:
+            self._broken = True
+            raise
+        self._inflight += 1
+        return DescriptorChain(head, walk.readable, walk.writable, walk.desc_count)
+
     def push(self, chain: DescriptorChain, written: int) -> None:
         """Return a chain to the driver with ``written`` bytes written to its writable buffers."""
         self._check_usable()
