@@ -196,12 +196,23 @@ def vhost_user_net_args(
 
 
 def vhost_user_blk_args(
-    sock: str | os.PathLike[str], *, num_queues: int = 1, name: str = "blk0"
+    sock: str | os.PathLike[str],
+    *,
+    num_queues: int = 1,
+    name: str = "blk0",
+    server: bool = False,
 ) -> list[str]:
-    """QEMU arguments for a vhost-user-blk-pci disk whose back-end listens at ``sock``."""
+    """QEMU arguments for a vhost-user-blk-pci disk backed by vhost-user at ``sock``.
+
+    QEMU connects to the back-end listening at ``sock`` unless ``server``
+    (then QEMU listens there and the back-end connects).
+    """
+    chardev = f"socket,id=chr-{name},path={qemu_opt(check_socket_path(sock))}"
+    if server:
+        chardev += ",server=on,wait=off"
     return [
         "-chardev",
-        f"socket,id=chr-{name},path={qemu_opt(check_socket_path(sock))}",
+        chardev,
         "-device",
         f"vhost-user-blk-pci,id={name},chardev=chr-{name},num-queues={num_queues},vectors=0",
     ]

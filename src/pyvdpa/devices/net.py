@@ -17,7 +17,10 @@ Modes:
   TAP into receive buffers.  When the driver posts no receive buffers the
   reader stops reading, so the kernel's TAP queue absorbs the burst; frames
   arriving while the receive ring is not running are dropped, as a NIC with
-  its link down drops them.
+  its link down drops them.  The TAP queue of every pair but the first is
+  attached only while the pair's receive ring runs, so that the kernel
+  spreads the host's frames over the pairs the driver uses (a guest with
+  fewer CPUs than pairs enables only some), as QEMU's own TAP back-end does.
 * ``drop`` — transmitted frames are consumed and counted.
 
 With MRG_RXBUF a frame may span several receive chains; the header's
@@ -167,6 +170,8 @@ class NetDevice(ThreadedDevice):
     def _open_tap(self, ifname: str) -> None:
         tap = Tap(ifname, queues=self.queue_pairs)
         self.tap = tap
+        for pair in range(1, self.queue_pairs):
+            tap.set_queue_attached(pair, False)
         for pair in range(self.queue_pairs):
             self._wakes.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
             reader = threading.Thread(
@@ -220,13 +225,24 @@ class NetDevice(ThreadedDevice):
         """Track the ring, then start its worker."""
         with self._pair_locks[vring.index // 2]:
             self._vrings[vring.index] = vring
+            self._steer(vring, True)
         super().start_queue(vring)
 
     def stop_queue(self, vring: Vring) -> None:
         """Forget the ring (under its pair's lock), then stop its worker."""
         with self._pair_locks[vring.index // 2]:
             self._vrings.pop(vring.index, None)
+            self._steer(vring, False)
         super().stop_queue(vring)
+
+    def _steer(self, vring: Vring, running: bool) -> None:
+        """Let the kernel send to a pair's TAP queue only while its receive ring runs."""
+        pair = vring.index // 2
+        if self.tap is None or vring.index % 2 or pair == 0:
+            return
+        self.tap.set_queue_attached(pair, running)
+        # The reader polls the queue only while it is attached.
+        os.eventfd_write(self._wakes[pair], 1)
 
     def reset(self) -> None:
         """Drop pending frames (a TAP reader waiting for room reads again)."""
@@ -330,13 +346,14 @@ class NetDevice(ThreadedDevice):
         poller.register(wake, select.POLLIN)
         reading = False
         while not self._closing:
-            room = len(backlog) < BACKLOG
-            if room != reading:
-                if room:
+            # A detached queue polls as an error: wait for it to be attached.
+            wanted = len(backlog) < BACKLOG and tap.attached[pair]
+            if wanted != reading:
+                if wanted:
                     poller.register(tap.fds[pair], select.POLLIN)
                 else:
                     poller.unregister(tap.fds[pair])
-                reading = room
+                reading = wanted
             poller.poll()
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(wake)

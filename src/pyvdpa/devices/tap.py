@@ -7,7 +7,10 @@ from a ``%d`` template).  With ``IFF_NO_PI`` every ``read`` returns exactly
 one Ethernet frame and every ``write`` injects exactly one, with no packet
 information prefix.  ``IFF_MULTI_QUEUE`` lets several fds attach to the same
 interface, one per queue pair; the kernel spreads the frames it sends to the
-TAP over them by flow.  The interface lives as long as an fd is attached
+TAP over them by flow, among the queues attached at the time: ``TUNSETQUEUE``
+detaches a queue (it then neither receives nor sends) and attaches it again,
+as QEMU does for the queue pairs a guest disables.  The interface lives as
+long as an fd is open on it
 (unless it was made persistent with ``ip tuntap add``), in the network
 namespace of the thread that created it.
 
@@ -27,10 +30,13 @@ from enum import IntFlag
 
 from pyvdpa.errors import ConfigError
 
-__all__ = ["IFNAMSIZ", "TAP_FRAME_MAX", "TUNSETIFF", "Tap", "TunFlag"]
+__all__ = ["IFNAMSIZ", "TAP_FRAME_MAX", "TUNSETIFF", "TUNSETQUEUE", "Tap", "TunFlag"]
 
 #: ``_IOW('T', 202, int)``: attach the fd to a TUN/TAP interface.
 TUNSETIFF = 0x400454CA
+
+#: ``_IOW('T', 217, int)``: attach or detach one queue of a multi-queue interface.
+TUNSETQUEUE = 0x400454D9
 
 #: Interface names are at most 15 bytes plus a NUL.
 IFNAMSIZ = 16
@@ -51,6 +57,8 @@ class TunFlag(IntFlag):
     TUN = 0x0001
     TAP = 0x0002
     MULTI_QUEUE = 0x0100
+    ATTACH_QUEUE = 0x0200
+    DETACH_QUEUE = 0x0400
     NO_PI = 0x1000
 
 
@@ -74,6 +82,8 @@ class Tap:
         if queues > 1:
             flags |= TunFlag.MULTI_QUEUE
         self.fds: list[int] = []
+        #: Whether each queue is attached (see :meth:`set_queue_attached`).
+        self.attached = [True] * queues
         name = encoded
         try:
             for _ in range(queues):
@@ -95,6 +105,24 @@ class Tap:
             return os.readv(self.fds[queue], [buffer])
         except BlockingIOError:
             return None
+        except OSError as exc:
+            # A queue detached while its reader was about to read has no frame.
+            if exc.errno == errno.EBADFD:
+                return None
+            raise
+
+    def set_queue_attached(self, queue: int, attached: bool) -> None:
+        """Attach ``queue`` to the interface or detach it (multi-queue TAPs only).
+
+        The kernel sends frames only to attached queues; a detached queue's
+        fd reads and writes nothing (and polls as an error) until attached
+        again.  Setting the state a queue already has does nothing.
+        """
+        if self.attached[queue] == attached:
+            return
+        flag = TunFlag.ATTACH_QUEUE if attached else TunFlag.DETACH_QUEUE
+        fcntl.ioctl(self.fds[queue], TUNSETQUEUE, bytearray(_IFREQ.pack(b"", flag)))
+        self.attached[queue] = attached
 
     def close(self) -> None:
         """Detach every fd; a non-persistent interface disappears with the last one."""

@@ -394,9 +394,13 @@ class BackendConnection:
         unknown = features & ~self.offered_features
         if unknown:
             raise RemoteProtocolError(f"SET_FEATURES: bits {unknown:#x} were not offered")
-        if any(v.running for v in self.vrings) and (features ^ self.features) & ~int(
-            _LIVE_FEATURES
-        ):
+        running = any(v.running for v in self.vrings)
+        if running and features == self.features:
+            # QEMU 7.2 sends SET_FEATURES again for every queue pair it starts
+            # (mq=on); as in DPDK, the same features change nothing while the
+            # rings run, which must not be stopped for it.
+            return
+        if running and (features ^ self.features) & ~int(_LIVE_FEATURES):
             raise RemoteProtocolError("SET_FEATURES: features changed while rings run")
 
         def apply() -> None:
