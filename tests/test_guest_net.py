@@ -188,7 +188,9 @@ def test_virtio_user_frames_come_back_intact_through_loopback(peers: PeerPool) -
     assert port_mac is not None, testpmd.output()
 
     testpmd.command("set verbose 1")
-    testpmd.start_forwarding(tx_first=True)
+    # The burst comes back while testpmd prints its prompt, and the packet
+    # dumps can split "testpmd> ": wait for the dumps, not for that prompt.
+    testpmd.send("start tx_first")
     deadline = time.monotonic() + BURST_TIMEOUT
     while len(_RX_DUMP.findall(testpmd.output())) < FIRST_BURST and time.monotonic() < deadline:
         time.sleep(0.1)

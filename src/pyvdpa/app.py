@@ -26,6 +26,7 @@ goes on.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 import threading
@@ -33,6 +34,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TextIO
 
+from pyvdpa.dataplane.engine import EngineMode
 from pyvdpa.errors import ConfigError, PyvdpaError
 from pyvdpa.vdev import parse_vdev
 from pyvdpa.vdpa import (
@@ -74,9 +76,16 @@ class _Shutdown(BaseException):
 class VdpaApp:
     """The devices, drivers and ports of one ``pyvdpa run``."""
 
-    def __init__(self, *, client: bool = False, out: TextIO = sys.stdout) -> None:
+    def __init__(
+        self,
+        *,
+        client: bool = False,
+        out: TextIO = sys.stdout,
+        engine: EngineMode = EngineMode.ADAPTIVE,
+    ) -> None:
         self.client = client
         self.out = out
+        self.engine = engine
         self.registry = VdpaRegistry()
         self.drivers: dict[str, VdpaDriver] = {kind: cls() for kind, cls in DRIVERS.items()}
         self.ports: list[VdpaPort] = []
@@ -98,7 +107,7 @@ class VdpaApp:
         """Probe and register the devices ``--vdev`` arguments describe, in order."""
         devices = []
         for index, text in enumerate(specs):
-            spec = parse_vdev(text, index)
+            spec = dataclasses.replace(parse_vdev(text, index), engine=self.engine)
             driver = self.drivers[spec.kind]
             device = driver.probe(spec, self.registry)
             self._owners[device.name] = driver
@@ -256,8 +265,15 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         metavar="SPEC",
-        help="sim-net,name=N,mode=loopback|tap|drop,ifname=TAP,mac=M,mtu=N,queues=N or "
-        "sim-blk,name=N,path=FILE|size=N,readonly=on,queues=N,serial=S",
+        help="sim-net,name=N,mode=loopback|drop|gen|tap,ifname=TAP,mac=M,mtu=N,queues=N,"
+        "frame-size=N or sim-blk,name=N,path=FILE|size=N,readonly=on,queues=N,serial=S",
+    )
+    parser.add_argument(
+        "--engine",
+        choices=[mode.value for mode in EngineMode],
+        default=EngineMode.ADAPTIVE.value,
+        help="how the compiled data path waits for work: poll (busy, lowest latency), "
+        "event (sleeps on kicks), adaptive (polls a while, then sleeps; default)",
     )
     parser.add_argument(
         "--iface", metavar="PREFIX", help="socket path prefix: PREFIX0, PREFIX1… in --vdev order"
@@ -274,7 +290,7 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
     """Run the application; errors from the command line propagate (after cleanup)."""
     if not args.iface and not args.interactive:
         raise ConfigError("--iface PREFIX is required unless -i/--interactive is given")
-    app = VdpaApp(client=args.client, out=out)
+    app = VdpaApp(client=args.client, out=out, engine=EngineMode(args.engine))
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

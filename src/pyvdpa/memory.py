@@ -591,6 +591,11 @@ class DirtyLog:
         """Bytes of bitmap; it covers ``size * 8 * 4096`` bytes of guest memory."""
         return self._mapping.size
 
+    @property
+    def address(self) -> int:
+        """The bitmap's virtual address in this process, for compiled writers."""
+        return self._mapping.address
+
     def log_write(self, gpa: int, length: int) -> None:
         """Mark every page touched by guest-physical ``[gpa, gpa + length)`` dirty."""
         if gpa < 0 or length < 0:

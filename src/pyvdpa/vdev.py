@@ -9,17 +9,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyvdpa.dataplane.engine import EngineMode
+from pyvdpa.dataplane.net import EngineNetDevice
 from pyvdpa.devices.blk import BlkDevice
 from pyvdpa.devices.net import NetDevice
 from pyvdpa.errors import ConfigError
 from pyvdpa.virtio.net import parse_mac
 
-__all__ = ["VDEV_KEYS", "VdevSpec", "parse_size", "parse_vdev"]
+__all__ = ["SIM_NET_MODES", "VDEV_KEYS", "VdevSpec", "parse_size", "parse_vdev"]
 
 VDEV_KEYS: dict[str, frozenset[str]] = {
-    "sim-net": frozenset({"name", "mode", "ifname", "mac", "mtu", "queues"}),
+    "sim-net": frozenset({"name", "mode", "ifname", "mac", "mtu", "queues", "frame-size"}),
     "sim-blk": frozenset({"name", "path", "size", "readonly", "queues", "serial"}),
 }
+
+#: sim-net modes: the first three on the compiled engine, ``tap`` on the Python path.
+SIM_NET_MODES = ("loopback", "drop", "gen", "tap")
 
 _SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -66,10 +71,32 @@ class VdevSpec:
     name: str
     options: dict[str, str]
     text: str
+    #: How the compiled data path's worker waits for work (``pyvdpa run --engine``).
+    engine: EngineMode = EngineMode.ADAPTIVE
 
-    def create(self) -> NetDevice | BlkDevice:
-        """Build the device the spec describes (in ``tap`` mode, its TAP too)."""
+    def create(self) -> NetDevice | EngineNetDevice | BlkDevice:
+        """Build the device the spec describes (in ``tap`` mode, its TAP too).
+
+        sim-net's ``loopback``, ``drop`` and ``gen`` modes run on the compiled
+        engine; ``tap`` mode runs on the Python data path.
+        """
         o, t = self.options, self.text
+        mode = o.get("mode", "loopback")
+        if self.kind == "sim-net" and mode not in SIM_NET_MODES:
+            raise ConfigError(f"unknown sim-net mode {mode!r} ({', '.join(SIM_NET_MODES)})")
+        if self.kind == "sim-net" and mode != "tap":
+            if "ifname" in o:
+                raise ConfigError(f"ifname={o['ifname']} needs mode=tap")
+            return EngineNetDevice(
+                mode=mode,
+                mac=parse_mac(o["mac"]) if "mac" in o else bytes.fromhex("525400123456"),
+                mtu=_int(t, "mtu", o.get("mtu", "1500"), 68, 65535),
+                queue_pairs=_int(t, "queues", o.get("queues", "1"), 1, 128),
+                frame_size=_int(t, "frame-size", o.get("frame-size", "64"), 60, 9000),
+                engine_mode=self.engine,
+            )
+        if "frame-size" in o:
+            raise ConfigError(f"--vdev {t!r}: frame-size= needs mode=gen")
         if self.kind == "sim-net":
             return NetDevice(
                 mode=o.get("mode", "loopback"),

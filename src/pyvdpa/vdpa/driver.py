@@ -23,6 +23,7 @@ import threading
 from collections.abc import Mapping
 from typing import ClassVar
 
+from pyvdpa.dataplane.net import EngineNetDevice
 from pyvdpa.devices.blk import BlkDevice
 from pyvdpa.devices.net import NetDevice
 from pyvdpa.devices.stats import STAT_NAMES
@@ -49,6 +50,9 @@ __all__ = [
 #: Per-queue counters of a simulated net device (DPDK's names, plus traffic).
 NET_STAT_NAMES = STAT_NAMES
 
+#: The two net data paths: the compiled engine, and the Python one (tap mode).
+NetHardware = NetDevice | EngineNetDevice
+
 #: Per-queue counters of a simulated blk device (DPDK's names).
 BLK_STAT_NAMES = tuple(name for name in STAT_NAMES if name not in ("packets", "bytes"))
 
@@ -56,9 +60,9 @@ BLK_STAT_NAMES = tuple(name for name in STAT_NAMES if name not in ("packets", "b
 class SimDeviceOps:
     """The vDPA operations of a simulated device over its hardware model."""
 
-    def __init__(self, hardware: NetDevice | BlkDevice) -> None:
+    def __init__(self, hardware: NetDevice | EngineNetDevice | BlkDevice) -> None:
         self.hardware = hardware
-        if isinstance(hardware, NetDevice):
+        if isinstance(hardware, NetHardware):
             self.device_type = DeviceId.NET
             self.stat_names = NET_STAT_NAMES
         else:
@@ -73,7 +77,7 @@ class SimDeviceOps:
     def get_queue_num(self) -> int:
         """Queue pairs of a net device, queues of a blk device."""
         hw = self.hardware
-        return hw.queue_pairs if isinstance(hw, NetDevice) else hw.num_queues
+        return hw.queue_pairs if isinstance(hw, NetHardware) else hw.num_queues
 
     def get_features(self) -> int:
         """The hardware's feature bits; vDPA devices always take protocol features."""
@@ -97,7 +101,7 @@ class SimDeviceOps:
         """Apply the front-end's MTU and hand the hardware every ready ring."""
         with self._lock:
             hw = self.hardware
-            if vhost.mtu is not None and isinstance(hw, NetDevice):
+            if vhost.mtu is not None and isinstance(hw, NetHardware):
                 hw.set_mtu(vhost.mtu)
             self._configured = True
             for vring in vhost.ready_vrings():
@@ -124,7 +128,7 @@ class SimDeviceOps:
     def migration_done(self, vhost: VhostDevice) -> None:
         """Announce the guest's MAC after live migration (net devices)."""
         hw = self.hardware
-        if isinstance(hw, NetDevice) and vhost.rarp_mac is not None:
+        if isinstance(hw, NetHardware) and vhost.rarp_mac is not None:
             hw.send_rarp(vhost.rarp_mac)
 
     def get_config(self, vhost: VhostDevice, offset: int, size: int) -> bytes:

@@ -1,0 +1,39 @@
+"""The accelerated data path: compiled ring kernels run by GIL-free worker threads.
+
+In vDPA terms this package is the "hardware".  The vhost-user control plane
+hands it ring addresses, guest memory and eventfds, and it processes the
+virtqueues straight in guest memory:
+
+* :mod:`~pyvdpa.dataplane.kernels` — numba-compiled kernels (cached on
+  disk): chain validation with the rules of :mod:`pyvdpa.virtio.ring`,
+  split and packed pop and push, notification decisions, the net programs
+  and the worker loop, with explicit memory ordering;
+* :mod:`~pyvdpa.dataplane.queues` — a queue's compiled state, usable step by
+  step from Python as a :class:`~pyvdpa.virtio.ring.DeviceQueue`;
+* :mod:`~pyvdpa.dataplane.engine` — worker threads in poll, event or
+  adaptive mode, and the ports they serve;
+* :mod:`~pyvdpa.dataplane.net` — :class:`EngineNetDevice`, a virtio-net
+  device (loopback, drop, gen) on the engine.
+"""
+
+from pyvdpa.dataplane.engine import Engine, EngineMode, Port
+from pyvdpa.dataplane.net import EngineNetDevice, QueueCounters, shared_engine
+from pyvdpa.dataplane.queues import (
+    CompiledPackedQueue,
+    CompiledQueue,
+    CompiledSplitQueue,
+    queue_from_vring,
+)
+
+__all__ = [
+    "CompiledPackedQueue",
+    "CompiledQueue",
+    "CompiledSplitQueue",
+    "Engine",
+    "EngineMode",
+    "EngineNetDevice",
+    "Port",
+    "QueueCounters",
+    "queue_from_vring",
+    "shared_engine",
+]

@@ -1,0 +1,506 @@
+"""The data-plane engine: worker threads running the compiled kernels without the GIL.
+
+Theory of operation
+-------------------
+An :class:`Engine` owns worker threads.  Each worker runs
+:func:`pyvdpa.dataplane.kernels.run_worker`, which releases the GIL and
+serves the worker's *ports* until asked to return; a port is one unit of
+work (a virtio-net queue pair and the program that runs it, a row of
+integers) and is served by exactly one worker, so no two threads ever touch
+a ring.  New ports go to the worker with the fewest.
+
+Modes (:class:`EngineMode`):
+
+* ``poll`` — the worker never sleeps and asks drivers not to kick: lowest
+  latency, one busy core, like a DPDK polling core;
+* ``event`` — when a pass finds no work the worker re-enables notifications
+  on the queues it consumes, checks them once more, and sleeps in
+  ``epoll_wait`` on their kick eventfds (and its own wake eventfd); an idle
+  device costs nothing;
+* ``adaptive`` — polls while work keeps arriving and for ``spin_us`` after
+  the last of it, then sleeps as in event mode.
+
+Control (vhost-user's ring start and stop) goes through :meth:`Port.attach`
+and :meth:`Port.detach`: the worker is asked to return to Python (a control
+word, then its wake eventfd), the port table is changed while it is out of
+the kernel, and it goes back in.  The kernels finish every chain within a
+burst, so once a queue is detached its row holds the exact ring position,
+which is what GET_VRING_BASE reports.
+
+Kick and call eventfds are duplicated when a queue is attached, so the
+front-end replacing them never leaves the worker with a recycled number.
+The front-end may replace a call eventfd while the ring runs
+(SET_VRING_CALL); a monitor thread notices, installs a duplicate of the new
+one in the queue row, and closes the old duplicate once the worker has made
+two passes since (or is out of the kernel).  The monitor also reports a
+ring the kernels broke: it logs the error and signals the ring's error
+eventfd through :meth:`~pyvdpa.vhost_user.device.Vring.fail`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import select
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+import numpy as np
+
+from pyvdpa.dataplane import kernels as k
+from pyvdpa.dataplane.queues import CompiledQueue, Int64Array
+from pyvdpa.errors import ConfigError
+from pyvdpa.vhost_user.device import Vring
+
+__all__ = ["RX", "TX", "Engine", "EngineMode", "Port"]
+
+RX = 0
+"""Port role of the receive queue."""
+TX = 1
+"""Port role of the transmit queue."""
+
+_ROLE_COLUMNS = {RX: k.U_RXQ, TX: k.U_TXQ}
+_EPOCHS_BEFORE_CLOSE = 2
+
+
+class EngineMode(enum.Enum):
+    """How an idle worker waits for work."""
+
+    POLL = "poll"
+    EVENT = "event"
+    ADAPTIVE = "adaptive"
+
+
+_MODE_CODES = {
+    EngineMode.POLL: k.MODE_POLL,
+    EngineMode.EVENT: k.MODE_EVENT,
+    EngineMode.ADAPTIVE: k.MODE_ADAPTIVE,
+}
+
+
+@dataclass(eq=False)
+class _Attached:
+    """A queue attached to a port, with the eventfd duplicates the worker uses."""
+
+    vring: Vring
+    queue: CompiledQueue
+    armed: bool
+    kick: int | None
+    call_source: int | None
+    reported: bool = False
+
+
+@dataclass(eq=False)
+class _Retired:
+    """A call eventfd duplicate the worker may still be using."""
+
+    fd: int
+    worker: _Worker
+    epoch: int
+
+
+class Port:
+    """One unit of work (a queue pair and its program), served by one worker.
+
+    Built by :meth:`Engine.add_port`; ``unit`` is the row the kernels read.
+    The port keeps alive every buffer the row points at.
+    """
+
+    def __init__(self, engine: Engine, worker: _Worker, unit: Int64Array, keep: object) -> None:
+        self.engine = engine
+        self.unit = unit
+        self._worker = worker
+        self._keep = keep
+        self._queues: dict[int, _Attached] = {}
+
+    @property
+    def queues(self) -> dict[int, CompiledQueue]:
+        """The attached queues by role (RX, TX)."""
+        return {role: entry.queue for role, entry in self._queues.items()}
+
+    def attach(self, role: int, queue: CompiledQueue, vring: Vring, *, armed: bool) -> None:
+        """Start serving ``queue`` (the ring of ``vring``) in ``role``.
+
+        ``armed`` queues are the ones whose new buffers are work: the worker
+        waits for their kicks before it sleeps.  Replaces any queue already
+        in that role.
+        """
+        if role not in _ROLE_COLUMNS:
+            raise ValueError(f"unknown port role {role}")
+        if queue.size > k.SEG_CAP:
+            raise ValueError(f"queue of {queue.size} descriptors exceeds {k.SEG_CAP}")
+        with self.engine._lock, self._worker.paused():
+            self._remove(role)
+            kick = None if vring.kick_fd is None else os.dup(vring.kick_fd)
+            call_source = vring.call_fd
+            call = vring.dup_call_fd()
+            queue.row[k.Q_CALL_FD] = -1 if call is None else call
+            queue.row[k.Q_ARM] = armed
+            entry = _Attached(vring, queue, armed, kick, call_source)
+            self._queues[role] = entry
+            self.unit[_ROLE_COLUMNS[role]] = queue.row.ctypes.data
+            self._worker.watch(entry)
+
+    def detach(self, role: int) -> CompiledQueue | None:
+        """Stop serving the queue in ``role``; return it, its row quiescent and exact."""
+        with self.engine._lock, self._worker.paused():
+            entry = self._queues.get(role)
+            self._remove(role)
+        return None if entry is None else entry.queue
+
+    def set(self, column: int, value: int) -> None:
+        """Change one parameter of the unit row while the worker is out of the kernel."""
+        with self.engine._lock, self._worker.paused():
+            self.unit[column] = value
+
+    def wake(self) -> None:
+        """Make the worker look at its rings now (an in-band kick)."""
+        self._worker.wake()
+
+    def _remove(self, role: int) -> None:
+        """Drop the queue in ``role``; the worker must be paused."""
+        entry = self._queues.pop(role, None)
+        self.unit[_ROLE_COLUMNS[role]] = 0
+        if entry is None:
+            return
+        self._worker.unwatch(entry)
+        call = int(entry.queue.row[k.Q_CALL_FD])
+        entry.queue.row[k.Q_CALL_FD] = -1
+        if call >= 0:
+            os.close(call)
+        self.engine._close_retired(entry.queue)
+
+    def _check(self, retired: list[tuple[CompiledQueue, _Retired]]) -> None:
+        """Report broken rings and follow call eventfd changes (the monitor's pass)."""
+        for entry in self._queues.values():
+            error = entry.queue.error
+            if error is not None and not entry.reported:
+                entry.reported = True
+                entry.vring.fail(error)
+            source = entry.vring.call_fd
+            if source == entry.call_source:
+                continue
+            entry.call_source = source
+            new = entry.vring.dup_call_fd()
+            row = entry.queue.row
+            old = int(row[k.Q_CALL_FD])
+            row[k.Q_CALL_FD] = -1 if new is None else new
+            if old >= 0:
+                retired.append((entry.queue, _Retired(old, self._worker, self._worker.epoch)))
+
+
+class _Worker:
+    """One worker thread, its control words, scratch memory and epoll set."""
+
+    def __init__(self, engine: Engine, index: int, cpu: int | None) -> None:
+        self.engine = engine
+        self.index = index
+        self.cpu = cpu
+        self.ports: list[Port] = []
+        self.ctl = np.zeros(k.CCOLS, dtype=np.int64)
+        self._units: Int64Array = np.zeros(1, dtype=np.int64)
+        self._nunits = 0
+        self._segs_t = np.zeros((k.SEG_CAP, 4), dtype=np.int64)
+        self._segs_r = np.zeros((k.SEG_CAP, 4), dtype=np.int64)
+        self._held = np.zeros((k.HELD_CAP, 3), dtype=np.int64)
+        self._chains = np.zeros((k.MAX_BURST, 5), dtype=np.int64)
+        self._sink = np.zeros(k.SINK_SIZE, dtype=np.uint8)
+        self._zeros = np.zeros(16, dtype=np.uint8)
+        self._events = np.zeros(k.MAX_EVENTS * k.EPOLL_EVENT_SIZE, dtype=np.uint8)
+        self._epoll = select.epoll()
+        self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wake_fd, select.EPOLLIN)
+        self._polled = 0
+        self._cond = threading.Condition()
+        self._pausers = 0
+        self._in_kernel = False
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name=f"dataplane-{index}", daemon=True)
+
+    @property
+    def epoch(self) -> int:
+        """The worker's pass counter (it moves only while the worker is in the kernel)."""
+        return int(self.ctl[k.C_EPOCH])
+
+    @property
+    def in_kernel(self) -> bool:
+        """Whether the worker is serving its ports right now."""
+        with self._cond:
+            return self._in_kernel
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self.ctl[k.C_REQUEST] = 1
+            self._cond.notify_all()
+        self.wake()
+        self._thread.join()
+        self._epoll.close()
+        os.close(self._wake_fd)
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._wake_fd, 1)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the worker out of the kernel; on exit rebuild its table and let it go on."""
+        with self._cond:
+            self._pausers += 1
+            self.ctl[k.C_REQUEST] = 1
+        self.wake()
+        with self._cond:
+            while self._in_kernel:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._pausers -= 1
+                if self._pausers == 0:
+                    self._rebuild()
+                    if not self._closing:
+                        self.ctl[k.C_REQUEST] = 0
+                self._cond.notify_all()
+
+    def watch(self, entry: _Attached) -> None:
+        """Wait for the queue's kicks when it is armed (worker paused)."""
+        if entry.kick is not None and entry.armed:
+            self._epoll.register(entry.kick, select.EPOLLIN)
+        if entry.kick is None and entry.armed:
+            self._polled += 1
+
+    def unwatch(self, entry: _Attached) -> None:
+        """Stop waiting for the queue's kicks and close the kick duplicate (worker paused)."""
+        if entry.kick is not None:
+            if entry.armed:
+                self._epoll.unregister(entry.kick)
+            os.close(entry.kick)
+        elif entry.armed:
+            self._polled -= 1
+
+    def _rebuild(self) -> None:
+        addresses = [port.unit.ctypes.data for port in self.ports]
+        self._units = np.array(addresses or [0], dtype=np.int64)
+        self._nunits = len(addresses)
+
+    def _run(self) -> None:
+        if self.cpu is not None:
+            os.sched_setaffinity(0, {self.cpu})
+        mode = _MODE_CODES[self.engine.mode]
+        spin_ns = int(self.engine.spin_us * 1000)
+        while True:
+            with self._cond:
+                while not self._closing and (self._pausers or not self._nunits):
+                    self._cond.wait()
+                if self._closing:
+                    return
+                self._in_kernel = True
+                units, nunits = self._units, self._nunits
+                # A ring without a kick eventfd must be polled even by a sleeping worker.
+                sleep_ms = 1 if self._polled else -1
+            try:
+                k.run_worker(
+                    self.ctl, units, nunits, self._segs_t, self._segs_r, self._held,
+                    self._chains, self._sink, self._zeros, self._epoll.fileno(), self._events,
+                    mode, spin_ns, sleep_ms,
+                )  # fmt: skip
+            finally:
+                with self._cond:
+                    self._in_kernel = False
+                    self._cond.notify_all()
+
+
+@dataclass
+class _Monitor:
+    """The engine's housekeeping thread state."""
+
+    interval: float
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+
+class Engine:
+    """Worker threads that run compiled ring kernels with the GIL released.
+
+    ``workers`` threads are started by :meth:`start`, pinned to ``cpus``
+    (one per worker) when given.  ``spin_us`` is how long an adaptive worker
+    polls after its last work; ``burst`` caps the chains one queue handles
+    before the worker moves on.
+    """
+
+    def __init__(
+        self,
+        mode: EngineMode | str = EngineMode.ADAPTIVE,
+        *,
+        workers: int = 1,
+        cpus: Sequence[int] | None = None,
+        spin_us: float = 100.0,
+        burst: int = 64,
+        monitor_interval: float = 0.05,
+    ) -> None:
+        try:
+            self.mode = EngineMode(mode)
+        except ValueError:
+            names = ", ".join(m.value for m in EngineMode)
+            raise ConfigError(f"unknown engine mode {mode!r} ({names})") from None
+        if workers < 1:
+            raise ConfigError(f"an engine needs at least one worker, not {workers}")
+        if cpus is not None and len(cpus) != workers:
+            raise ConfigError(f"{workers} workers need {workers} cpus, not {len(cpus)}")
+        if not 1 <= burst <= k.MAX_BURST:
+            raise ConfigError(f"burst must be 1..{k.MAX_BURST}, not {burst}")
+        if spin_us < 0:
+            raise ConfigError(f"spin_us must not be negative, not {spin_us}")
+        self.spin_us = spin_us
+        self.burst = burst
+        self._lock = threading.RLock()
+        self._workers = [
+            _Worker(self, i, None if cpus is None else cpus[i]) for i in range(workers)
+        ]
+        self._monitor = _Monitor(monitor_interval)
+        self._retired: list[tuple[CompiledQueue, _Retired]] = []
+        self._started = False
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Self:
+        """Load (or compile) the kernels, then start the workers and the monitor."""
+        with self._lock:
+            if self._closed:
+                raise ConfigError("the engine is closed")
+            if self._started:
+                return self
+            warm_up()
+            for worker in self._workers:
+                worker.start()
+            monitor = threading.Thread(target=self._watch, name="dataplane-monitor", daemon=True)
+            self._monitor.thread = monitor
+            monitor.start()
+            self._started = True
+        return self
+
+    def close(self) -> None:
+        """Stop the workers (every port must be removed first) and the monitor."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            busy = [port for worker in self._workers for port in worker.ports]
+        for port in busy:
+            self.remove_port(port)
+        self._monitor.stop.set()
+        if self._monitor.thread is not None:
+            self._monitor.thread.join()
+        for worker in self._workers:
+            if self._started:
+                worker.close()
+        with self._lock:
+            for _, retired in self._retired:
+                os.close(retired.fd)
+            self._retired.clear()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ ports
+
+    def add_port(self, unit: Int64Array, keep: object = None) -> Port:
+        """Serve the unit row ``unit`` on the least busy worker.
+
+        ``keep`` is held as long as the port lives (buffers the row points at).
+        """
+        if unit.shape != (k.UCOLS,) or unit.dtype != np.int64 or not unit.flags.c_contiguous:
+            raise ValueError(f"a unit row is a contiguous int64[{k.UCOLS}] array")
+        with self._lock:
+            if not self._started:
+                raise ConfigError("start the engine before adding ports")
+            worker = min(self._workers, key=lambda w: len(w.ports))
+            unit[k.U_RXQ] = unit[k.U_TXQ] = 0
+            unit[k.U_BURST] = self.burst
+            port = Port(self, worker, unit, keep)
+            with worker.paused():
+                worker.ports.append(port)
+        return port
+
+    def remove_port(self, port: Port) -> None:
+        """Detach every queue of ``port`` and stop serving it."""
+        with self._lock:
+            worker = port._worker
+            with worker.paused():
+                for role in list(port._queues):
+                    port._remove(role)
+                if port in worker.ports:
+                    worker.ports.remove(port)
+
+    @property
+    def ports(self) -> list[Port]:
+        """Every port, whatever its worker."""
+        with self._lock:
+            return [port for worker in self._workers for port in worker.ports]
+
+    def worker_of(self, port: Port) -> int:
+        """Index of the worker serving ``port``."""
+        return port._worker.index
+
+    # ------------------------------------------------------------------ monitor
+
+    def _watch(self) -> None:
+        while not self._monitor.stop.wait(self._monitor.interval):
+            self.check()
+
+    def check(self) -> None:
+        """One monitor pass: report broken rings, follow call eventfd changes."""
+        with self._lock:
+            for worker in self._workers:
+                for port in worker.ports:
+                    port._check(self._retired)
+            keep = []
+            for queue, retired in self._retired:
+                worker = retired.worker
+                if not worker.in_kernel or worker.epoch - retired.epoch >= _EPOCHS_BEFORE_CLOSE:
+                    os.close(retired.fd)
+                else:
+                    keep.append((queue, retired))
+            self._retired = keep
+
+    def _close_retired(self, queue: CompiledQueue) -> None:
+        """Close the retired call duplicates of a queue whose worker is paused."""
+        keep = []
+        for owner, retired in self._retired:
+            if owner is queue:
+                os.close(retired.fd)
+            else:
+                keep.append((owner, retired))
+        self._retired = keep
+
+
+def warm_up() -> None:
+    """Load the worker kernel from the on-disk cache, compiling it the first time."""
+    ctl = np.zeros(k.CCOLS, dtype=np.int64)
+    ctl[k.C_REQUEST] = 1
+    units = np.zeros(1, dtype=np.int64)
+    segs = np.zeros((1, 4), dtype=np.int64)
+    held = np.zeros((1, 3), dtype=np.int64)
+    chains = np.zeros((1, 5), dtype=np.int64)
+    sink = np.zeros(1, dtype=np.uint8)
+    events = np.zeros(k.EPOLL_EVENT_SIZE, dtype=np.uint8)
+    k.run_worker(
+        ctl, units, 0, segs, segs, held, chains, sink, sink, -1, events, k.MODE_POLL, 0, -1
+    )

@@ -1,0 +1,308 @@
+"""A simulated virtio-net device whose data path runs on the compiled engine.
+
+Theory of operation (virtio 1.2, section 5.1; Linux ``vdpa_sim_net``): the
+device offers what :class:`~pyvdpa.devices.net.NetDevice` offers (the same
+feature bits, protocol features, config space and per-queue counters), but
+its queues never run Python.  Each queue pair *k* (receive queue ``2k``,
+transmit queue ``2k + 1``) becomes one :class:`~pyvdpa.dataplane.engine.Port`
+of an :class:`~pyvdpa.dataplane.engine.Engine`, and the control plane only
+hands the engine ring addresses, memory and eventfds:
+
+* :meth:`EngineNetDevice.start_queue` builds the queue's compiled state
+  (:func:`~pyvdpa.dataplane.queues.queue_from_vring`), installs it as
+  ``vring.queue`` so that the back-end reads its exact position when the
+  ring stops, and attaches it to the pair's port;
+* :meth:`EngineNetDevice.stop_queue` detaches it: when it returns the
+  worker no longer touches the ring.
+
+Programs: ``loopback`` (transmitted frames accepted by vdpa_sim_net's filter
+are received on the same pair; a frame finding no receive buffer is dropped,
+as vdpa_sim_net drops it), ``drop`` (transmitted frames are read and
+counted) and ``gen`` (every receive buffer is filled with a generated
+Ethernet/IPv4/UDP frame of ``frame_size`` bytes; transmitted frames are
+dropped).  Counters use DPDK's names, plus ``dropped`` and ``calls`` (used
+buffer notifications sent).
+"""
+
+from __future__ import annotations
+
+import atexit
+import struct
+import threading
+
+import numpy as np
+import numpy.typing as npt
+
+from pyvdpa.dataplane import kernels as k
+from pyvdpa.dataplane.engine import RX, TX, Engine, EngineMode, Port
+from pyvdpa.dataplane.queues import Int64Array, queue_from_vring
+from pyvdpa.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES
+from pyvdpa.errors import ConfigError
+from pyvdpa.vhost_user.device import UnsupportedRequestError, VhostUserDevice, Vring
+from pyvdpa.vhost_user.protocol import ProtocolFeature
+from pyvdpa.virtio.constants import NetFeature, NetStatus
+from pyvdpa.virtio.net import NetConfig, net_header_size
+
+__all__ = [
+    "DEFAULT_MAC",
+    "ENGINE_NET_MODES",
+    "EngineNetDevice",
+    "QueueCounters",
+    "generated_frame",
+    "shared_engine",
+]
+
+ENGINE_NET_MODES = ("loopback", "drop", "gen")
+DEFAULT_MAC = bytes.fromhex("525400123456")
+MIN_FRAME = 14
+MAX_FRAME = 65535
+
+_PROGRAMS = {"loopback": k.P_LOOPBACK, "drop": k.P_DROP, "gen": k.P_GEN}
+# Queues whose new buffers are work for each program (the worker waits for their kicks).
+_ARMED = {"loopback": (TX,), "drop": (TX,), "gen": (RX, TX)}
+
+_ETHER = struct.Struct("!6s6sH")
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_UDP = struct.Struct("!HHHH")
+_ETH_P_IPV4 = 0x0800
+_IPPROTO_UDP = 17
+_DISCARD_PORT = 9
+_SOURCE_IP = bytes((192, 0, 2, 1))
+_DEST_IP = bytes((192, 0, 2, 2))
+
+
+def _checksum(data: bytes) -> int:
+    total = int(sum(struct.unpack(f"!{len(data) // 2}H", data)))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def generated_frame(size: int, source_mac: bytes) -> bytes:
+    """The frame the ``gen`` program sends: broadcast Ethernet, then IPv4/UDP when it fits.
+
+    UDP goes from 192.0.2.1 to 192.0.2.2 (TEST-NET-1) on the discard port;
+    the payload counts up byte by byte.
+    """
+    if not MIN_FRAME <= size <= MAX_FRAME:
+        raise ConfigError(f"frame size must be {MIN_FRAME}..{MAX_FRAME}, not {size}")
+    ether = _ETHER.pack(b"\xff" * 6, source_mac, _ETH_P_IPV4)
+    headers = _ETHER.size + _IPV4.size + _UDP.size
+    if size < headers:
+        return ether + bytes(range(size - len(ether)))
+    ip_len = size - _ETHER.size
+    ip = _IPV4.pack(0x45, 0, ip_len, 0, 0, 64, _IPPROTO_UDP, 0, _SOURCE_IP, _DEST_IP)
+    ip = ip[:10] + struct.pack("!H", _checksum(ip)) + ip[12:]
+    udp = _UDP.pack(_DISCARD_PORT, _DISCARD_PORT, ip_len - _IPV4.size, 0)
+    payload = bytes(i & 0xFF for i in range(size - headers))
+    return ether + ip + udp + payload
+
+
+class _Counter:
+    """One counter of a :class:`QueueCounters`, read live from the engine's memory."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __get__(self, counters: QueueCounters, owner: object = None) -> int:
+        return int(counters.row[self.index])
+
+
+class QueueCounters:
+    """Live counters of one queue, with the names of :class:`~pyvdpa.devices.stats.QueueStats`.
+
+    The worker updates them while it runs; a read is a snapshot and
+    :meth:`reset` may lose increments made at the same moment.
+    """
+
+    __slots__ = ("row",)
+
+    received_desc = _Counter(k.S_RECEIVED_DESC)
+    completed_desc = _Counter(k.S_COMPLETED_DESC)
+    bad_desc_errors = _Counter(k.S_BAD_DESC_ERRORS)
+    exceed_max_chain = _Counter(k.S_EXCEED_MAX_CHAIN)
+    invalid_buffer = _Counter(k.S_INVALID_BUFFER)
+    completion_errors = _Counter(k.S_COMPLETION_ERRORS)
+    packets = _Counter(k.S_PACKETS)
+    bytes = _Counter(k.S_BYTES)
+    dropped = _Counter(k.S_DROPPED)
+    calls = _Counter(k.S_CALLS)
+
+    def __init__(self, row: Int64Array) -> None:
+        self.row = row
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters by name."""
+        return {name: int(self.row[i]) for i, name in enumerate(k.KERNEL_STAT_NAMES)}
+
+    def reset(self) -> None:
+        """Zero every counter."""
+        self.row[:] = 0
+
+
+_shared_lock = threading.Lock()
+_shared: dict[EngineMode, Engine] = {}
+
+
+def shared_engine(mode: EngineMode | str = EngineMode.ADAPTIVE) -> Engine:
+    """The process-wide engine of ``mode`` (one worker), started on first use."""
+    key = EngineMode(mode)
+    with _shared_lock:
+        engine = _shared.get(key)
+        if engine is None:
+            engine = Engine(key).start()
+            _shared[key] = engine
+        return engine
+
+
+@atexit.register
+def _close_shared() -> None:
+    with _shared_lock:
+        engines = list(_shared.values())
+        _shared.clear()
+    for engine in engines:
+        engine.close()
+
+
+class EngineNetDevice(VhostUserDevice):
+    """A virtio-net device (loopback, drop or gen) whose queues run on an :class:`Engine`.
+
+    ``engine`` defaults to the process-wide engine of ``engine_mode``.
+    ``frame_size`` is the length of the frames ``gen`` sends (Ethernet
+    header included, no FCS).
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str = "loopback",
+        mac: bytes = DEFAULT_MAC,
+        mtu: int = 1500,
+        queue_pairs: int = 1,
+        frame_size: int = 64,
+        engine_mode: EngineMode | str = EngineMode.ADAPTIVE,
+        engine: Engine | None = None,
+        status_feature: bool = False,
+    ) -> None:
+        if mode not in ENGINE_NET_MODES:
+            raise ConfigError(f"unknown engine net mode {mode!r} ({', '.join(ENGINE_NET_MODES)})")
+        if not 1 <= queue_pairs <= 128:
+            raise ConfigError(f"queue pairs must be 1..128, not {queue_pairs}")
+        if not 68 <= mtu <= 65535:
+            raise ConfigError(f"MTU must be 68..65535, not {mtu}")
+        if len(mac) != 6:
+            raise ConfigError(f"a MAC address has 6 bytes, not {len(mac)}")
+        self.mode = mode
+        self.mac = mac
+        self.mtu = mtu
+        self.queue_pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs
+        self.features = NET_FEATURES | (NetFeature.MQ if queue_pairs > 1 else 0)
+        self.protocol_features = NET_PROTOCOL_FEATURES
+        if status_feature:
+            self.protocol_features |= ProtocolFeature.STATUS
+        self.negotiated = 0
+        self.engine = engine if engine is not None else shared_engine(engine_mode)
+        self._frame: npt.NDArray[np.uint8] = np.frombuffer(
+            generated_frame(frame_size, mac), dtype=np.uint8
+        ).copy()
+        self._counters = np.zeros((self.num_queues, k.NSTATS), dtype=np.int64)
+        self._ports: list[Port | None] = [None] * queue_pairs
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def frame_size(self) -> int:
+        """Length of the frames ``gen`` sends."""
+        return len(self._frame)
+
+    @property
+    def stats(self) -> list[QueueCounters]:
+        """Per-queue counters, live."""
+        return [QueueCounters(self._counters[i]) for i in range(self.num_queues)]
+
+    @property
+    def dropped(self) -> int:
+        """Frames lost: refused by the receive filter or finding no receive buffer."""
+        return int(self._counters[:, k.S_DROPPED].sum())
+
+    def set_features(self, features: int) -> None:
+        """Remember the negotiated features (they size the header, allow merged buffers)."""
+        self.negotiated = features
+        with self._lock:
+            for port in self._ports:
+                if port is not None:
+                    port.set(k.U_HDR, net_header_size(features))
+                    port.set(k.U_MRG, bool(features & NetFeature.MRG_RXBUF))
+
+    def config(self) -> NetConfig:
+        """The config space as it stands."""
+        return NetConfig(self.mac, NetStatus.LINK_UP, self.queue_pairs, self.mtu)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Read the virtio-net config space."""
+        return self.config().read(offset, size)
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """The net config space is read-only for the driver."""
+        raise UnsupportedRequestError("virtio-net config space is read-only")
+
+    def send_rarp(self, mac: bytes) -> None:
+        """Nothing to announce to: a simulated device has no upstream switch."""
+
+    def set_mtu(self, mtu: int) -> None:
+        """Accept the MTU the front-end chose."""
+        self.mtu = mtu
+
+    # ------------------------------------------------------------------ queues
+
+    def _port(self, pair: int) -> Port:
+        port = self._ports[pair]
+        if port is None:
+            unit = np.zeros(k.UCOLS, dtype=np.int64)
+            unit[k.U_PROGRAM] = _PROGRAMS[self.mode]
+            unit[k.U_HDR] = net_header_size(self.negotiated)
+            unit[k.U_MRG] = bool(self.negotiated & NetFeature.MRG_RXBUF)
+            unit[k.U_MAC] = int.from_bytes(self.mac, "little")
+            unit[k.U_FRAME] = self._frame.ctypes.data
+            unit[k.U_FRAME_LEN] = len(self._frame)
+            port = self.engine.add_port(unit, keep=self._frame)
+            self._ports[pair] = port
+        return port
+
+    def start_queue(self, vring: Vring) -> None:
+        """Build the ring's compiled state, make it ``vring.queue``, hand it to the engine."""
+        pair, role = divmod(vring.index, 2)
+        role = RX if role == 0 else TX
+        queue = queue_from_vring(vring, stats=self._counters[vring.index])
+        vring.queue = queue
+        with self._lock:
+            self._port(pair).attach(role, queue, vring, armed=role in _ARMED[self.mode])
+
+    def stop_queue(self, vring: Vring) -> None:
+        """Take the ring back from the engine; its queue then holds the exact position."""
+        pair, role = divmod(vring.index, 2)
+        role = RX if role == 0 else TX
+        with self._lock:
+            port = self._ports[pair]
+            if port is None:
+                return
+            port.detach(role)
+            if not port.queues:
+                self.engine.remove_port(port)
+                self._ports[pair] = None
+
+    def kick(self, vring: Vring) -> None:
+        """An in-band kick: wake the worker serving the ring."""
+        port = self._ports[vring.index // 2]
+        if port is not None:
+            port.wake()
+
+    def close(self) -> None:
+        """Take every remaining ring back from the engine."""
+        with self._lock:
+            for pair, port in enumerate(self._ports):
+                if port is not None:
+                    self.engine.remove_port(port)
+                    self._ports[pair] = None

@@ -1,0 +1,412 @@
+"""Device-side virtqueues driven by the compiled kernels.
+
+Theory of operation
+-------------------
+:class:`CompiledQueue` is the device side of a split (virtio 1.2, section
+2.7) or packed (section 2.8) virtqueue whose state lives in a row of 64-bit
+integers that the kernels of :mod:`pyvdpa.dataplane.kernels` read and
+write.  It implements the :class:`~pyvdpa.virtio.ring.DeviceQueue` protocol
+step by step from Python, which is how the tests hold it against
+:class:`~pyvdpa.virtio.split.SplitDeviceQueue` and
+:class:`~pyvdpa.virtio.packed.PackedDeviceQueue` on the same rings, and the
+data-plane engine runs the very same row in bursts on a worker thread.  Only
+one of the two may drive a row at a time: the engine owns it between
+attaching and detaching it.
+
+Building a queue checks what the Python queues check (sizes, alignment,
+base) and translates the ring areas once through
+:meth:`pyvdpa.memory.GuestMemory.view`; the region table given to the kernels
+lists each mapped region's guest-physical start, size and host address.  The
+host addresses stay valid until the memory table changes, and the
+vhost-user back-end stops every ring before it changes the table.
+
+A broken ring rule leaves an ``E_*`` code in the row; :func:`ring_error`
+turns it into the :class:`~pyvdpa.errors.RingError` subclass the Python
+validator raises for the same chain.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import numpy.typing as npt
+
+from pyvdpa.dataplane import kernels as k
+from pyvdpa.errors import RingError
+from pyvdpa.memory import DirtyLog, GuestMemory
+from pyvdpa.vhost_user.device import Vring
+from pyvdpa.virtio.constants import VirtioFeature
+from pyvdpa.virtio.packed import PackedLayout
+from pyvdpa.virtio.ring import (
+    AvailIndexError,
+    BufferAddressError,
+    ChainLayoutError,
+    ChainTooLongError,
+    DescriptorChain,
+    DescriptorIndexError,
+    DescriptorLoopError,
+    IndirectDescriptorError,
+    QueueBrokenError,
+    Segment,
+    check_written,
+)
+from pyvdpa.virtio.split import SplitLayout
+
+__all__ = [
+    "CompiledPackedQueue",
+    "CompiledQueue",
+    "CompiledSplitQueue",
+    "Int64Array",
+    "host_address",
+    "queue_from_vring",
+    "region_table",
+    "ring_error",
+]
+
+Int64Array = npt.NDArray[np.int64]
+
+_U64_MASK = (1 << 64) - 1
+_WRAP_SHIFT = 15
+
+_ERRORS: dict[int, tuple[type[RingError], str]] = {
+    k.E_AVAIL_JUMP: (
+        AvailIndexError,
+        "avail idx {a} is more than the ring's entries past the next index {b}",
+    ),
+    k.E_AVAIL_SLOTS: (
+        AvailIndexError,
+        "chain of {a} slots made available while {b} slots are still in flight",
+    ),
+    k.E_HEAD_INDEX: (DescriptorIndexError, "head descriptor {a} is not below {b}"),
+    k.E_NEXT_INDEX: (DescriptorIndexError, "next descriptor {a} is not below {b}"),
+    k.E_ID_INDEX: (DescriptorIndexError, "buffer id {a} is not below {b}"),
+    k.E_LOOP: (DescriptorLoopError, "chain revisits a descriptor of a {a}-entry table"),
+    k.E_INDIRECT_FEATURE: (
+        IndirectDescriptorError,
+        "indirect descriptor without VIRTIO_F_INDIRECT_DESC",
+    ),
+    k.E_INDIRECT_NESTED: (IndirectDescriptorError, "indirect descriptor inside an indirect table"),
+    k.E_INDIRECT_CHAINED: (
+        IndirectDescriptorError,
+        "indirect descriptor after direct ones in a packed chain",
+    ),
+    k.E_INDIRECT_NEXT: (IndirectDescriptorError, "indirect descriptor with NEXT set"),
+    k.E_INDIRECT_LENGTH: (
+        IndirectDescriptorError,
+        "indirect table length {a} is not a non-zero multiple of 16",
+    ),
+    k.E_TOO_MANY: (ChainTooLongError, "chain has more than {a} descriptors"),
+    k.E_TOO_BIG: (ChainTooLongError, "chain holds {a} bytes, 2**32 or more"),
+    k.E_LAYOUT: (ChainLayoutError, "device-readable descriptor after a device-writable one"),
+    k.E_BUFFER: (
+        BufferAddressError,
+        "guest address range [{a:#x}, +{b:#x}) is not inside one mapped region",
+    ),
+}
+
+
+def ring_error(row: Int64Array) -> RingError | None:
+    """The error a queue row records, as the RingError subclass that names the rule."""
+    code = int(row[k.Q_ERROR])
+    if code == 0:
+        return None
+    cls, text = _ERRORS[code]
+    a = int(row[k.Q_ERROR_A]) & _U64_MASK
+    return cls(text.format(a=a, b=int(row[k.Q_ERROR_B])))
+
+
+def host_address(view: memoryview) -> int:
+    """The address, in this process, of the first byte of a writable view."""
+    anchor = ctypes.c_char.from_buffer(view)
+    address = ctypes.addressof(anchor)
+    # The ctypes object exports the buffer; drop it so it never blocks an unmap.
+    del anchor
+    return address
+
+
+def region_table(mem: GuestMemory) -> npt.NDArray[np.uint64]:
+    """The kernels' region table: one (guest-physical start, size, host address) row per region."""
+    regions = mem.regions
+    table = np.zeros((max(len(regions), 1), 3), dtype=np.uint64)
+    for i, region in enumerate(regions):
+        view = mem.view(region.guest_phys_addr, region.memory_size)
+        table[i] = (region.guest_phys_addr, region.memory_size, host_address(view))
+        view.release()
+    return table
+
+
+def _signed(value: int) -> int:
+    """A 64-bit address as the int64 bit pattern the kernels take."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+class CompiledQueue:
+    """The device side of a virtqueue, each step a compiled kernel over a state row.
+
+    Implements :class:`~pyvdpa.virtio.ring.DeviceQueue`.  ``driver_addr`` is
+    the available ring (split) or driver event area (packed); ``device_addr``
+    the used ring or device event area.  ``base`` is the SET_VRING_BASE value.
+    With ``log``, every byte written to guest memory is logged in the shared
+    bitmap, ring writes at ``log_addr``.  ``stats``, when given, is the
+    ``int64[NSTATS]`` array the engine counts this queue's work in.
+    """
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        driver_addr: int,
+        device_addr: int,
+        *,
+        packed: bool,
+        event_idx: bool,
+        indirect: bool,
+        base: int,
+        log: DirtyLog | None = None,
+        log_addr: int | None = None,
+        stats: Int64Array | None = None,
+    ) -> None:
+        if log is not None and log_addr is None:
+            raise ValueError("dirty logging needs the ring's log_addr")
+        if packed:
+            packed_layout = PackedLayout(size)
+            packed_layout.check_addresses(desc_addr, driver_addr, device_addr)
+            sizes = (packed_layout.desc_size, PackedLayout.EVENT_SIZE, PackedLayout.EVENT_SIZE)
+            if not 0 <= base <= 0xFFFFFFFF:
+                raise ValueError(f"packed ring base {base:#x} is not a 32-bit value")
+            if base & 0x7FFF >= size:
+                raise ValueError(f"packed ring base {base:#x} names a slot beyond {size}")
+        else:
+            split_layout = SplitLayout(size)
+            split_layout.check_addresses(desc_addr, driver_addr, device_addr)
+            sizes = (split_layout.desc_size, split_layout.avail_size, split_layout.used_size)
+            if not 0 <= base <= 0xFFFF:
+                raise ValueError(f"split ring base {base} is not a 16-bit index")
+        if stats is None:
+            stats = np.zeros(k.NSTATS, dtype=np.int64)
+        if stats.shape != (k.NSTATS,) or stats.dtype != np.int64 or not stats.flags.c_contiguous:
+            raise ValueError(f"stats must be a contiguous int64[{k.NSTATS}] array")
+        areas = (desc_addr, driver_addr, device_addr)
+        views = [mem.view(a, n) for a, n in zip(areas, sizes, strict=True)]
+        self._mem = mem
+        self._views = views
+        self._regions = region_table(mem)
+        self._log = log
+        self.stats = stats
+        self._segs: Int64Array | None = None
+        self._shadow = np.zeros((size if packed else 1, 2), dtype=np.int64)
+        row = np.zeros(k.QCOLS, dtype=np.int64)
+        row[k.Q_SIZE] = size
+        row[k.Q_PACKED] = packed
+        row[k.Q_EVENT_IDX] = event_idx
+        row[k.Q_INDIRECT] = indirect
+        row[k.Q_DESC], row[k.Q_DRIVER], row[k.Q_DEVICE] = (host_address(v) for v in views)
+        row[k.Q_REGS] = self._regions.ctypes.data
+        row[k.Q_NREGS] = len(mem.regions)
+        if log is not None and log_addr is not None:
+            row[k.Q_LOG] = log.address
+            row[k.Q_LOG_SIZE] = log.size
+            row[k.Q_LOG_RING] = _signed(log_addr)
+        row[k.Q_STATS] = stats.ctypes.data
+        row[k.Q_SHADOW] = self._shadow.ctypes.data
+        row[k.Q_CALL_FD] = -1
+        row[k.Q_NOTIFY] = 1
+        if packed:
+            row[k.Q_LAST_AVAIL] = row[k.Q_USED_IDX] = base & 0x7FFF
+            row[k.Q_AVAIL_WRAP] = row[k.Q_USED_WRAP] = base >> _WRAP_SHIFT & 1
+        else:
+            row[k.Q_LAST_AVAIL] = row[k.Q_AVAIL_SEEN] = base
+            row[k.Q_USED_IDX] = int.from_bytes(views[2][2:4], "little")
+        self.row: Int64Array = row
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def size(self) -> int:
+        """Number of descriptors in the queue."""
+        return int(self.row[k.Q_SIZE])
+
+    @property
+    def packed(self) -> bool:
+        """Whether the queue uses the packed layout."""
+        return bool(self.row[k.Q_PACKED])
+
+    @property
+    def broken(self) -> bool:
+        """Whether a ring error stopped the queue."""
+        return bool(self.row[k.Q_ERROR])
+
+    @property
+    def error(self) -> RingError | None:
+        """The ring error that broke the queue, if any."""
+        return ring_error(self.row)
+
+    @property
+    def inflight(self) -> int:
+        """Chains popped and not yet pushed."""
+        return int(self.row[k.Q_INFLIGHT])
+
+    @property
+    def base(self) -> int:
+        """The ring state GET_VRING_BASE reports.
+
+        Split: the next avail index.  Packed: bits 0-14 the next available
+        slot, bit 15 its wrap counter, bits 16-30 the used slot, bit 31 its
+        wrap counter.  Chains in flight count as consumed.
+        """
+        row = self.row
+        if row[k.Q_PACKED]:
+            avail = int(row[k.Q_LAST_AVAIL]) | int(row[k.Q_AVAIL_WRAP]) << _WRAP_SHIFT
+            used = int(row[k.Q_USED_IDX]) | int(row[k.Q_USED_WRAP]) << _WRAP_SHIFT
+            return avail | used << 16
+        return int(row[k.Q_LAST_AVAIL])
+
+    @property
+    def regions(self) -> npt.NDArray[np.uint64]:
+        """The region table the row points at (kept alive by this object)."""
+        return self._regions
+
+    def _check_usable(self) -> None:
+        if self.row[k.Q_ERROR]:
+            raise QueueBrokenError(f"queue is broken: {self.error}")
+
+    def _segments(self) -> Int64Array:
+        if self._segs is None:
+            self._segs = np.zeros((self.size, 4), dtype=np.int64)
+        return self._segs
+
+    # ------------------------------------------------------------------ DeviceQueue
+
+    def pop(self) -> DescriptorChain | None:
+        """Return the next available chain, validated, or None when there is none.
+
+        A :class:`~pyvdpa.errors.RingError` marks the queue broken and is
+        raised; nothing is consumed or written in that case.
+        """
+        self._check_usable()
+        segs = self._segments()
+        status, ident, nseg, nread, _, _, desc_count = k.ring_pop(self.row, segs, 0)
+        if status == k.ERROR:
+            error = self.error
+            assert error is not None
+            raise error
+        if status == k.EMPTY:
+            return None
+        readable: list[Segment] = []
+        writable: list[Segment] = []
+        for i in range(nseg):
+            addr = int(segs[i, 0]) & _U64_MASK
+            length = int(segs[i, 2])
+            (writable if i >= nread else readable).append(
+                Segment(addr, length, self._mem.view(addr, length))
+            )
+        return DescriptorChain(int(ident), tuple(readable), tuple(writable), int(desc_count))
+
+    def push(self, chain: DescriptorChain, written: int) -> None:
+        """Return a chain to the driver with ``written`` bytes written to its writable buffers."""
+        self._check_usable()
+        if self.row[k.Q_INFLIGHT] == 0:
+            raise ValueError("push without a chain in flight")
+        check_written(chain, written)
+        k.push(self.row, chain.id, written, chain.desc_count)
+        k.publish(self.row)
+        if self._log is not None:
+            remaining = written
+            for seg in chain.writable:
+                if remaining <= 0:
+                    break
+                count = min(seg.length, remaining)
+                k.log_write(self.row, _signed(seg.addr), count)
+                remaining -= count
+
+    def should_notify(self) -> bool:
+        """Return whether the driver wants a used-buffer notification now."""
+        self._check_usable()
+        return bool(k.should_notify(self.row))
+
+    def disable_notification(self) -> None:
+        """Ask the driver not to send available-buffer notifications."""
+        self._check_usable()
+        k.disable_notification(self.row)
+
+    def enable_notification(self) -> bool:
+        """Ask for available-buffer notifications; return True if buffers already wait."""
+        self._check_usable()
+        return bool(k.enable_notification(self.row))
+
+    def release(self) -> None:
+        """Release the views of the ring areas (the back-end calls this once stopped)."""
+        for view in self._views:
+            view.release()
+        self._views = []
+
+
+class CompiledSplitQueue(CompiledQueue):
+    """A compiled split queue, built like :class:`~pyvdpa.virtio.split.SplitDeviceQueue`."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        avail_addr: int,
+        used_addr: int,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        base: int = 0,
+        log: DirtyLog | None = None,
+        log_addr: int | None = None,
+        stats: Int64Array | None = None,
+    ) -> None:
+        super().__init__(
+            mem, size, desc_addr, avail_addr, used_addr,
+            packed=False, event_idx=event_idx, indirect=indirect, base=base,
+            log=log, log_addr=log_addr, stats=stats,
+        )  # fmt: skip
+
+
+class CompiledPackedQueue(CompiledQueue):
+    """A compiled packed queue, built like :class:`~pyvdpa.virtio.packed.PackedDeviceQueue`."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int,
+        desc_addr: int,
+        driver_event_addr: int,
+        device_event_addr: int,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        base: int = 1 << _WRAP_SHIFT,
+        log: DirtyLog | None = None,
+        log_addr: int | None = None,
+        stats: Int64Array | None = None,
+    ) -> None:
+        super().__init__(
+            mem, size, desc_addr, driver_event_addr, device_event_addr,
+            packed=True, event_idx=event_idx, indirect=indirect, base=base,
+            log=log, log_addr=log_addr, stats=stats,
+        )  # fmt: skip
+
+
+def queue_from_vring(vring: Vring, stats: Int64Array | None = None) -> CompiledQueue:
+    """Build the compiled queue of a running vring from what the back-end recorded.
+
+    Raises ValueError when the vring carries no guest memory.
+    """
+    mem = vring.memory
+    if mem is None:
+        raise ValueError(f"vring {vring.index} has no guest memory")
+    desc, driver, device = vring.ring_addrs
+    features = vring.features
+    return CompiledQueue(
+        mem, vring.num, desc, driver, device,
+        packed=bool(features & VirtioFeature.RING_PACKED),
+        event_idx=bool(features & VirtioFeature.RING_EVENT_IDX),
+        indirect=bool(features & VirtioFeature.RING_INDIRECT_DESC),
+        base=vring.base, log=vring.dirty_log, log_addr=vring.log_addr, stats=stats,
+    )  # fmt: skip
