@@ -332,6 +332,18 @@ def _add_and_ask(served: Served, index: int) -> bool:
     return wanted
 
 
+def test_ring_without_kick_eventfd_is_polled_by_a_sleeping_worker(
+    serve: Callable[..., Served],
+) -> None:
+    served = serve(mode="drop", engine="event")
+    served.session.frontend.set_vring_kick(1, None)
+    ring = served.ring(1)
+    addr = served.session.alloc(HDR + 64)
+    ring.queue.add([(addr, HDR + 64)], [])
+    # No kick is sent: the worker finds the chain on its own.
+    assert _until(lambda: served.device.stats[1].completed_desc == 1)
+
+
 def test_call_eventfd_replaced_while_running(serve: Callable[..., Served]) -> None:
     served = serve(mode="drop", engine="event", event_idx=False)
     ring = served.ring(1)
@@ -375,7 +387,9 @@ def test_hostile_ring_breaks_only_itself(serve: Callable[..., Served]) -> None:
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
-def test_dirty_log_covers_what_the_engine_writes(packed: bool, serve: Callable[..., Served]) -> None:
+def test_dirty_log_covers_what_the_engine_writes(
+    packed: bool, serve: Callable[..., Served]
+) -> None:
     served = serve(packed=packed, extra_features=int(VirtioFeature.LOG_ALL))
     frontend = served.session.frontend
     frontend.set_protocol_features(served.session.protocol_features | ProtocolFeature.LOG_SHMFD)

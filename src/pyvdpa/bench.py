@@ -9,8 +9,7 @@ Usage::
 
 One run measures every case against both back-ends, prints a table and
 writes the figures as JSON.  It needs ``dpdk-testpmd`` (DPDK 22.11 or
-later) and ``taskset``, and at least two cores; with more, ``--cpus`` picks
-them.
+later) and at least two cores; with more, ``--cpus`` picks them.
 
 Method
 ------
@@ -21,10 +20,10 @@ test forwards on the second core:
 
 * DPDK: ``dpdk-testpmd`` with ``net_vhost``, forwarding on the second core
   (``rxonly`` to consume, ``txonly`` to generate, ``io`` to loop back);
-* pyvdpa: ``python -m pyvdpa.bench serve`` (a vhost-user server with
-  :class:`~pyvdpa.dataplane.net.EngineNetDevice` on one engine worker),
-  pinned to the second core with ``taskset``: modes ``drop``, ``gen`` and
-  ``loopback``.
+* pyvdpa: ``pyvdpa run --vdev sim-net,mode=drop|gen|loopback --engine poll``,
+  as a user starts it (:class:`~pyvdpa.dataplane.net.EngineNetDevice` on the
+  process's engine worker), the process pinned to the second core with
+  ``taskset``.
 
 Workloads: ``tx`` (virtio-user ``txonly`` → back-end consumes), ``rx``
 (back-end generates → virtio-user ``rxonly``), ``loopback`` (virtio-user
@@ -45,7 +44,7 @@ uses (a connected virtio-user that sends nothing), the resident memory of
 one pyvdpa process serving 1 and 64 connected devices (anonymous and file
 pages; the guest memory mappings are shared memory and not counted), and
 the warm start time (process launch to listening socket, kernel cache
-present).  ``serve`` is the back-end process itself.
+present).
 """
 
 from __future__ import annotations
@@ -66,7 +65,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from pyvdpa.errors import ConfigError, PyvdpaError
@@ -81,7 +79,6 @@ __all__ = [
     "Result",
     "main",
     "run_case",
-    "serve",
     "summarise",
 ]
 
@@ -278,11 +275,13 @@ def _testpmd(
 def _serve_argv(
     iface: str, mode: str, *, frame: int, queues: int, engine: str, devices: int, cpu: int | None
 ) -> list[str]:
-    argv = [
-        sys.executable, "-m", "pyvdpa.bench", "serve", "--iface", iface, "--mode", mode,
-        "--frame-size", str(frame), "--queues", str(queues), "--engine", engine,
-        "--devices", str(devices),
-    ]  # fmt: skip
+    """The back-end as a user starts it: ``pyvdpa run --vdev sim-net,... --engine ...``."""
+    vdev = f"sim-net,mode={mode},queues={queues}" + (
+        f",frame-size={frame}" if mode == "gen" else ""
+    )
+    argv = [sys.executable, "-m", "pyvdpa", "run", "--engine", engine, "--iface", iface]
+    for i in range(devices):
+        argv += ["--vdev", f"{vdev},name=net{i}"]
     return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
 
 
@@ -303,7 +302,7 @@ def _pyvdpa(
     )
     process = _Process(argv)
     try:
-        _wait_for("pyvdpa serve", _listening(*(f"{iface}{i}" for i in range(devices))), process)
+        _wait_for("pyvdpa run", _listening(*(f"{iface}{i}" for i in range(devices))), process)
         yield process
     finally:
         process.stop()
@@ -516,7 +515,7 @@ def measure_start(config: BenchConfig, runs: int = 3, cold: bool = False) -> flo
             started = time.monotonic()
             process = _Process(argv, env=env)
             try:
-                _wait_for("pyvdpa serve", _listening(f"{iface}0"), process, 600)
+                _wait_for("pyvdpa run", _listening(f"{iface}0"), process, 600)
                 times.append(time.monotonic() - started)
             finally:
                 process.stop()
@@ -714,50 +713,10 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def serve(argv: Sequence[str]) -> int:
-    """The pyvdpa back-end the benchmark measures: serve until SIGINT or SIGTERM."""
-    from pyvdpa.dataplane.engine import Engine
-    from pyvdpa.dataplane.net import EngineNetDevice
-    from pyvdpa.vhost_user.device import VhostUserDevice
-    from pyvdpa.vhost_user.server import BackendServer
-
-    parser = argparse.ArgumentParser(prog="pyvdpa bench serve")
-    parser.add_argument("--iface", required=True, help="socket path prefix")
-    parser.add_argument("--mode", default="loopback", help="loopback, drop or gen")
-    parser.add_argument("--frame-size", type=int, default=64)
-    parser.add_argument("--queues", type=int, default=1)
-    parser.add_argument("--engine", choices=ENGINE_MODES, default="poll")
-    parser.add_argument("--devices", type=int, default=1)
-    args = parser.parse_args(argv)
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    with contextlib.ExitStack() as stack:
-        engine = stack.enter_context(Engine(args.engine))
-        for i in range(args.devices):
-            device = EngineNetDevice(
-                mode=args.mode, frame_size=args.frame_size, queue_pairs=args.queues, engine=engine
-            )
-
-            def factory(device: EngineNetDevice = device) -> VhostUserDevice:
-                return device
-
-            stack.enter_context(BackendServer(f"{args.iface}{i}", factory))
-        print("ready", flush=True)
-        stop.wait()
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: ``python -m pyvdpa.bench [...]`` or ``python -m pyvdpa.bench serve [...]``."""
+    """Entry point: ``pyvdpa bench [...]`` or ``python -m pyvdpa.bench [...]``."""
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        if arguments[:1] == ["serve"]:
-            return serve(arguments[1:])
         return _bench(_parser().parse_args(arguments))
     except (ConfigError, PyvdpaError) as exc:
         print(f"pyvdpa bench: error: {exc}", file=sys.stderr)

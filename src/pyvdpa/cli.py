@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the vDPA example app: serve simulated vDPA devices")
     add_run_arguments(run)
 
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="DPDK testpmd against DPDK net_vhost and pyvdpa in one run (pyvdpa bench --help)",
+    )
+
     drive = sub.add_parser("drive", help="drive a vhost-user back-end with traffic")
     kinds = drive.add_subparsers(dest="kind", required=True, parser_class=_Parser)
     for name, help_text in (("net", "packets, like testpmd"), ("blk", "block I/O, like fio")):
@@ -150,8 +156,14 @@ def _cmd_drive(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyvdpa`` command."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["bench"]:
+        # The benchmark has options of its own, parsed by its own parser.
+        from pyvdpa import bench
+
+        return bench.main(arguments[1:])
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser().parse_args(arguments)
     except ConfigError as exc:
         print(f"pyvdpa: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -16,12 +16,14 @@ hands the engine ring addresses, memory and eventfds:
   worker no longer touches the ring.
 
 Programs: ``loopback`` (transmitted frames accepted by vdpa_sim_net's filter
-are received on the same pair; a frame finding no receive buffer is dropped,
-as vdpa_sim_net drops it), ``drop`` (transmitted frames are read and
-counted) and ``gen`` (every receive buffer is filled with a generated
+are received on the same pair; a frame finding no room in the receive ring
+is dropped, as vdpa_sim_net drops it), ``drop`` (transmitted frames are read
+and counted) and ``gen`` (every receive buffer is filled with a generated
 Ethernet/IPv4/UDP frame of ``frame_size`` bytes; transmitted frames are
-dropped).  Counters use DPDK's names, plus ``dropped`` and ``calls`` (used
-buffer notifications sent).
+dropped).  When a frame needs several merged receive buffers and fewer are
+available, the ones taken are put back untouched for later, as Linux
+vhost-net and DPDK do, rather than returned empty.  Counters use DPDK's
+names, plus ``dropped`` and ``calls`` (used buffer notifications sent).
 """
 
 from __future__ import annotations
