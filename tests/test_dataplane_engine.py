@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvdpa.dataplane.engine import Engine, EngineMode
+from pyvdpa.dataplane.engine import WORKER_THREAD_PREFIX, Engine, EngineMode
 from pyvdpa.dataplane.net import DEFAULT_MAC, EngineNetDevice, generated_frame
 from pyvdpa.drive.session import DriverRing, Session
 from pyvdpa.errors import ConfigError
@@ -432,6 +432,12 @@ def test_engine_refuses_bad_settings() -> None:
     with pytest.raises(ConfigError):
         EngineNetDevice(mode="tap", engine=engine)
     engine.close()
+
+
+def test_worker_threads_carry_a_system_name(serve: Callable[..., Served]) -> None:
+    serve(mode="drop", workers=2)
+    names = {task.read_text().strip() for task in Path("/proc/self/task").glob("*/comm")}
+    assert {f"{WORKER_THREAD_PREFIX}0", f"{WORKER_THREAD_PREFIX}1"} <= names
 
 
 def test_device_close_takes_every_ring_back(serve: Callable[..., Served]) -> None:

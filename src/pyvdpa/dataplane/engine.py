@@ -40,6 +40,7 @@ eventfd through :meth:`~pyvdpa.vhost_user.device.Vring.fail`.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import enum
 import os
 import select
@@ -56,13 +57,17 @@ from pyvdpa.dataplane.queues import CompiledQueue, Int64Array
 from pyvdpa.errors import ConfigError
 from pyvdpa.vhost_user.device import Vring
 
-__all__ = ["RX", "TX", "Engine", "EngineMode", "Port"]
+__all__ = ["RX", "TX", "WORKER_THREAD_PREFIX", "Engine", "EngineMode", "Port"]
 
 RX = 0
 """Port role of the receive queue."""
 TX = 1
 """Port role of the transmit queue."""
 
+WORKER_THREAD_PREFIX = "pyvdpa-dp"
+"""Workers' thread names as the system shows them (``top -H``, ``/proc/PID/task/*/comm``)."""
+
+_PR_SET_NAME = 15
 _ROLE_COLUMNS = {RX: k.U_RXQ, TX: k.U_TXQ}
 _EPOCHS_BEFORE_CLOSE = 2
 
@@ -292,6 +297,9 @@ class _Worker:
         self._nunits = len(addresses)
 
     def _run(self) -> None:
+        # Named for the system, so that tools can find (and pin) the worker.
+        name = f"{WORKER_THREAD_PREFIX}{self.index}".encode()
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name, 0, 0, 0)
         if self.cpu is not None:
             os.sched_setaffinity(0, {self.cpu})
         mode = _MODE_CODES[self.engine.mode]
