@@ -38,12 +38,12 @@ import numpy.typing as npt
 from pyvdpa.dataplane import kernels as k
 from pyvdpa.dataplane.engine import RX, TX, Engine, EngineMode, Port
 from pyvdpa.dataplane.queues import Int64Array, queue_from_vring
-from pyvdpa.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES
+from pyvdpa.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES, NetControl
 from pyvdpa.errors import ConfigError
-from pyvdpa.vhost_user.device import UnsupportedRequestError, VhostUserDevice, Vring
+from pyvdpa.vhost_user.device import VhostUserDevice, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
-from pyvdpa.virtio.constants import NetFeature, NetStatus
-from pyvdpa.virtio.net import NetConfig, net_header_size
+from pyvdpa.virtio.constants import NetFeature
+from pyvdpa.virtio.net import net_header_size
 
 __all__ = [
     "DEFAULT_MAC",
@@ -166,7 +166,7 @@ def _close_shared() -> None:
         engine.close()
 
 
-class EngineNetDevice(VhostUserDevice):
+class EngineNetDevice(NetControl, VhostUserDevice):
     """A virtio-net device (loopback, drop or gen) whose queues run on an :class:`Engine`.
 
     ``engine`` defaults to the process-wide engine of ``engine_mode``.
@@ -238,24 +238,8 @@ class EngineNetDevice(VhostUserDevice):
                     port.set(k.U_HDR, net_header_size(features))
                     port.set(k.U_MRG, bool(features & NetFeature.MRG_RXBUF))
 
-    def config(self) -> NetConfig:
-        """The config space as it stands."""
-        return NetConfig(self.mac, NetStatus.LINK_UP, self.queue_pairs, self.mtu)
-
-    def get_config(self, offset: int, size: int) -> bytes:
-        """Read the virtio-net config space."""
-        return self.config().read(offset, size)
-
-    def set_config(self, offset: int, data: bytes) -> None:
-        """The net config space is read-only for the driver."""
-        raise UnsupportedRequestError("virtio-net config space is read-only")
-
     def send_rarp(self, mac: bytes) -> None:
         """Nothing to announce to: a simulated device has no upstream switch."""
-
-    def set_mtu(self, mtu: int) -> None:
-        """Accept the MTU the front-end chose."""
-        self.mtu = mtu
 
     # ------------------------------------------------------------------ queues
 

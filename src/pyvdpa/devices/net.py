@@ -58,7 +58,13 @@ from pyvdpa.virtio.ring import (
     Segment,
 )
 
-__all__ = ["NET_MODES", "NetDevice", "count_ring_error", "rarp_frame"]
+__all__ = [
+    "NET_MODES",
+    "NetControl",
+    "NetDevice",
+    "count_ring_error",
+    "rarp_frame",
+]
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +124,35 @@ def rarp_frame(mac: bytes) -> bytes:
     return frame.ljust(_MIN_FRAME, b"\0")
 
 
-class NetDevice(ThreadedDevice):
+class NetControl:
+    """The virtio-net control surface every net data path shares.
+
+    The config space (MAC, link status, queue pairs, MTU) is read-only for the
+    driver; NET_SET_MTU changes the MTU.
+    """
+
+    mac: bytes
+    mtu: int
+    queue_pairs: int
+
+    def config(self) -> NetConfig:
+        """The config space as it stands."""
+        return NetConfig(self.mac, NetStatus.LINK_UP, self.queue_pairs, self.mtu)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        """Read the virtio-net config space."""
+        return self.config().read(offset, size)
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        """The net config space is read-only for the driver."""
+        raise UnsupportedRequestError("virtio-net config space is read-only")
+
+    def set_mtu(self, mtu: int) -> None:
+        """Accept the MTU the front-end chose."""
+        self.mtu = mtu
+
+
+class NetDevice(NetControl, ThreadedDevice):
     """A virtio-net device looping frames back, wired to a TAP, or dropping them.
 
     ``ifname`` names the TAP in ``tap`` mode (a ``%d`` template lets the
@@ -200,26 +234,10 @@ class NetDevice(ThreadedDevice):
         """Remember the negotiated features (they size the header)."""
         self.negotiated = features
 
-    def config(self) -> NetConfig:
-        """The config space as it stands."""
-        return NetConfig(self.mac, NetStatus.LINK_UP, self.queue_pairs, self.mtu)
-
-    def get_config(self, offset: int, size: int) -> bytes:
-        """Read the virtio-net config space."""
-        return self.config().read(offset, size)
-
-    def set_config(self, offset: int, data: bytes) -> None:
-        """The net config space is read-only for the driver."""
-        raise UnsupportedRequestError("virtio-net config space is read-only")
-
     def send_rarp(self, mac: bytes) -> None:
         """Announce ``mac`` on the TAP; in other modes there is no switch to tell."""
         if self.tap is not None:
             self._tap_send(0, [rarp_frame(mac)])
-
-    def set_mtu(self, mtu: int) -> None:
-        """Accept the MTU the front-end chose."""
-        self.mtu = mtu
 
     def start_queue(self, vring: Vring) -> None:
         """Track the ring, then start its worker."""
