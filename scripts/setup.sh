@@ -4,7 +4,8 @@
 # Installs the third-party peers the tests drive (DPDK testpmd, QEMU,
 # qemu-storage-daemon, busybox for the guest initramfs, iproute2 for network
 # namespaces), installs the project with its test extras, and caches the guest
-# kernel and virtio modules used by the QEMU guest tests.
+# kernel and virtio modules used by the QEMU guest tests; compiles the
+# data-path kernels once, so that no later start waits for the compiler.
 #
 # Idempotent: a re-run installs nothing that is already there and reuses the
 # cached guest kernel. The cache lives in $PYVDPA_CACHE, else
@@ -96,5 +97,8 @@ else
     mv "$staged" "$guest_dir"
     echo "setup: guest kernel $kernel_pkg cached in $guest_dir"
 fi
+
+echo "setup: loading the data-path kernels (compiled and cached on disk the first time)…"
+"$python" -c 'from pyvdpa.dataplane.engine import warm_up; warm_up(lambda line: print("setup:", line, flush=True))'
 
 echo "setup: done"

@@ -77,7 +77,7 @@ def test_interactive_app_through_stdin(sock_dir: Path) -> None:
     try:
         proc.stdin.write(f"help\nlist\ncreate {sock} net0\n")
         proc.stdin.flush()
-        wait_for(sock.exists, timeout=15)
+        wait_for(sock.exists, timeout=60)
         with Session(Frontend.connect(sock), memory_size=4 << 20) as session:
             result = run_net(session, mode="io", duration=0.3)
         assert result.rx_packets > 0
@@ -191,7 +191,7 @@ def test_sigterm_disconnects_and_removes_sockets(sock_dir: Path) -> None:
     )  # fmt: skip
     sockets = [Path(f"{prefix}0"), Path(f"{prefix}1")]
     try:
-        wait_for(lambda: all(s.exists() for s in sockets), timeout=15)
+        wait_for(lambda: all(s.exists() for s in sockets), timeout=60)
         session = Session(Frontend.connect(sockets[0]), memory_size=4 << 20)
         with session:
             assert run_net(session, mode="io", duration=0.2).rx_packets > 0
@@ -217,7 +217,7 @@ def test_client_mode_connects_and_reconnects(sock_dir: Path) -> None:
     proc = pyvdpa("run", "--vdev", "sim-net,name=n0", "--iface", str(prefix), "--client")
     try:
         for _ in range(2):
-            frontend = Frontend.listen(f"{prefix}0", timeout=15)
+            frontend = Frontend.listen(f"{prefix}0", timeout=60)
             with Session(frontend, memory_size=4 << 20) as session:
                 assert run_net(session, mode="io", duration=0.2).rx_packets > 0
         proc.send_signal(signal.SIGINT)

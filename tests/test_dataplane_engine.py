@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import struct
 import threading
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvdpa.dataplane import engine as engine_module
 from pyvdpa.dataplane.engine import WORKER_THREAD_PREFIX, Engine, EngineMode
 from pyvdpa.dataplane.net import DEFAULT_MAC, EngineNetDevice, generated_frame
 from pyvdpa.drive.session import DriverRing, Session
@@ -445,3 +447,20 @@ def test_device_close_takes_every_ring_back(serve: Callable[..., Served]) -> Non
     assert len(served.engine.ports) == 2
     served.device.close()
     assert served.engine.ports == []
+
+
+def test_warm_up_reports_a_slow_first_compilation(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines: list[str] = []
+    monkeypatch.setattr(engine_module, "COMPILE_NOTICE_AFTER", 0.05)
+    monkeypatch.setattr(engine_module, "_run_kernel_once", lambda: time.sleep(0.4))
+    engine_module.warm_up(lines.append)
+    assert len(lines) == 2
+    assert lines[0].startswith("compiling the data-path kernels")
+    assert re.fullmatch(r"data-path kernels ready in \d+ s", lines[1])
+
+
+def test_warm_up_is_silent_when_the_cache_answers(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines: list[str] = []
+    monkeypatch.setattr(engine_module, "COMPILE_NOTICE_AFTER", 5.0)
+    engine_module.warm_up(lines.append)
+    assert lines == []

@@ -250,7 +250,7 @@ def test_app_in_tap_mode_moves_frames_between_ring_and_tap(
     )  # fmt: skip
     sock = Path(f"{prefix}0")
     try:
-        wait_for(lambda: sock.exists() or proc.poll() is not None, timeout=15)
+        wait_for(lambda: sock.exists() or proc.poll() is not None, timeout=60)
         assert proc.poll() is None, proc.communicate()
         netns.add_address("pv0", f"{TAP_IP}/24")
         netns.link_up("pv0")

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TextIO
 
-from pyvdpa.dataplane.engine import EngineMode
+from pyvdpa.dataplane.engine import EngineMode, warm_up
 from pyvdpa.errors import ConfigError, PyvdpaError
 from pyvdpa.vdev import parse_vdev
 from pyvdpa.vdpa import (
@@ -306,6 +306,8 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
             app.say("Interactive-mode selected")
         if args.iface:
             app.say(f"iface {args.iface}")
+        if args.vdev:
+            warm_up(lambda line: print(f"pyvdpa: {line}", file=sys.stderr, flush=True))
         app.probe(args.vdev)
         if args.iface:
             app.create_ifaces(args.iface)

@@ -45,7 +45,8 @@ import enum
 import os
 import select
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -499,8 +500,42 @@ class Engine:
         self._retired = keep
 
 
-def warm_up() -> None:
-    """Load the worker kernel from the on-disk cache, compiling it the first time."""
+#: Seconds a kernel load may take before ``warm_up`` reports that it is compiling.
+COMPILE_NOTICE_AFTER = 1.0
+
+
+def warm_up(progress: Callable[[str], None] | None = None) -> None:
+    """Load the worker kernel from the on-disk cache, compiling it the first time.
+
+    A load from the cache takes about a second; a first compilation takes
+    tens of seconds.  When the load has not finished after
+    :data:`COMPILE_NOTICE_AFTER` seconds, ``progress`` is called with a line
+    saying so, and with another one when it is done.
+    """
+    if progress is None:
+        _run_kernel_once()
+        return
+    started = time.monotonic()
+    told = threading.Event()
+
+    def tell() -> None:
+        told.set()
+        progress("compiling the data-path kernels (first start only, cached on disk afterwards)…")
+
+    notice = threading.Timer(COMPILE_NOTICE_AFTER, tell)
+    notice.daemon = True
+    notice.start()
+    try:
+        _run_kernel_once()
+    finally:
+        notice.cancel()
+        notice.join()
+    if told.is_set():
+        progress(f"data-path kernels ready in {time.monotonic() - started:.0f} s")
+
+
+def _run_kernel_once() -> None:
+    """Call the worker kernel with a request to stop at once: loads or compiles it."""
     ctl = np.zeros(k.CCOLS, dtype=np.int64)
     ctl[k.C_REQUEST] = 1
     units = np.zeros(1, dtype=np.int64)
