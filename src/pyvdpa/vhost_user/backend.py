@@ -156,7 +156,7 @@ class BackendConnection:
         self.device = device
         self.name = name
         self.memory = GuestMemory(max_regions=MAX_MEM_SLOTS)
-        self.vrings = [Vring(i) for i in range(device.num_queues)]
+        self.vrings = [Vring(i, name) for i in range(device.num_queues)]
         # Plain ints: inverting an IntFlag would drop bits it does not name.
         self.offered_features = int(device.features) | int(_BACKEND_FEATURES)
         self.offered_protocol_features = int(device.protocol_features) & int(

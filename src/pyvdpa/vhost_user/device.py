@@ -55,6 +55,8 @@ class Vring:
     """
 
     index: int
+    #: Who the ring belongs to in log lines (the back-end's socket path).
+    label: str = "vhost-user"
     num: int = 0
     base: int = 0
     started: bool = False
@@ -136,7 +138,7 @@ class Vring:
     def fail(self, error: RingError) -> None:
         """Mark the ring broken after a hostile ring was found; tell the front-end."""
         if not self.broken:
-            log.error("vring %d broken: %s", self.index, error)
+            log.error("%s: vring %d broken: %s", self.label, self.index, error)
         self.broken = True
         fd = self.err_fd
         if fd is not None:
