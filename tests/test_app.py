@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from pyvdpa.app import PROMPT, Console, VdpaApp
 from pyvdpa.cli import main
+from pyvdpa.dataplane.engine import WORKER_THREAD_PREFIX
 from pyvdpa.drive.blk import run_blk
 from pyvdpa.drive.net import run_net
 from pyvdpa.drive.session import Session
@@ -283,6 +285,10 @@ def test_existing_socket_path_fails_and_cleans_up(
         (["run", "--vdev", "sim-net"], "--iface PREFIX is required unless -i"),
         (["run", "--iface", "/tmp/x"], "the following arguments are required: --vdev"),
         (["run", "--vdev", "sim-net", "--iface"], "expected one argument"),
+        (["run", "--vdev", "sim-net", "-i", "--cpus", "1-x"], "invalid CPU list '1-x'"),
+        (["run", "--vdev", "sim-net", "-i", "--cpus", "3-1"], "invalid CPU list '3-1'"),
+        (["run", "--vdev", "sim-net", "-i", "--cpus", "0,0"], "names a CPU twice"),
+        (["run", "--vdev", "sim-net", "-i", "--cpus", "4096"], "this machine has CPUs 0.."),
     ],
 )
 def test_bad_arguments_are_one_line_and_nonzero(
@@ -300,3 +306,22 @@ def test_bad_input_never_shows_a_traceback(sock_dir: Path) -> None:
     assert proc.returncode == 2
     assert err == "pyvdpa: error: disk image not found: /nonexistent\n"
     assert time.monotonic() - start < 15
+
+
+def test_cpus_pins_the_data_path_workers(sock_dir: Path) -> None:
+    cpu = (os.cpu_count() or 1) - 1
+    sock = sock_dir / "net"
+    proc = pyvdpa("run", "--vdev", "sim-net", "--cpus", str(cpu), "--iface", str(sock))
+    try:
+        wait_for(lambda: Path(f"{sock}0").exists(), timeout=60)
+        workers = {}
+        for task in Path(f"/proc/{proc.pid}/task").iterdir():
+            if (task / "comm").read_text().startswith(WORKER_THREAD_PREFIX):
+                workers[task.name] = os.sched_getaffinity(int(task.name))
+        assert list(workers.values()) == [{cpu}]
+        # The control plane is left to the system.
+        assert os.sched_getaffinity(proc.pid) == os.sched_getaffinity(0)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=15)
+    assert proc.returncode == 0

@@ -93,13 +93,15 @@ def test_backend_is_pyvdpa_run_answering_then_stopping_on_sigint(sock_dir: Path)
     """The benchmark measures ``pyvdpa run`` as a user starts it."""
     iface = sock_dir / "net"
     argv = bench._serve_argv(
-        str(iface), "gen", frame=128, queues=1, engine="poll", devices=2, cpu=None
+        str(iface), "gen", frame=128, queues=1, engine="poll", devices=2, cpu=0
     )
     assert argv[1:5] == ["-m", "pyvdpa", "run", "--engine"]
+    # Only the worker is pinned, as testpmd pins its forwarding lcore.
+    assert argv[argv.index("--cpus") + 1] == "0"
     assert "sim-net,mode=gen,queues=1,frame-size=128,name=net1" in argv
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + 60
         while not all(Path(f"{iface}{i}").exists() for i in range(2)):
             assert time.monotonic() < deadline and process.poll() is None
             time.sleep(0.05)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import signal
 import sys
 import threading
@@ -47,7 +48,7 @@ from pyvdpa.vdpa import (
     VhostDevice,
 )
 
-__all__ = ["PROMPT", "QUEUE_ALL", "Console", "VdpaApp", "add_run_arguments", "run"]
+__all__ = ["PROMPT", "QUEUE_ALL", "Console", "VdpaApp", "add_run_arguments", "parse_cpus", "run"]
 
 #: The console prompt.
 PROMPT = "vdpa> "
@@ -82,10 +83,12 @@ class VdpaApp:
         client: bool = False,
         out: TextIO = sys.stdout,
         engine: EngineMode = EngineMode.ADAPTIVE,
+        cpus: Sequence[int] | None = None,
     ) -> None:
         self.client = client
         self.out = out
         self.engine = engine
+        self.cpus = None if cpus is None else tuple(cpus)
         self.registry = VdpaRegistry()
         self.drivers: dict[str, VdpaDriver] = {kind: cls() for kind, cls in DRIVERS.items()}
         self.ports: list[VdpaPort] = []
@@ -107,7 +110,7 @@ class VdpaApp:
         """Probe and register the devices ``--vdev`` arguments describe, in order."""
         devices = []
         for index, text in enumerate(specs):
-            spec = dataclasses.replace(parse_vdev(text, index), engine=self.engine)
+            spec = dataclasses.replace(parse_vdev(text, index), engine=self.engine, cpus=self.cpus)
             driver = self.drivers[spec.kind]
             device = driver.probe(spec, self.registry)
             self._owners[device.name] = driver
@@ -258,6 +261,30 @@ class Console:
         return False
 
 
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """A CPU list as ``taskset -c`` and DPDK's ``-l`` write it: ``1``, ``2,3``, ``0-3,6``."""
+    cpus: list[int] = []
+    try:
+        for part in text.split(","):
+            low, dash, high = part.partition("-")
+            first, last = int(low), int(high if dash else low)
+            if first > last:
+                raise ValueError
+            cpus.extend(range(first, last + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid CPU list {text!r} (e.g. 1, 2,3 or 0-3)"
+        ) from None
+    available = os.cpu_count() or 1
+    if len(set(cpus)) != len(cpus):
+        raise argparse.ArgumentTypeError(f"CPU list {text!r} names a CPU twice")
+    if not all(0 <= cpu < available for cpu in cpus):
+        raise argparse.ArgumentTypeError(
+            f"CPU list {text!r}: this machine has CPUs 0..{available - 1}"
+        )
+    return tuple(cpus)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``pyvdpa run`` (those of DPDK's vdpa example, plus ``--vdev``)."""
     parser.add_argument(
@@ -276,6 +303,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         "event (sleeps on kicks), adaptive (polls a while, then sleeps; default)",
     )
     parser.add_argument(
+        "--cpus",
+        type=parse_cpus,
+        metavar="LIST",
+        help="pin the data path: one worker per CPU listed, e.g. 1 or 2,3 or 2-5 "
+        "(default: one worker the system schedules)",
+    )
+    parser.add_argument(
         "--iface", metavar="PREFIX", help="socket path prefix: PREFIX0, PREFIX1… in --vdev order"
     )
     parser.add_argument(
@@ -290,7 +324,7 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
     """Run the application; errors from the command line propagate (after cleanup)."""
     if not args.iface and not args.interactive:
         raise ConfigError("--iface PREFIX is required unless -i/--interactive is given")
-    app = VdpaApp(client=args.client, out=out, engine=EngineMode(args.engine))
+    app = VdpaApp(client=args.client, out=out, engine=EngineMode(args.engine), cpus=args.cpus)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -22,8 +22,9 @@ test forwards on the second core:
   (``rxonly`` to consume, ``txonly`` to generate, ``io`` to loop back);
 * pyvdpa: ``pyvdpa run --vdev sim-net,mode=drop|gen|loopback --engine poll``,
   as a user starts it (:class:`~pyvdpa.dataplane.net.EngineNetDevice` on the
-  process's engine worker), the process pinned to the second core with
-  ``taskset``.
+  process's engine worker), with ``--cpus`` pinning that worker to the
+  second core, as testpmd pins its forwarding lcore; the control plane, idle
+  while traffic runs, is left to the system like testpmd's main lcore.
 
 Workloads: ``tx`` (virtio-user ``txonly`` → back-end consumes), ``rx``
 (back-end generates → virtio-user ``rxonly``), ``loopback`` (virtio-user
@@ -280,9 +281,11 @@ def _serve_argv(
         f",frame-size={frame}" if mode == "gen" else ""
     )
     argv = [sys.executable, "-m", "pyvdpa", "run", "--engine", engine, "--iface", iface]
+    if cpu is not None:
+        argv += ["--cpus", str(cpu)]
     for i in range(devices):
         argv += ["--vdev", f"{vdev},name=net{i}"]
-    return argv if cpu is None else ["taskset", "-c", str(cpu), *argv]
+    return argv
 
 
 @contextlib.contextmanager

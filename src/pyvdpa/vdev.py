@@ -73,6 +73,8 @@ class VdevSpec:
     text: str
     #: How the compiled data path's worker waits for work (``pyvdpa run --engine``).
     engine: EngineMode = EngineMode.ADAPTIVE
+    #: CPUs the data path's workers are pinned to, one worker each (``pyvdpa run --cpus``).
+    cpus: tuple[int, ...] | None = None
 
     def create(self) -> NetDevice | EngineNetDevice | BlkDevice:
         """Build the device the spec describes (in ``tap`` mode, its TAP too).
@@ -94,6 +96,7 @@ class VdevSpec:
                 queue_pairs=_int(t, "queues", o.get("queues", "1"), 1, 128),
                 frame_size=_int(t, "frame-size", o.get("frame-size", "64"), 60, 9000),
                 engine_mode=self.engine,
+                cpus=self.cpus,
             )
         if "frame-size" in o:
             raise ConfigError(f"--vdev {t!r}: frame-size= needs mode=gen")

@@ -239,7 +239,19 @@ class _Worker:
             return self._in_kernel
 
     def start(self) -> None:
+        """Start the thread, pinned to the worker's CPU (if any) before it serves a queue."""
         self._thread.start()
+        if self.cpu is None:
+            return
+        tid = self._thread.native_id
+        assert tid is not None
+        try:
+            os.sched_setaffinity(tid, {self.cpu})
+        except OSError as exc:
+            self.close()
+            raise ConfigError(
+                f"cannot pin data-path worker {self.index} to CPU {self.cpu}: {exc.strerror}"
+            ) from None
 
     def close(self) -> None:
         with self._cond:
@@ -248,6 +260,10 @@ class _Worker:
             self._cond.notify_all()
         self.wake()
         self._thread.join()
+        self.release()
+
+    def release(self) -> None:
+        """Close the epoll set and the wake eventfd (the thread has ended or never ran)."""
         self._epoll.close()
         os.close(self._wake_fd)
 
@@ -301,8 +317,6 @@ class _Worker:
         # Named for the system, so that tools can find (and pin) the worker.
         name = f"{WORKER_THREAD_PREFIX}{self.index}".encode()
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name, 0, 0, 0)
-        if self.cpu is not None:
-            os.sched_setaffinity(0, {self.cpu})
         mode = _MODE_CODES[self.engine.mode]
         spin_ns = int(self.engine.spin_us * 1000)
         while True:
@@ -389,8 +403,17 @@ class Engine:
             if self._started:
                 return self
             warm_up()
-            for worker in self._workers:
-                worker.start()
+            for started, worker in enumerate(self._workers):
+                try:
+                    worker.start()
+                except ConfigError:
+                    # The failed worker closed itself; the rest never ran.
+                    for other in self._workers[:started]:
+                        other.close()
+                    for other in self._workers[started + 1 :]:
+                        other.release()
+                    self._closed = True
+                    raise
             monitor = threading.Thread(target=self._watch, name="dataplane-monitor", daemon=True)
             self._monitor.thread = monitor
             monitor.start()

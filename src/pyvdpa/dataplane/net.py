@@ -31,6 +31,7 @@ from __future__ import annotations
 import atexit
 import struct
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -143,16 +144,24 @@ class QueueCounters:
 
 
 _shared_lock = threading.Lock()
-_shared: dict[EngineMode, Engine] = {}
+_shared: dict[tuple[EngineMode, tuple[int, ...] | None], Engine] = {}
 
 
-def shared_engine(mode: EngineMode | str = EngineMode.ADAPTIVE) -> Engine:
-    """The process-wide engine of ``mode`` (one worker), started on first use."""
-    key = EngineMode(mode)
+def shared_engine(
+    mode: EngineMode | str = EngineMode.ADAPTIVE, cpus: Sequence[int] | None = None
+) -> Engine:
+    """The process-wide engine of ``mode``, started on first use.
+
+    Without ``cpus`` it has one worker that the system schedules; with
+    ``cpus`` it has one worker pinned to each CPU listed, and devices
+    spread their queue pairs over them.
+    """
+    key = (EngineMode(mode), None if cpus is None else tuple(cpus))
     with _shared_lock:
         engine = _shared.get(key)
         if engine is None:
-            engine = Engine(key).start()
+            workers = 1 if cpus is None else len(cpus)
+            engine = Engine(key[0], workers=workers, cpus=key[1]).start()
             _shared[key] = engine
         return engine
 
@@ -169,7 +178,8 @@ def _close_shared() -> None:
 class EngineNetDevice(NetControl, VhostUserDevice):
     """A virtio-net device (loopback, drop or gen) whose queues run on an :class:`Engine`.
 
-    ``engine`` defaults to the process-wide engine of ``engine_mode``.
+    ``engine`` defaults to the process-wide engine of ``engine_mode`` whose
+    workers are pinned to ``cpus`` (see :func:`shared_engine`).
     ``frame_size`` is the length of the frames ``gen`` sends (Ethernet
     header included, no FCS).
     """
@@ -183,6 +193,7 @@ class EngineNetDevice(NetControl, VhostUserDevice):
         queue_pairs: int = 1,
         frame_size: int = 64,
         engine_mode: EngineMode | str = EngineMode.ADAPTIVE,
+        cpus: Sequence[int] | None = None,
         engine: Engine | None = None,
         status_feature: bool = False,
     ) -> None:
@@ -204,7 +215,7 @@ class EngineNetDevice(NetControl, VhostUserDevice):
         if status_feature:
             self.protocol_features |= ProtocolFeature.STATUS
         self.negotiated = 0
-        self.engine = engine if engine is not None else shared_engine(engine_mode)
+        self.engine = engine if engine is not None else shared_engine(engine_mode, cpus)
         self._frame: npt.NDArray[np.uint8] = np.frombuffer(
             generated_frame(frame_size, mac), dtype=np.uint8
         ).copy()
