@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pyvdpa.dataplane.blk import EngineBlkDevice
 from pyvdpa.dataplane.engine import EngineMode
 from pyvdpa.dataplane.net import EngineNetDevice
-from pyvdpa.devices.blk import BlkDevice
 from pyvdpa.devices.net import NetDevice
 from pyvdpa.errors import ConfigError
 from pyvdpa.virtio.net import parse_mac
@@ -76,11 +76,12 @@ class VdevSpec:
     #: CPUs the data path's workers are pinned to, one worker each (``pyvdpa run --cpus``).
     cpus: tuple[int, ...] | None = None
 
-    def create(self) -> NetDevice | EngineNetDevice | BlkDevice:
+    def create(self) -> NetDevice | EngineNetDevice | EngineBlkDevice:
         """Build the device the spec describes (in ``tap`` mode, its TAP too).
 
-        sim-net's ``loopback``, ``drop`` and ``gen`` modes run on the compiled
-        engine; ``tap`` mode runs on the Python data path.
+        sim-net's ``loopback``, ``drop`` and ``gen`` modes and sim-blk run on
+        the compiled engine; sim-net's ``tap`` mode runs on the Python data
+        path.
         """
         o, t = self.options, self.text
         mode = o.get("mode", "loopback")
@@ -108,12 +109,14 @@ class VdevSpec:
                 mtu=_int(t, "mtu", o.get("mtu", "1500"), 68, 65535),
                 queue_pairs=_int(t, "queues", o.get("queues", "1"), 1, 128),
             )
-        return BlkDevice(
+        return EngineBlkDevice(
             path=o.get("path"),
             size=parse_size(o["size"]) if "size" in o else None,
             readonly=_bool(t, "readonly", o.get("readonly", "off")),
             serial=o.get("serial", self.name),
             queues=_int(t, "queues", o.get("queues", "1"), 1, 64),
+            engine_mode=self.engine,
+            cpus=self.cpus,
         )
 
 

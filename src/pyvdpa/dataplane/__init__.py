@@ -6,16 +6,19 @@ virtqueues straight in guest memory:
 
 * :mod:`~pyvdpa.dataplane.kernels` — numba-compiled kernels (cached on
   disk): chain validation with the rules of :mod:`pyvdpa.virtio.ring`,
-  split and packed pop and push, notification decisions, the net programs
-  and the worker loop, with explicit memory ordering;
+  split and packed pop and push, notification decisions, the net and blk
+  programs and the worker loop, with explicit memory ordering;
 * :mod:`~pyvdpa.dataplane.queues` — a queue's compiled state, usable step by
   step from Python as a :class:`~pyvdpa.virtio.ring.DeviceQueue`;
 * :mod:`~pyvdpa.dataplane.engine` — worker threads in poll, event or
   adaptive mode, and the ports they serve;
 * :mod:`~pyvdpa.dataplane.net` — :class:`EngineNetDevice`, a virtio-net
-  device (loopback, drop, gen) on the engine.
+  device (loopback, drop, gen) on the engine;
+* :mod:`~pyvdpa.dataplane.blk` — :class:`EngineBlkDevice`, a virtio-blk
+  device (a file or a RAM disk) on the engine.
 """
 
+from pyvdpa.dataplane.blk import EngineBlkDevice
 from pyvdpa.dataplane.engine import Engine, EngineMode, Port
 from pyvdpa.dataplane.net import EngineNetDevice, QueueCounters, shared_engine
 from pyvdpa.dataplane.queues import (
@@ -30,6 +33,7 @@ __all__ = [
     "CompiledQueue",
     "CompiledSplitQueue",
     "Engine",
+    "EngineBlkDevice",
     "EngineMode",
     "EngineNetDevice",
     "Port",

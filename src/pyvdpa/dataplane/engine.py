@@ -5,8 +5,8 @@ Theory of operation
 An :class:`Engine` owns worker threads.  Each worker runs
 :func:`pyvdpa.dataplane.kernels.run_worker`, which releases the GIL and
 serves the worker's *ports* until asked to return; a port is one unit of
-work (a virtio-net queue pair and the program that runs it, a row of
-integers) and is served by exactly one worker, so no two threads ever touch
+work (a virtio-net queue pair or a virtio-blk queue, and the program that
+runs it, a row of integers) and is served by exactly one worker, so no two threads ever touch
 a ring.  New ports go to the worker with the fewest.
 
 Modes (:class:`EngineMode`):
@@ -110,7 +110,7 @@ class _Retired:
 
 
 class Port:
-    """One unit of work (a queue pair and its program), served by one worker.
+    """One unit of work (a net queue pair or a blk queue, and its program), served by one worker.
 
     Built by :meth:`Engine.add_port`; ``unit`` is the row the kernels read.
     The port keeps alive every buffer the row points at.

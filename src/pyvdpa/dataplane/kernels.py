@@ -44,6 +44,23 @@ template frame.  Receive follows section 5.1.6.3: the header's
 ``num_buffers`` counts the chains of a frame when ``MRG_RXBUF`` lets it span
 several.
 
+**Blk program** (virtio 1.2, section 5.2.6).  A ``blk`` unit serves one
+virtqueue of a virtio-blk device (in the unit's ``U_TXQ`` column: requests
+flow from the driver, like transmitted frames).  Each chain holds a 16-byte
+header (type, reserved, sector) in its device-readable part, then data, and
+its last device-writable byte is the status.  ``IN`` is one ``preadv`` from
+the backing file straight into the guest's writable buffers, ``OUT`` one
+``pwritev`` straight from its readable buffers (no copy, in batches of
+``IOV_MAX`` buffers); ``FLUSH`` is ``fdatasync``; ``GET_ID`` copies the
+serial; ``DISCARD`` and ``WRITE_ZEROES`` validate their segments and
+``fallocate`` (punching a hole, or zeroing a range with a fallback to
+writing zeros where the file system cannot).  The checks, their order, the
+status byte and the used length are those of the reference device,
+:class:`pyvdpa.devices.blk.BlkDevice`, which the tests hold the kernel to.
+The I/O is synchronous, as in DPDK's vhost blk examples: a request is
+finished, and its used element written, before the next one is popped, so
+the worker never leaves a burst with a request in flight.
+
 **The worker loop** (:func:`run_worker`) visits its units in turn, each for
 a bounded burst, publishes used entries once per burst and signals the call
 eventfd only when the driver's event suppression asks for it.  In poll mode
@@ -91,6 +108,7 @@ __all__ = [
     "E_TOO_BIG",
     "E_TOO_MANY",
     "HELD_CAP",
+    "IOV_MAX",
     "KERNEL_STAT_NAMES",
     "MAX_BURST",
     "MAX_EVENTS",
@@ -99,6 +117,7 @@ __all__ = [
     "MODE_POLL",
     "NSTATS",
     "POPPED",
+    "P_BLK",
     "P_DROP",
     "P_GEN",
     "P_LOOPBACK",
@@ -146,15 +165,25 @@ __all__ = [
     "S_PACKETS",
     "S_RECEIVED_DESC",
     "UCOLS",
+    "U_BLK_FD",
     "U_BURST",
+    "U_CAPACITY",
     "U_FRAME",
     "U_FRAME_LEN",
     "U_HDR",
+    "U_IOV",
+    "U_IOV_LEN",
     "U_MAC",
+    "U_MAX_SECTORS",
+    "U_MAX_SEG",
     "U_MRG",
     "U_PROGRAM",
+    "U_READONLY",
     "U_RXQ",
+    "U_SERIAL",
     "U_TXQ",
+    "U_ZEROS",
+    "U_ZEROS_LEN",
     "disable_notification",
     "enable_notification",
     "log_write",
@@ -273,7 +302,7 @@ KERNEL_STAT_NAMES = (
     "calls",
 )
 
-# Unit row: one net queue pair and the program that runs it.
+# Unit row: one net queue pair (or one blk queue) and the program that runs it.
 U_PROGRAM = 0
 U_RXQ = 1
 """Host address of the receive queue's row, 0 while it is not running."""
@@ -286,11 +315,30 @@ U_FRAME = 6
 """Host address of the generated frame (``gen``)."""
 U_FRAME_LEN = 7
 U_BURST = 8
-UCOLS = 16
+# Unit row of a blk unit.
+U_BLK_FD = 9
+"""The backing file's descriptor."""
+U_CAPACITY = 10
+"""Capacity in 512-byte sectors."""
+U_READONLY = 11
+U_SERIAL = 12
+"""Host address of the 20-byte serial, zero padded."""
+U_ZEROS = 13
+"""Host address of a zero-filled buffer (reads past the end of the file, zeroing fallback)."""
+U_ZEROS_LEN = 14
+U_IOV = 15
+"""Host address of the unit's ``int64[U_IOV_LEN, 2]`` iovec array."""
+U_IOV_LEN = 16
+U_MAX_SEG = 17
+"""Segments a DISCARD or WRITE_ZEROES request may carry."""
+U_MAX_SECTORS = 18
+"""Sectors one DISCARD or WRITE_ZEROES segment may cover."""
+UCOLS = 24
 
 P_LOOPBACK = 0
 P_DROP = 1
 P_GEN = 2
+P_BLK = 3
 
 # Worker control words.
 C_REQUEST = 0
@@ -336,6 +384,8 @@ MAX_BURST = 1024
 SINK_SIZE = 65536
 """Bytes of a transmitted frame the ``drop`` program reads."""
 MAX_EVENTS = 64
+IOV_MAX = 1024
+"""Buffers one ``preadv``/``pwritev`` takes, at most (Linux's ``IOV_MAX``)."""
 
 # Spec values (virtio 1.2, sections 2.7 and 2.8); kept literal so the cached
 # machine code depends on nothing outside this file.
@@ -353,6 +403,26 @@ _MAX_CHAIN_BYTES = 1 << 32
 _LOG_PAGE_SHIFT = 12
 _NET_HDR_MRG = 12
 _ETH_HLEN = 14
+# virtio-blk (section 5.2.6), fallocate(2) modes and errno values.
+_BLK_T_IN = 0
+_BLK_T_OUT = 1
+_BLK_T_FLUSH = 4
+_BLK_T_GET_ID = 8
+_BLK_T_DISCARD = 11
+_BLK_T_WRITE_ZEROES = 13
+_BLK_S_OK = 0
+_BLK_S_IOERR = 1
+_BLK_S_UNSUPP = 2
+_BLK_HEADER = 16
+_BLK_SEGMENT = 16
+_BLK_ID_BYTES = 20
+_BLK_UNMAP = 1
+_SECTOR_SHIFT = 9
+_SECTOR_MASK = 511
+_FALLOC_KEEP_SIZE = 0x01
+_FALLOC_PUNCH_HOLE = 0x02
+_FALLOC_ZERO_RANGE = 0x10
+_EINTR = 4
 
 # Results of rx_deliver.
 _DELIVERED = 1
@@ -574,10 +644,11 @@ def _view(dtype: Any, inner: int) -> Callable[..., Any]:
 
 
 # A row of int64 (a queue, a unit, counters); a region table of uint64[n, 3];
-# a packed queue's shadow of unpublished used descriptors, int64[n, 2].
+# pairs of int64 (a packed queue's shadow of unpublished used descriptors, a
+# blk unit's iovec array).
 _row = _view(types.int64, 0)
 _table = _view(types.uint64, 3)
-_shadow = _view(types.int64, 2)
+_pairs = _view(types.int64, 2)
 
 
 @_intrinsic
@@ -649,6 +720,54 @@ def _epoll_wait(typingctx: Any, epfd: Any, events: Any, maxevents: Any, timeout:
         narrow = [builder.trunc(args[0], _I32), args[1]]
         narrow += [builder.trunc(args[2], _I32), builder.trunc(args[3], _I32)]
         return builder.sext(builder.call(fn, narrow), _I64)
+
+    return sig, codegen
+
+
+def _libc(name: str, params: tuple[Any, ...], result: Any) -> Callable[..., Any]:
+    """An intrinsic calling libc's ``name``: int64 arguments narrowed to ``params``.
+
+    The result is widened back to int64 (sign-extended: -1 stays -1).
+    """
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        fnty = ir.FunctionType(result, list(params))
+        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+        narrow = [
+            arg if param.width == 64 else builder.trunc(arg, param)
+            for arg, param in zip(args, params, strict=True)
+        ]
+        value = builder.call(fn, narrow)
+        return value if result.width == 64 else builder.sext(value, _I64)
+
+    def typer1(typingctx: Any, a: Any) -> Any:
+        return types.int64(types.int64), codegen
+
+    def typer4(typingctx: Any, a: Any, b: Any, c: Any, d: Any) -> Any:
+        return types.int64(types.int64, types.int64, types.int64, types.int64), codegen
+
+    typer: Callable[..., Any] = typer1 if len(params) == 1 else typer4
+    typer.__name__ = typer.__qualname__ = f"_libc_{name}"
+    return _intrinsic(typer)
+
+
+# Pointers travel as int64, as in the eventfd intrinsics above.
+_preadv = _libc("preadv", (_I32, _I64, _I32, _I64), _I64)
+_pwritev = _libc("pwritev", (_I32, _I64, _I32, _I64), _I64)
+_pwrite = _libc("pwrite", (_I32, _I64, _I64, _I64), _I64)
+_fallocate = _libc("fallocate", (_I32, _I32, _I64, _I64), _I32)
+_fdatasync = _libc("fdatasync", (_I32,), _I32)
+
+
+@_intrinsic
+def _errno(typingctx: Any) -> Any:
+    """The calling thread's ``errno``."""
+    sig = types.int64()
+
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        fnty = ir.FunctionType(_I32.as_pointer(), [])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "__errno_location")
+        return builder.sext(builder.load(builder.call(fn, [])), _I64)
 
     return sig, codegen
 
@@ -1013,7 +1132,7 @@ def push(q: Any, ident: Any, written: Any, desc_count: Any) -> None:
         flags = (_AVAIL | _USED) if q[Q_USED_WRAP] else 0
         if written:
             flags |= _WRITE
-        shadow = _shadow(q[Q_SHADOW], size)
+        shadow = _pairs(q[Q_SHADOW], size)
         n = q[Q_UNPUBLISHED]
         shadow[n, 0] = used
         shadow[n, 1] = ident | (flags << 16) | (written << 32)
@@ -1063,7 +1182,7 @@ def publish(q: Any) -> None:
         return
     q[Q_UNPUBLISHED] = 0
     if q[Q_PACKED]:
-        shadow = _shadow(q[Q_SHADOW], q[Q_SIZE])
+        shadow = _pairs(q[Q_SHADOW], q[Q_SIZE])
         for i in range(1, n):
             _write_used(q, shadow[i, 0], shadow[i, 1])
         _write_used(q, shadow[0, 0], shadow[0, 1])
@@ -1511,6 +1630,254 @@ def _generate(u: Any, segs_r: Any, held: Any, zeros: Any) -> Any:
     return done
 
 
+# --------------------------------------------------------------------------- blk program
+
+
+@_kernel
+def _sg_load(segs: Any, first: Any, end: Any, offset: Any, nbytes: Any) -> Any:
+    """The little-endian ``nbytes``-byte (4 or 8) integer at ``offset`` of segments [first, end).
+
+    The bytes may straddle segments; the caller checked that they exist.
+    """
+    if segs[first, 2] >= offset + nbytes:
+        host = segs[first, 1] + offset
+        return _ld_u64(host) if nbytes == 8 else _ld_u32(host)
+    value = 0
+    for b in range(nbytes):
+        value |= _ld_u8(_sg_addr(segs, first, end, offset + b)) << (8 * b)
+    return value
+
+
+@_kernel
+def _sg_store_u8(q: Any, segs: Any, first: Any, end: Any, offset: Any, value: Any) -> None:
+    """Store one byte at ``offset`` of segments [first, end), and log it."""
+    for i in range(first, end):
+        if offset < segs[i, 2]:
+            _st_u8(segs[i, 1] + offset, value)
+            if q[Q_LOG]:
+                log_write(q, segs[i, 0] + offset, 1)
+            return
+        offset -= segs[i, 2]
+
+
+@_kernel
+def _sg_zero(q: Any, u: Any, segs: Any, first: Any, end: Any, offset: Any, count: Any) -> None:
+    """Zero ``count`` bytes of segments [first, end) from ``offset``."""
+    chunk = u[U_ZEROS_LEN]
+    while count > 0:
+        n = min(count, chunk)
+        _sg_write(q, segs, first, end, offset, u[U_ZEROS], n)
+        offset += n
+        count -= n
+
+
+@_kernel
+def _sg_file_io(
+    q: Any, u: Any, segs: Any, first: Any, end: Any, offset: Any, count: Any, pos: Any, out: Any
+) -> Any:
+    """Move ``count`` bytes between file offset ``pos`` and segments [first, end) from ``offset``.
+
+    ``out`` false: ``preadv`` into the segments (logged as written);
+    ``out`` true: ``pwritev`` from them.  The guest's buffers are the I/O
+    buffers: nothing is copied.  Returns True when every byte moved.  A
+    read meeting the end of the file zeroes the rest, as QEMU's raw files
+    do; a write making no progress fails, as does any error but EINTR.
+    """
+    fd = u[U_BLK_FD]
+    iov_addr = u[U_IOV]
+    iov = _pairs(iov_addr, u[U_IOV_LEN])
+    i = first
+    while i < end and offset >= segs[i, 2]:
+        offset -= segs[i, 2]
+        i += 1
+    while count > 0:
+        n = 0
+        batch = 0
+        j = i
+        skip = offset
+        while n < iov.shape[0] and batch < count and j < end:
+            length = min(segs[j, 2] - skip, count - batch)
+            if length > 0:
+                iov[n, 0] = segs[j, 1] + skip
+                iov[n, 1] = length
+                if not out and q[Q_LOG]:
+                    log_write(q, segs[j, 0] + skip, length)
+                n += 1
+                batch += length
+            skip = 0
+            j += 1
+        if n == 0:
+            return False
+        done = _pwritev(fd, iov_addr, n, pos) if out else _preadv(fd, iov_addr, n, pos)
+        if done < 0:
+            if _errno() == _EINTR:
+                continue
+            return False
+        if done == 0:
+            if out:
+                return False
+            _sg_zero(q, u, segs, i, end, offset, count)
+            return True
+        count -= done
+        pos += done
+        offset += done
+        while i < end and offset >= segs[i, 2]:
+            offset -= segs[i, 2]
+            i += 1
+    return True
+
+
+@_kernel
+def _blk_range(u: Any, sector: Any, length: Any) -> Any:
+    """File offset of ``length`` bytes at ``sector``, or -1 unless whole sectors inside the disk.
+
+    ``sector`` is the request's u64 as an int64 bit pattern: a negative one
+    lies beyond any capacity, and the sum cannot overflow once it is below.
+    """
+    capacity = u[U_CAPACITY]
+    if length & _SECTOR_MASK:
+        return -1
+    if sector < 0 or sector > capacity or sector + (length >> _SECTOR_SHIFT) > capacity:
+        return -1
+    return sector << _SECTOR_SHIFT
+
+
+@_kernel
+def _falloc(fd: Any, mode: Any, pos: Any, length: Any) -> Any:
+    """``fallocate``, retried on EINTR; True on success."""
+    while True:
+        if _fallocate(fd, mode, pos, length) == 0:
+            return True
+        if _errno() != _EINTR:
+            return False
+
+
+@_kernel
+def _zero_range(u: Any, pos: Any, length: Any) -> Any:
+    """Zero file bytes [pos, pos + length): ZERO_RANGE, else by writing zeros."""
+    fd = u[U_BLK_FD]
+    if _falloc(fd, _FALLOC_ZERO_RANGE | _FALLOC_KEEP_SIZE, pos, length):
+        return True
+    # Not every file system zeroes ranges (tmpfs, behind a RAM disk, does not).
+    while length > 0:
+        done = _pwrite(fd, u[U_ZEROS], min(length, u[U_ZEROS_LEN]), pos)
+        if done < 0 and _errno() == _EINTR:
+            continue
+        if done <= 0:
+            return False
+        pos += done
+        length -= done
+    return True
+
+
+@_kernel
+def _blk_discard_or_zero(u: Any, segs: Any, nread: Any, kind: Any, data_out: Any) -> Any:
+    """Apply the segments of a DISCARD or WRITE_ZEROES request; return the status.
+
+    Like the reference device, each segment is checked and applied before
+    the next one is looked at.
+    """
+    if data_out == 0 or data_out % _BLK_SEGMENT or data_out // _BLK_SEGMENT > u[U_MAX_SEG]:
+        return _BLK_S_UNSUPP
+    for s in range(data_out // _BLK_SEGMENT):
+        at = _BLK_HEADER + _BLK_SEGMENT * s
+        sector = _sg_load(segs, 0, nread, at, 8)
+        num_sectors = _sg_load(segs, 0, nread, at + 8, 4)
+        flags = _sg_load(segs, 0, nread, at + 12, 4)
+        if flags & ~_BLK_UNMAP or (kind == _BLK_T_DISCARD and flags):
+            return _BLK_S_UNSUPP
+        if num_sectors > u[U_MAX_SECTORS]:
+            return _BLK_S_IOERR
+        length = num_sectors << _SECTOR_SHIFT
+        pos = _blk_range(u, sector, length)
+        if pos < 0:
+            return _BLK_S_IOERR
+        if kind == _BLK_T_DISCARD:
+            done = _falloc(u[U_BLK_FD], _FALLOC_PUNCH_HOLE | _FALLOC_KEEP_SIZE, pos, length)
+        else:
+            done = _zero_range(u, pos, length)
+        if not done:
+            return _BLK_S_IOERR
+    return _BLK_S_OK
+
+
+@_kernel
+def _blk_execute(q: Any, u: Any, segs: Any, nseg: Any, nread: Any, rlen: Any, wlen: Any) -> Any:
+    """Execute one well-formed request; return (status, bytes written before the status)."""
+    kind = _sg_load(segs, 0, nread, 0, 4)
+    sector = _sg_load(segs, 0, nread, 8, 8)
+    data_in = wlen - 1
+    data_out = rlen - _BLK_HEADER
+    readonly = u[U_READONLY]
+    if kind == _BLK_T_IN:
+        pos = _blk_range(u, sector, data_in)
+        if pos < 0 or not _sg_file_io(q, u, segs, nread, nseg, 0, data_in, pos, False):
+            return (_BLK_S_IOERR, 0)
+        return (_BLK_S_OK, data_in)
+    if kind == _BLK_T_OUT:
+        if readonly:
+            return (_BLK_S_IOERR, 0)
+        pos = _blk_range(u, sector, data_out)
+        if pos < 0 or not _sg_file_io(q, u, segs, 0, nread, _BLK_HEADER, data_out, pos, True):
+            return (_BLK_S_IOERR, 0)
+        return (_BLK_S_OK, 0)
+    if kind == _BLK_T_FLUSH:
+        if not readonly:
+            while _fdatasync(u[U_BLK_FD]) != 0:
+                if _errno() != _EINTR:
+                    return (_BLK_S_IOERR, 0)
+        return (_BLK_S_OK, 0)
+    if kind == _BLK_T_GET_ID:
+        count = min(_BLK_ID_BYTES, data_in)
+        _sg_write(q, segs, nread, nseg, 0, u[U_SERIAL], count)
+        return (_BLK_S_OK, count)
+    if kind in (_BLK_T_DISCARD, _BLK_T_WRITE_ZEROES):
+        if readonly:
+            return (_BLK_S_IOERR, 0)
+        return (_blk_discard_or_zero(u, segs, nread, kind, data_out), 0)
+    return (_BLK_S_UNSUPP, 0)
+
+
+@_kernel
+def _blk_requests(u: Any, segs: Any) -> Any:
+    """Serve a burst of requests of a blk unit's queue; return how many."""
+    qa = u[U_TXQ]
+    if qa == 0:
+        return 0
+    q = _row(qa, QCOLS)
+    if q[Q_ERROR]:
+        return 0
+    stats = _row(q[Q_STATS], NSTATS)
+    limit = u[U_BURST]
+    count = 0
+    while count < limit:
+        status, ident, nseg, nread, rlen, wlen, dc = ring_pop(q, segs, 0)
+        if status == EMPTY:
+            break
+        if status == ERROR:
+            _count_error(q)
+            break
+        stats[S_RECEIVED_DESC] += 1
+        written = 0
+        if wlen < 1 or rlen < _BLK_HEADER:
+            # No room for a status, or no header to act on: returned untouched.
+            stats[S_INVALID_BUFFER] += 1
+        else:
+            result, reply = _blk_execute(q, u, segs, nseg, nread, rlen, wlen)
+            if result != _BLK_S_OK:
+                stats[S_COMPLETION_ERRORS] += 1
+            _sg_store_u8(q, segs, nread, nseg, wlen - 1, result)
+            stats[S_PACKETS] += 1
+            stats[S_BYTES] += reply + rlen - _BLK_HEADER
+            written = reply + 1
+        push(q, ident, written, dc)
+        stats[S_COMPLETED_DESC] += 1
+        count += 1
+    if count:
+        _complete(q)
+    return count
+
+
 # --------------------------------------------------------------------------- worker loop
 
 
@@ -1582,7 +1949,11 @@ def run_worker(
         work = 0
         for i in range(nunits):
             u = _row(units[i], UCOLS)
-            if u[U_PROGRAM] == P_GEN:
+            program = u[U_PROGRAM]
+            if program == P_BLK:
+                work += _blk_requests(u, segs_t)
+                continue
+            if program == P_GEN:
                 work += _generate(u, segs_r, held, zero_addr)
             work += _transmit(u, segs_t, segs_r, held, chains, sink, zero_addr)
         passes += 1

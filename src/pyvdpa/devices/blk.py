@@ -1,4 +1,4 @@
-"""A simulated virtio-blk device on the Python slow path.
+"""A simulated virtio-blk device on the Python slow path; the control surface of every blk device.
 
 Theory of operation (virtio 1.2, section 5.2.6; Linux ``vdpa_sim_blk``):
 each request chain carries a 16-byte header (type, ioprio, sector) in its
@@ -10,6 +10,12 @@ UNSUPP; a malformed *ring* breaks only its queue.  The backing store is a
 file (``path``) or anonymous memory (``size``), accessed with
 ``pread``/``pwrite`` so that the data on disk is only ever changed by a
 valid OUT, DISCARD or WRITE_ZEROES request.
+
+:class:`BlkControl` is what every blk data path shares: the backing store,
+the feature bits and the config space.  :class:`BlkDevice` serves the queues
+in Python; ``sim-blk`` runs on the compiled engine
+(:class:`pyvdpa.dataplane.blk.EngineBlkDevice`), and this device is the
+reference the tests hold the compiled program to, request by request.
 """
 
 from __future__ import annotations
@@ -36,7 +42,15 @@ from pyvdpa.virtio.blk import (
 from pyvdpa.virtio.constants import BlkFeature, BlkStatus, BlkType, VirtioFeature
 from pyvdpa.virtio.ring import DescriptorChain
 
-__all__ = ["BlkDevice"]
+__all__ = [
+    "BLK_FEATURES",
+    "BLK_PROTOCOL_FEATURES",
+    "MAX_DISCARD_SECTORS",
+    "MAX_DISCARD_SEG",
+    "SEG_MAX",
+    "BlkControl",
+    "BlkDevice",
+]
 
 SEG_MAX = 126
 MAX_DISCARD_SECTORS = 1 << 22
@@ -80,8 +94,19 @@ class _RequestError(Exception):
         self.status = status
 
 
-class BlkDevice(ThreadedDevice):
-    """A virtio-blk disk backed by a file or by memory."""
+class BlkControl:
+    """The virtio-blk control surface every blk data path shares.
+
+    Opens the backing store: the file at ``path`` (read-only with
+    ``readonly``), or a RAM disk of ``size`` bytes in a memfd, so that the
+    kernel reads and writes both alike.  Gives the feature bits, the
+    protocol features and the read-only config space (capacity, blk_size,
+    seg_max, num_queues, discard and write-zeroes limits).
+    """
+
+    features: int
+    protocol_features: ProtocolFeature
+    num_queues: int
 
     def __init__(
         self,
@@ -126,7 +151,6 @@ class BlkDevice(ThreadedDevice):
         self.features = BLK_FEATURES | (BlkFeature.RO if readonly else 0)
         self.features |= BlkFeature.MQ if queues > 1 else 0
         self.protocol_features = BLK_PROTOCOL_FEATURES
-        self.stats = [QueueStats() for _ in range(queues)]
 
     def close(self) -> None:
         """Close the backing store."""
@@ -155,6 +179,29 @@ class BlkDevice(ThreadedDevice):
     def set_config(self, offset: int, data: bytes) -> None:
         """Only the writeback byte is writable, and it is not offered."""
         raise UnsupportedRequestError("virtio-blk config space is read-only")
+
+
+class BlkDevice(BlkControl, ThreadedDevice):
+    """A virtio-blk disk backed by a file or by memory, served by Python threads.
+
+    The reference implementation of the request rules: the device ``sim-blk``
+    runs, :class:`~pyvdpa.dataplane.blk.EngineBlkDevice`, is tested request
+    by request against it, as the compiled ring walk is against
+    :func:`~pyvdpa.virtio.ring.walk_chain`.  Inflight I/O is tracked for
+    split rings.
+    """
+
+    def __init__(
+        self,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        size: int | None = None,
+        readonly: bool = False,
+        serial: str = "pyvdpa",
+        queues: int = 1,
+    ) -> None:
+        super().__init__(path=path, size=size, readonly=readonly, serial=serial, queues=queues)
+        self.stats = [QueueStats() for _ in range(queues)]
 
     # ------------------------------------------------------------------ data path
 
@@ -228,7 +275,7 @@ class BlkDevice(ThreadedDevice):
             return b""
         if kind == BlkType.FLUSH:
             if not self.readonly:
-                os.fsync(self.fd)
+                os.fdatasync(self.fd)
             return b""
         if kind == BlkType.GET_ID:
             return self.serial.ljust(BLK_ID_BYTES, b"\0")[: min(BLK_ID_BYTES, data_in_len)]

@@ -6,9 +6,12 @@ Linux ``vdpa_sim``): a driver *probes* a device description, brings up the
 in a :class:`~pyvdpa.vdpa.registry.VdpaRegistry`; *remove* unregisters it and
 releases the hardware.
 
-The simulated hardware is a device model of :mod:`pyvdpa.devices`
-(:class:`~pyvdpa.devices.net.NetDevice`, :class:`~pyvdpa.devices.blk.BlkDevice`),
-whose queues run on threads of their own, straight on the guest's rings.
+The simulated hardware is a device model whose queues run apart from the
+control plane, straight on the guest's rings: on the compiled engine
+(:class:`~pyvdpa.dataplane.net.EngineNetDevice`,
+:class:`~pyvdpa.dataplane.blk.EngineBlkDevice`) or on Python threads
+(:class:`~pyvdpa.devices.net.NetDevice` in tap mode,
+:class:`~pyvdpa.devices.blk.BlkDevice`).
 :class:`SimDeviceOps` is the driver side of the ops table: ``dev_conf``
 hands the hardware every ready ring, ``set_vring_state`` adds or removes one
 ring while configured, ``dev_close`` takes them all back and resets the
@@ -23,6 +26,7 @@ import threading
 from collections.abc import Mapping
 from typing import ClassVar
 
+from pyvdpa.dataplane.blk import EngineBlkDevice
 from pyvdpa.dataplane.net import EngineNetDevice
 from pyvdpa.devices.blk import BlkDevice
 from pyvdpa.devices.net import NetDevice
@@ -53,6 +57,9 @@ NET_STAT_NAMES = STAT_NAMES
 #: The two net data paths: the compiled engine, and the Python one (tap mode).
 NetHardware = NetDevice | EngineNetDevice
 
+#: The two blk data paths: the compiled engine, and the Python reference.
+BlkHardware = EngineBlkDevice | BlkDevice
+
 #: Per-queue counters of a simulated blk device (DPDK's names).
 BLK_STAT_NAMES = tuple(name for name in STAT_NAMES if name not in ("packets", "bytes"))
 
@@ -60,7 +67,7 @@ BLK_STAT_NAMES = tuple(name for name in STAT_NAMES if name not in ("packets", "b
 class SimDeviceOps:
     """The vDPA operations of a simulated device over its hardware model."""
 
-    def __init__(self, hardware: NetDevice | EngineNetDevice | BlkDevice) -> None:
+    def __init__(self, hardware: NetHardware | BlkHardware) -> None:
         self.hardware = hardware
         if isinstance(hardware, NetHardware):
             self.device_type = DeviceId.NET
