@@ -6,9 +6,10 @@ Linux ``vdpa_sim``): a driver *probes* a device description, brings up the
 in a :class:`~pyvdpa.vdpa.registry.VdpaRegistry`; *remove* unregisters it and
 releases the hardware.
 
-The simulated hardware is a device model of :mod:`pyvdpa.devices`
-(:class:`~pyvdpa.devices.net.NetDevice`, :class:`~pyvdpa.devices.blk.BlkDevice`),
-whose queues run on threads of their own, straight on the guest's rings.
+The simulated hardware is a device model: :class:`~pyvdpa.dataplane.net.EngineNetDevice`
+(queues on the compiled data-plane engine), :class:`~pyvdpa.devices.blk.BlkDevice`
+or :class:`~pyvdpa.devices.net.NetDevice` (queues on Python threads), each
+working straight on the guest's rings.
 :class:`SimDeviceOps` is the driver side of the ops table: ``dev_conf``
 hands the hardware every ready ring, ``set_vring_state`` adds or removes one
 ring while configured, ``dev_close`` takes them all back and resets the
@@ -50,7 +51,7 @@ __all__ = [
 #: Per-queue counters of a simulated net device (DPDK's names, plus traffic).
 NET_STAT_NAMES = STAT_NAMES
 
-#: The two net data paths: the compiled engine, and the Python one (tap mode).
+#: The two net data paths: the compiled engine, and the Python one.
 NetHardware = NetDevice | EngineNetDevice
 
 #: Per-queue counters of a simulated blk device (DPDK's names).
