@@ -432,7 +432,7 @@ def test_engine_refuses_bad_settings() -> None:
         Engine(burst=0)
     engine = Engine(EngineMode.EVENT)
     with pytest.raises(ConfigError):
-        EngineNetDevice(mode="tap", engine=engine)
+        EngineNetDevice(mode="bridge", engine=engine)
     engine.close()
 
 

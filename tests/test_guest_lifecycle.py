@@ -43,8 +43,8 @@ from peers.guest import (
 )
 from peers.initramfs import add_files
 from peers.netns import NetNamespace
+from pyvdpa.dataplane.net import EngineNetDevice
 from pyvdpa.devices.blk import BlkDevice
-from pyvdpa.devices.net import NetDevice
 from pyvdpa.vdpa import VdpaPort, VdpaRegistry
 from test_guest_blk import FACT, SHELL_FUNCTIONS, Region, md5
 from test_guest_net import PING_SUMMARY
@@ -128,7 +128,7 @@ def served(sock_dir: Path, tmp_path: Path) -> Iterator[Served]:
     disk.write_bytes(random.Random("disk").randbytes(DISK_SIZE))
     namespace = NetNamespace(f"pyvdpa-{os.getpid()}-lifecycle")
     with namespace, contextlib.ExitStack() as stack:
-        net = RecordingOps(in_netns(namespace, lambda: NetDevice(mode="tap", ifname=TAP)))
+        net = RecordingOps(in_netns(namespace, lambda: EngineNetDevice(mode="tap", ifname=TAP)))
         stack.callback(net.close)
         namespace.add_address(TAP, f"{HOST_IP}/24")
         namespace.link_up(TAP)

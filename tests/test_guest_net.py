@@ -37,6 +37,7 @@ from peers.dpdk import virtio_user
 from peers.guest import script_status, vhost_user_net_args
 from peers.netns import NetNamespace
 from peers.tcp import SINK_PORT, SOURCE_PORT, StreamServer
+from pyvdpa.dataplane.net import EngineNetDevice
 from pyvdpa.devices.net import NetDevice
 from pyvdpa.vdpa import SimDeviceOps, VdpaPort, VdpaRegistry
 from test_vdpa_port import RecordingOps, connect, open_link
@@ -255,7 +256,7 @@ def test_regression_repeated_set_features_keeps_the_rings_running(sock_dir: Path
 def test_regression_tap_frames_reach_the_only_running_pair(sock_dir: Path) -> None:
     """With two pairs and only the first running, no host frame may go to the second."""
     with NetNamespace(f"pyvdpa-{os.getpid()}-steering") as netns:
-        hardware = in_netns(netns, lambda: NetDevice(mode="tap", ifname=TAP, queue_pairs=2))
+        hardware = in_netns(netns, lambda: EngineNetDevice(mode="tap", ifname=TAP, queue_pairs=2))
         ops = SimDeviceOps(hardware)
         registry = VdpaRegistry()
         device = registry.register("net0", ops)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvdpa.dataplane.net import EngineNetDevice
 from pyvdpa.devices.blk import BlkDevice
 from pyvdpa.devices.net import NetDevice
 from pyvdpa.drive.blk import run_blk
@@ -28,7 +29,7 @@ RX_BUFFER = 2048
 class RecordingOps(SimDeviceOps):
     """Simulated device ops that record every control-path call, then do it."""
 
-    def __init__(self, hardware: NetDevice | BlkDevice) -> None:
+    def __init__(self, hardware: NetDevice | EngineNetDevice | BlkDevice) -> None:
         super().__init__(hardware)
         self.calls: list[tuple[object, ...]] = []
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 from pyvdpa.dataplane.blk import EngineBlkDevice
 from pyvdpa.dataplane.engine import EngineMode
-from pyvdpa.dataplane.net import EngineNetDevice
-from pyvdpa.devices.net import NetDevice
+from pyvdpa.dataplane.net import ENGINE_NET_MODES, EngineNetDevice
+from pyvdpa.devices.net import DEFAULT_MAC
 from pyvdpa.errors import ConfigError
 from pyvdpa.virtio.net import parse_mac
 
@@ -23,8 +23,8 @@ VDEV_KEYS: dict[str, frozenset[str]] = {
     "sim-blk": frozenset({"name", "path", "size", "readonly", "queues", "serial"}),
 }
 
-#: sim-net modes: the first three on the compiled engine, ``tap`` on the Python path.
-SIM_NET_MODES = ("loopback", "drop", "gen", "tap")
+#: sim-net modes, all on the compiled engine.
+SIM_NET_MODES = ENGINE_NET_MODES
 
 _SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -76,38 +76,29 @@ class VdevSpec:
     #: CPUs the data path's workers are pinned to, one worker each (``pyvdpa run --cpus``).
     cpus: tuple[int, ...] | None = None
 
-    def create(self) -> NetDevice | EngineNetDevice | EngineBlkDevice:
+    def create(self) -> EngineNetDevice | EngineBlkDevice:
         """Build the device the spec describes (in ``tap`` mode, its TAP too).
 
-        sim-net's ``loopback``, ``drop`` and ``gen`` modes and sim-blk run on
-        the compiled engine; sim-net's ``tap`` mode runs on the Python data
-        path.
+        Every device runs on the compiled engine.
         """
         o, t = self.options, self.text
-        mode = o.get("mode", "loopback")
-        if self.kind == "sim-net" and mode not in SIM_NET_MODES:
-            raise ConfigError(f"unknown sim-net mode {mode!r} ({', '.join(SIM_NET_MODES)})")
-        if self.kind == "sim-net" and mode != "tap":
-            if "ifname" in o:
+        if self.kind == "sim-net":
+            mode = o.get("mode", "loopback")
+            if mode not in SIM_NET_MODES:
+                raise ConfigError(f"unknown sim-net mode {mode!r} ({', '.join(SIM_NET_MODES)})")
+            if "ifname" in o and mode != "tap":
                 raise ConfigError(f"ifname={o['ifname']} needs mode=tap")
+            if "frame-size" in o and mode != "gen":
+                raise ConfigError(f"--vdev {t!r}: frame-size= needs mode=gen")
             return EngineNetDevice(
                 mode=mode,
-                mac=parse_mac(o["mac"]) if "mac" in o else bytes.fromhex("525400123456"),
+                ifname=o.get("ifname"),
+                mac=parse_mac(o["mac"]) if "mac" in o else DEFAULT_MAC,
                 mtu=_int(t, "mtu", o.get("mtu", "1500"), 68, 65535),
                 queue_pairs=_int(t, "queues", o.get("queues", "1"), 1, 128),
                 frame_size=_int(t, "frame-size", o.get("frame-size", "64"), 60, 9000),
                 engine_mode=self.engine,
                 cpus=self.cpus,
-            )
-        if "frame-size" in o:
-            raise ConfigError(f"--vdev {t!r}: frame-size= needs mode=gen")
-        if self.kind == "sim-net":
-            return NetDevice(
-                mode=o.get("mode", "loopback"),
-                ifname=o.get("ifname"),
-                mac=parse_mac(o["mac"]) if "mac" in o else bytes.fromhex("525400123456"),
-                mtu=_int(t, "mtu", o.get("mtu", "1500"), 68, 65535),
-                queue_pairs=_int(t, "queues", o.get("queues", "1"), 1, 128),
             )
         return EngineBlkDevice(
             path=o.get("path"),

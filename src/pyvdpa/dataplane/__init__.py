@@ -13,7 +13,7 @@ virtqueues straight in guest memory:
 * :mod:`~pyvdpa.dataplane.engine` — worker threads in poll, event or
   adaptive mode, and the ports they serve;
 * :mod:`~pyvdpa.dataplane.net` — :class:`EngineNetDevice`, a virtio-net
-  device (loopback, drop, gen) on the engine;
+  device (loopback, drop, gen, tap) on the engine;
 * :mod:`~pyvdpa.dataplane.blk` — :class:`EngineBlkDevice`, a virtio-blk
   device (a file or a RAM disk) on the engine.
 """

@@ -15,8 +15,10 @@ Modes (:class:`EngineMode`):
   latency, one busy core, like a DPDK polling core;
 * ``event`` — when a pass finds no work the worker re-enables notifications
   on the queues it consumes, checks them once more, and sleeps in
-  ``epoll_wait`` on their kick eventfds (and its own wake eventfd); an idle
-  device costs nothing;
+  ``epoll_wait`` on their kick eventfds, its own wake eventfd and the fds
+  its ports bring (a TAP queue, watched edge-triggered so that frames left
+  waiting for receive buffers do not keep waking it); an idle device costs
+  nothing;
 * ``adaptive`` — polls while work keeps arriving and for ``spin_us`` after
   the last of it, then sleeps as in event mode.
 
@@ -216,6 +218,7 @@ class _Worker:
         self._chains = np.zeros((k.MAX_BURST, 5), dtype=np.int64)
         self._sink = np.zeros(k.SINK_SIZE, dtype=np.uint8)
         self._zeros = np.zeros(16, dtype=np.uint8)
+        self._iov = np.zeros((k.IOV_MAX, 2), dtype=np.int64)
         self._events = np.zeros(k.MAX_EVENTS * k.EPOLL_EVENT_SIZE, dtype=np.uint8)
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -299,6 +302,18 @@ class _Worker:
         if entry.kick is None and entry.armed:
             self._polled += 1
 
+    def watch_port(self, port: Port) -> None:
+        """Wake when the port's own fd becomes readable (worker paused)."""
+        fd = int(port.unit[k.U_FD])
+        if fd >= 0:
+            self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
+
+    def unwatch_port(self, port: Port) -> None:
+        """Stop watching the port's own fd (worker paused); the fd stays open."""
+        fd = int(port.unit[k.U_FD])
+        if fd >= 0:
+            self._epoll.unregister(fd)
+
     def unwatch(self, entry: _Attached) -> None:
         """Stop waiting for the queue's kicks and close the kick duplicate (worker paused)."""
         if entry.kick is not None:
@@ -332,8 +347,8 @@ class _Worker:
             try:
                 k.run_worker(
                     self.ctl, units, nunits, self._segs_t, self._segs_r, self._held,
-                    self._chains, self._sink, self._zeros, self._epoll.fileno(), self._events,
-                    mode, spin_ns, sleep_ms,
+                    self._chains, self._sink, self._zeros, self._iov, self._epoll.fileno(),
+                    self._events, mode, spin_ns, sleep_ms,
                 )  # fmt: skip
             finally:
                 with self._cond:
@@ -453,10 +468,13 @@ class Engine:
 
     # ------------------------------------------------------------------ ports
 
-    def add_port(self, unit: Int64Array, keep: object = None) -> Port:
+    def add_port(self, unit: Int64Array, keep: object = None, fd: int | None = None) -> Port:
         """Serve the unit row ``unit`` on the least busy worker.
 
         ``keep`` is held as long as the port lives (buffers the row points at).
+        ``fd`` is the unit's own fd (a TAP queue), which its program reads and
+        writes: the worker wakes when it becomes readable.  It must stay open
+        until the port is removed.
         """
         if unit.shape != (k.UCOLS,) or unit.dtype != np.int64 or not unit.flags.c_contiguous:
             raise ValueError(f"a unit row is a contiguous int64[{k.UCOLS}] array")
@@ -466,9 +484,11 @@ class Engine:
             worker = min(self._workers, key=lambda w: len(w.ports))
             unit[k.U_RXQ] = unit[k.U_TXQ] = 0
             unit[k.U_BURST] = self.burst
+            unit[k.U_FD] = -1 if fd is None else fd
             port = Port(self, worker, unit, keep)
             with worker.paused():
                 worker.ports.append(port)
+                worker.watch_port(port)
         return port
 
     def remove_port(self, port: Port) -> None:
@@ -480,6 +500,7 @@ class Engine:
                     port._remove(role)
                 if port in worker.ports:
                     worker.ports.remove(port)
+                    worker.unwatch_port(port)
 
     @property
     def ports(self) -> list[Port]:
@@ -566,7 +587,8 @@ def _run_kernel_once() -> None:
     held = np.zeros((1, 3), dtype=np.int64)
     chains = np.zeros((1, 5), dtype=np.int64)
     sink = np.zeros(1, dtype=np.uint8)
+    iov = np.zeros((1, 2), dtype=np.int64)
     events = np.zeros(k.EPOLL_EVENT_SIZE, dtype=np.uint8)
     k.run_worker(
-        ctl, units, 0, segs, segs, held, chains, sink, sink, -1, events, k.MODE_POLL, 0, -1
+        ctl, units, 0, segs, segs, held, chains, sink, sink, iov, -1, events, k.MODE_POLL, 0, -1
     )

@@ -40,7 +40,8 @@ the TX buffers into RX buffers when Linux ``vdpa_sim_net``'s filter accepts
 it (broadcast, multicast or the device's MAC) and drops it otherwise or when
 no receive buffer waits; ``drop`` reads each frame into a sink (the DMA a
 NIC would do) and counts it; ``gen`` fills every receive buffer with a
-template frame.  Receive follows section 5.1.6.3: the header's
+template frame; ``tap`` wires the pair to one queue of a TAP interface (its
+fd is the unit's).  Receive follows section 5.1.6.3: the header's
 ``num_buffers`` counts the chains of a frame when ``MRG_RXBUF`` lets it span
 several.
 
@@ -61,14 +62,30 @@ The I/O is synchronous, as in DPDK's vhost blk examples: a request is
 finished, and its used element written, before the next one is popped, so
 the worker never leaves a burst with a request in flight.
 
+**TAP.**  A transmitted frame goes to the TAP with one ``writev`` straight
+from the guest's buffers (the virtio-net header skipped); a TAP that refuses
+it drops it, and the chain is completed either way.  A received frame is
+read with one ``readv`` straight into the next receive chain, past the
+header, with the unit's bounce buffer as the last iovec: a frame that fits
+the chain never leaves guest memory, and the device writes the header
+(``num_buffers`` 1).  A longer frame is collected in the bounce buffer and
+delivered by the general rules (several chains with ``MRG_RXBUF``, dropped
+without), and waits there while too few chains are available.  Reading stops
+when no receive chain waits, so the TAP's kernel queue holds the frames
+meanwhile, or when the TAP has none left.  The receive queue's ``Q_ARM``
+says which of the two the worker waits for before it sleeps: new receive
+buffers (a kick) when frames may wait, the TAP (its fd in the epoll set,
+edge-triggered) when it ran dry.
+
 **The worker loop** (:func:`run_worker`) visits its units in turn, each for
 a bounded burst, publishes used entries once per burst and signals the call
 eventfd only when the driver's event suppression asks for it.  In poll mode
 it never sleeps; in event mode it re-enables notifications when a pass
 found no work, re-checks the rings, and sleeps in ``epoll_wait`` on the kick
-eventfds; adaptive mode polls for a while first.  It returns to Python only
-when the control word asks it to (a queue is added or removed), so the
-control plane can read an exact ring position from a quiescent row.
+eventfds and the units' own fds (the TAPs); adaptive mode polls for a while
+first.  It returns to Python only when the control word asks it to (a queue
+is added or removed), so the control plane can read an exact ring position
+from a quiescent row.
 """
 
 from __future__ import annotations
@@ -121,6 +138,7 @@ __all__ = [
     "P_DROP",
     "P_GEN",
     "P_LOOPBACK",
+    "P_TAP",
     "QCOLS",
     "Q_ARM",
     "Q_AVAIL_SEEN",
@@ -166,8 +184,11 @@ __all__ = [
     "S_RECEIVED_DESC",
     "UCOLS",
     "U_BLK_FD",
+    "U_BOUNCE",
+    "U_BOUNCE_LEN",
     "U_BURST",
     "U_CAPACITY",
+    "U_FD",
     "U_FRAME",
     "U_FRAME_LEN",
     "U_HDR",
@@ -177,6 +198,7 @@ __all__ = [
     "U_MAX_SECTORS",
     "U_MAX_SEG",
     "U_MRG",
+    "U_PENDING",
     "U_PROGRAM",
     "U_READONLY",
     "U_RXQ",
@@ -251,7 +273,11 @@ Q_STATS = 12
 Q_CALL_FD = 13
 """Call eventfd, -1 for none; the control plane may replace it while the queue runs."""
 Q_ARM = 14
-"""1 when the worker waits for this queue's kicks before sleeping."""
+"""1 when the worker waits for this queue's kicks before sleeping.
+
+The ``tap`` program sets it on its receive queue only while frames may wait
+for buffers, and clears it when the TAP has nothing to give.
+"""
 # Queue row: state.
 Q_LAST_AVAIL = 15
 """Split: next avail index (16 bits, free-running).  Packed: next slot."""
@@ -315,9 +341,12 @@ U_FRAME = 6
 """Host address of the generated frame (``gen``)."""
 U_FRAME_LEN = 7
 U_BURST = 8
+U_FD = 9
+"""The unit's own fd (``tap``: its TAP queue), -1 for none.
+
+The worker sleeps on it edge-triggered and never reads it as an eventfd.
+"""
 # Unit row of a blk unit.
-U_BLK_FD = 9
-"""The backing file's descriptor."""
 U_CAPACITY = 10
 """Capacity in 512-byte sectors."""
 U_READONLY = 11
@@ -333,12 +362,21 @@ U_MAX_SEG = 17
 """Segments a DISCARD or WRITE_ZEROES request may carry."""
 U_MAX_SECTORS = 18
 """Sectors one DISCARD or WRITE_ZEROES segment may cover."""
+U_BLK_FD = 19
+"""The backing file's descriptor (never watched: files are always ready)."""
+# Unit row of a tap unit.
+U_BOUNCE = 20
+"""Host address of the unit's bounce buffer (``tap``: received frames longer than a chain)."""
+U_BOUNCE_LEN = 21
+U_PENDING = 22
+"""Length of the frame waiting in the bounce buffer for receive chains, 0 for none."""
 UCOLS = 24
 
 P_LOOPBACK = 0
 P_DROP = 1
 P_GEN = 2
 P_BLK = 3
+P_TAP = 4
 
 # Worker control words.
 C_REQUEST = 0
@@ -385,7 +423,7 @@ SINK_SIZE = 65536
 """Bytes of a transmitted frame the ``drop`` program reads."""
 MAX_EVENTS = 64
 IOV_MAX = 1024
-"""Buffers one ``preadv``/``pwritev`` takes, at most (Linux's ``IOV_MAX``)."""
+"""Buffers one ``readv``, ``writev``, ``preadv`` or ``pwritev`` takes, at most (``UIO_MAXIOV``)."""
 
 # Spec values (virtio 1.2, sections 2.7 and 2.8); kept literal so the cached
 # machine code depends on nothing outside this file.
@@ -743,10 +781,14 @@ def _libc(name: str, params: tuple[Any, ...], result: Any) -> Callable[..., Any]
     def typer1(typingctx: Any, a: Any) -> Any:
         return types.int64(types.int64), codegen
 
+    def typer3(typingctx: Any, a: Any, b: Any, c: Any) -> Any:
+        return types.int64(types.int64, types.int64, types.int64), codegen
+
     def typer4(typingctx: Any, a: Any, b: Any, c: Any, d: Any) -> Any:
         return types.int64(types.int64, types.int64, types.int64, types.int64), codegen
 
-    typer: Callable[..., Any] = typer1 if len(params) == 1 else typer4
+    typers: dict[int, Callable[..., Any]] = {1: typer1, 3: typer3, 4: typer4}
+    typer = typers[len(params)]
     typer.__name__ = typer.__qualname__ = f"_libc_{name}"
     return _intrinsic(typer)
 
@@ -757,6 +799,9 @@ _pwritev = _libc("pwritev", (_I32, _I64, _I32, _I64), _I64)
 _pwrite = _libc("pwrite", (_I32, _I64, _I64, _I64), _I64)
 _fallocate = _libc("fallocate", (_I32, _I32, _I64, _I64), _I32)
 _fdatasync = _libc("fdatasync", (_I32,), _I32)
+# The iovecs are int64 pairs (address, length): struct iovec on 64-bit Linux.
+_readv = _libc("readv", (_I32, _I64, _I32), _I64)
+_writev = _libc("writev", (_I32, _I64, _I32), _I64)
 
 
 @_intrinsic
@@ -1526,10 +1571,39 @@ def _gather(dst: Any, segs: Any, first: Any, end: Any, offset: Any, count: Any) 
 
 
 @_kernel
+def _tap_send(fd: Any, segs: Any, first: Any, end: Any, offset: Any, iov: Any) -> Any:
+    """Write segments [first, end), from stream ``offset`` on, to ``fd`` as one frame.
+
+    One ``writev`` straight from guest memory; returns its result, -1 when
+    the frame has more pieces than one call takes.
+    """
+    n = 0
+    for i in range(first, end):
+        length = segs[i, 2]
+        if offset >= length:
+            offset -= length
+            continue
+        if n == iov.shape[0]:
+            return -1
+        iov[n, 0] = segs[i, 1] + offset
+        iov[n, 1] = length - offset
+        offset = 0
+        n += 1
+    return _writev(fd, np.int64(iov.ctypes.data), n)
+
+
+@_kernel
 def _transmit(
-    u: Any, segs_t: Any, segs_r: Any, held: Any, chains: Any, sink: Any, zeros: Any
+    u: Any,
+    segs_t: Any,
+    segs_r: Any,
+    held: Any,
+    chains: Any,
+    sink: Any,
+    zeros: Any,
+    iov: Any,
 ) -> Any:
-    """Consume a burst of transmitted frames: loop them back, or sink them.
+    """Consume a burst of transmitted frames: loop them back, send them to the TAP, or sink them.
 
     Two phases: pop and validate the whole burst first, starting the load of
     each frame's first bytes, then read the frames.  The driver wrote them
@@ -1565,7 +1639,8 @@ def _transmit(
     if count == 0:
         return 0
     rxa = u[U_RXQ]
-    loopback = u[U_PROGRAM] == P_LOOPBACK
+    program = u[U_PROGRAM]
+    loopback = program == P_LOOPBACK
     rxq = _row(rxa if rxa != 0 else txa, QCOLS)
     rx_ok = loopback and rxa != 0 and rxq[Q_ERROR] == 0
     if rx_ok:
@@ -1584,7 +1659,11 @@ def _transmit(
             frame_len = rlen - hdr
             stats[S_PACKETS] += 1
             stats[S_BYTES] += frame_len
-            if not loopback:
+            if program == P_TAP:
+                # A full TAP (EAGAIN) or one that refuses the frame drops it, as a wire would.
+                if _tap_send(u[U_FD], segs_t, first, end, hdr, iov) <= 0:
+                    stats[S_DROPPED] += 1
+            elif not loopback:
                 # What a NIC's DMA would read, up to SINK_SIZE bytes.
                 _gather(sink_addr, segs_t, first, end, hdr, min(frame_len, sink.shape[0]))
             elif rx_ok and _accepts(segs_t, first, end, hdr, frame_len, mac):
@@ -1668,6 +1747,19 @@ def _sg_zero(q: Any, u: Any, segs: Any, first: Any, end: Any, offset: Any, count
         n = min(count, chunk)
         _sg_write(q, segs, first, end, offset, u[U_ZEROS], n)
         offset += n
+        count -= n
+
+
+@_kernel
+def _log_segments(q: Any, segs: Any, first: Any, end: Any, count: Any) -> None:
+    """Log the first ``count`` bytes of segments [first, end) as written."""
+    if q[Q_LOG] == 0:
+        return
+    for i in range(first, end):
+        if count <= 0:
+            break
+        n = min(segs[i, 2], count)
+        log_write(q, segs[i, 0], n)
         count -= n
 
 
@@ -1878,6 +1970,103 @@ def _blk_requests(u: Any, segs: Any) -> Any:
     return count
 
 
+@_kernel
+def _tap_receive(u: Any, segs: Any, held: Any, zeros: Any, iov: Any) -> Any:
+    """Move a burst of frames from the unit's TAP into receive chains.
+
+    Each frame is read with one ``readv``: straight into the next chain,
+    past its header, and into the bounce buffer beyond the chain's end.  A
+    frame that spilled over waits in the bounce buffer until the general
+    delivery (section 5.1.6.3) finds chains for it.
+    """
+    rxa = u[U_RXQ]
+    if rxa == 0:
+        return 0
+    rxq = _row(rxa, QCOLS)
+    if rxq[Q_ERROR]:
+        return 0
+    stats = _row(rxq[Q_STATS], NSTATS)
+    fd = u[U_FD]
+    hdr = u[U_HDR]
+    bounce = u[U_BOUNCE]
+    bounce_len = u[U_BOUNCE_LEN]
+    iov_addr = np.int64(iov.ctypes.data)
+    limit = u[U_BURST]
+    done = 0
+    while done < limit:
+        pending = u[U_PENDING]
+        if pending:
+            result = _rx_deliver(rxq, u, segs, held, zeros, segs, 0, 0, 0, bounce, pending)
+            if result == _NO_BUFFER:
+                rxq[Q_ARM] = 1
+                break
+            if result == _BROKEN:
+                break
+            u[U_PENDING] = 0
+            done += 1
+            continue
+        status, ident, nseg, nread, _, wlen, dc = ring_pop(rxq, segs, 0)
+        if status == EMPTY:
+            # Frames may be waiting in the TAP: new buffers are work now.
+            rxq[Q_ARM] = 1
+            break
+        if status == ERROR:
+            _count_error(rxq)
+            break
+        # Straight into the chain when its first buffer holds the header and
+        # one call takes its buffers; otherwise through the bounce buffer.
+        room = wlen - hdr
+        direct = room >= 0 and segs[nread, 2] >= hdr and nseg - nread < iov.shape[0]
+        count = 0
+        if direct:
+            offset = hdr
+            for i in range(nread, nseg):
+                length = segs[i, 2]
+                if length > offset:
+                    iov[count, 0] = segs[i, 1] + offset
+                    iov[count, 1] = length - offset
+                    count += 1
+                offset = max(offset - length, 0)
+        else:
+            room = 0
+        if room < bounce_len:
+            iov[count, 0] = bounce + room
+            iov[count, 1] = bounce_len - room
+            count += 1
+        got = _readv(fd, iov_addr, count)
+        if got <= 0:
+            _unpop(rxq, 1, dc)
+            # The TAP ran dry (or is detached): its next frame wakes the worker.
+            rxq[Q_ARM] = 0
+            break
+        done += 1
+        if got > max(room, bounce_len):
+            # The kernel cut the frame to the buffers it was given.
+            _unpop(rxq, 1, dc)
+            stats[S_DROPPED] += 1
+            continue
+        if direct and got <= room:
+            host = segs[nread, 1]
+            _st_u64(host, 0)
+            _st_u16(host + 8, 0)
+            if hdr == _NET_HDR_MRG:
+                _st_u16(host + 10, 1)
+            _log_segments(rxq, segs, nread, nseg, hdr + got)
+            push(rxq, ident, hdr + got, dc)
+            stats[S_RECEIVED_DESC] += 1
+            stats[S_COMPLETED_DESC] += 1
+            stats[S_PACKETS] += 1
+            stats[S_BYTES] += got
+            continue
+        if direct:
+            # Join the frame's head, which the chain holds, to its tail in the bounce buffer.
+            _gather(bounce, segs, nread, nseg, hdr, room)
+        _unpop(rxq, 1, dc)
+        u[U_PENDING] = got
+    _complete(rxq)
+    return done
+
+
 # --------------------------------------------------------------------------- worker loop
 
 
@@ -1895,6 +2084,15 @@ def _quiet(units: Any, nunits: Any, armed_only: Any) -> None:
                 q = _row(addr, QCOLS)
                 if q[Q_ERROR] == 0 and (q[Q_ARM] or not armed_only):
                     disable_notification(q)
+
+
+@_kernel
+def _is_unit_fd(units: Any, nunits: Any, fd: Any) -> Any:
+    """Whether ``fd`` is a unit's own fd (watched edge-triggered, never drained)."""
+    i = 0
+    while i < nunits and _row(units[i], UCOLS)[U_FD] != fd:
+        i += 1
+    return i < nunits
 
 
 @_kernel
@@ -1921,6 +2119,7 @@ def run_worker(
     chains: Any,
     sink: Any,
     zeros: Any,
+    iov: Any,
     epfd: Any,
     events: Any,
     mode: Any,
@@ -1929,14 +2128,16 @@ def run_worker(
 ) -> Any:
     """Serve ``units`` (host addresses of unit rows) until ``ctl[C_REQUEST]`` is set.
 
-    ``segs_t``, ``segs_r``, ``held``, ``chains`` and ``sink`` are the
-    worker's scratch memory (segments of transmit and receive chains,
-    receive chains of one frame, chains of one transmit burst, frame sink).
+    ``segs_t``, ``segs_r``, ``held``, ``chains``, ``sink``, ``zeros`` and
+    ``iov`` are the worker's scratch memory (segments of transmit and receive
+    chains, receive chains of one frame, chains of one transmit burst, frame
+    sink, a zeroed header, ``int64[IOV_MAX, 2]`` iovecs).
 
     ``mode`` is MODE_POLL, MODE_EVENT or MODE_ADAPTIVE; ``spin_ns`` is how
     long adaptive mode polls an idle worker before sleeping; ``sleep_ms``
     bounds a sleep (-1: until a kick, or 1 when some queue has no kick fd).
-    ``epfd`` watches the kick eventfds and the worker's wake eventfd.
+    ``epfd`` watches the kick eventfds, the worker's wake eventfd and the
+    units' own fds (``U_FD``, edge-triggered).
     Returns the number of passes made.
     """
     zero_addr = np.int64(zeros.ctypes.data)
@@ -1955,7 +2156,9 @@ def run_worker(
                 continue
             if program == P_GEN:
                 work += _generate(u, segs_r, held, zero_addr)
-            work += _transmit(u, segs_t, segs_r, held, chains, sink, zero_addr)
+            elif program == P_TAP:
+                work += _tap_receive(u, segs_r, held, zero_addr, iov)
+            work += _transmit(u, segs_t, segs_r, held, chains, sink, zero_addr, iov)
         passes += 1
         _st_shared(ctl, C_EPOCH, ctl[C_EPOCH] + 1)
         if work:
@@ -1979,8 +2182,11 @@ def run_worker(
         if _ld_shared(ctl, C_REQUEST) == 0:
             ready = _epoll_wait(epfd, events_addr, MAX_EVENTS, sleep_ms)
             for k in range(ready):
-                # The event's data is the fd it was registered with.
-                _eventfd_drain(_ld_u32(events_addr + EPOLL_EVENT_SIZE * k + _EPOLL_DATA_OFFSET))
+                # The event's data is the fd it was registered with; a unit's
+                # own fd carries frames, not a counter to reset.
+                fd = _ld_u32(events_addr + EPOLL_EVENT_SIZE * k + _EPOLL_DATA_OFFSET)
+                if not _is_unit_fd(units, nunits, fd):
+                    _eventfd_drain(fd)
         _st_shared(ctl, C_SLEEPING, 0)
         _st_shared(ctl, C_EPOCH, ctl[C_EPOCH] + 1)
         _quiet(units, nunits, True)

@@ -18,17 +18,30 @@ hands the engine ring addresses, memory and eventfds:
 Programs: ``loopback`` (transmitted frames accepted by vdpa_sim_net's filter
 are received on the same pair; a frame finding no room in the receive ring
 is dropped, as vdpa_sim_net drops it), ``drop`` (transmitted frames are read
-and counted) and ``gen`` (every receive buffer is filled with a generated
+and counted), ``gen`` (every receive buffer is filled with a generated
 Ethernet/IPv4/UDP frame of ``frame_size`` bytes; transmitted frames are
-dropped).  When a frame needs several merged receive buffers and fewer are
-available, the ones taken are put back untouched for later, as Linux
-vhost-net and DPDK do, rather than returned empty.  Counters use DPDK's
-names, plus ``dropped`` and ``calls`` (used buffer notifications sent).
+dropped) and ``tap`` (the device is a NIC wired to a TAP interface,
+:mod:`pyvdpa.devices.tap`: pair *k* moves frames between its rings and the
+TAP's queue *k*, straight to and from guest memory; frames the host sends
+while no receive buffer waits stay in the TAP's kernel queue).  When a frame
+needs several merged receive buffers and fewer are available, the ones taken
+are put back untouched for later, as Linux vhost-net and DPDK do, rather
+than returned empty.  Counters use DPDK's names, plus ``dropped`` and
+``calls`` (used buffer notifications sent).
+
+The TAP is created with the device, so a name that cannot be used is a
+:class:`~pyvdpa.errors.ConfigError` at once.  Its queue *k* > 0 is attached
+to the interface only while pair *k*'s receive ring runs, so that the kernel
+spreads the host's frames over the pairs the driver uses (a guest with fewer
+CPUs than pairs enables only some), as QEMU's own TAP back-end does;
+queue 0 always is.
 """
 
 from __future__ import annotations
 
 import atexit
+import logging
+import os
 import struct
 import threading
 from collections.abc import Sequence
@@ -39,10 +52,10 @@ import numpy.typing as npt
 from pyvdpa.dataplane import kernels as k
 from pyvdpa.dataplane.engine import RX, TX, Engine, EngineMode, Port
 from pyvdpa.dataplane.queues import Int64Array, queue_from_vring
-from pyvdpa.devices.net import NET_FEATURES, NET_PROTOCOL_FEATURES, NetControl
+from pyvdpa.devices.net import DEFAULT_MAC, NetControl, rarp_frame
+from pyvdpa.devices.tap import DEFAULT_TAP_NAME, TAP_FRAME_MAX, Tap
 from pyvdpa.errors import ConfigError
 from pyvdpa.vhost_user.device import VhostUserDevice, Vring
-from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import NetFeature
 from pyvdpa.virtio.net import net_header_size
 
@@ -55,14 +68,20 @@ __all__ = [
     "shared_engine",
 ]
 
-ENGINE_NET_MODES = ("loopback", "drop", "gen")
-DEFAULT_MAC = bytes.fromhex("525400123456")
+log = logging.getLogger(__name__)
+
+ENGINE_NET_MODES = ("loopback", "drop", "gen", "tap")
 MIN_FRAME = 14
 MAX_FRAME = 65535
 
-_PROGRAMS = {"loopback": k.P_LOOPBACK, "drop": k.P_DROP, "gen": k.P_GEN}
-# Queues whose new buffers are work for each program (the worker waits for their kicks).
-_ARMED = {"loopback": (TX,), "drop": (TX,), "gen": (RX, TX)}
+_PROGRAMS = {"loopback": k.P_LOOPBACK, "drop": k.P_DROP, "gen": k.P_GEN, "tap": k.P_TAP}
+# Queues whose new buffers can be work for each program (the worker may wait
+# for their kicks; the tap program decides while it runs, see kernels.Q_ARM).
+_ARMED = {"loopback": (TX,), "drop": (TX,), "gen": (RX, TX), "tap": (RX, TX)}
+
+# Frames a reset drops from one TAP queue at most (Linux's default TAP queue
+# length): a host still sending must not keep the control plane reading.
+_DISCARD_MAX = 1000
 
 _ETHER = struct.Struct("!6s6sH")
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
@@ -175,13 +194,39 @@ def _close_shared() -> None:
         engine.close()
 
 
+def _open_tap(ifname: str, queues: int) -> Tap:
+    """Create the TAP with only its first queue attached (no receive ring runs yet)."""
+    tap = Tap(ifname, queues=queues)
+    try:
+        for queue in range(1, queues):
+            tap.set_queue_attached(queue, False)
+    except BaseException:
+        tap.close()
+        raise
+    return tap
+
+
+def _discard(fd: int) -> int:
+    """Read and drop what a TAP queue holds, at most a full queue's worth; return the count."""
+    count = 0
+    for _ in range(_DISCARD_MAX):
+        try:
+            os.read(fd, TAP_FRAME_MAX)
+        except OSError:
+            # Empty (EAGAIN), or a detached queue, which holds nothing.
+            break
+        count += 1
+    return count
+
+
 class EngineNetDevice(NetControl, VhostUserDevice):
-    """A virtio-net device (loopback, drop or gen) whose queues run on an :class:`Engine`.
+    """A virtio-net device (loopback, drop, gen or tap) whose queues run on an :class:`Engine`.
 
     ``engine`` defaults to the process-wide engine of ``engine_mode`` whose
     workers are pinned to ``cpus`` (see :func:`shared_engine`).
     ``frame_size`` is the length of the frames ``gen`` sends (Ethernet
-    header included, no FCS).
+    header included, no FCS).  ``ifname`` names the TAP in ``tap`` mode (a
+    ``%d`` template lets the kernel choose); :meth:`close` releases it.
     """
 
     def __init__(
@@ -196,32 +241,27 @@ class EngineNetDevice(NetControl, VhostUserDevice):
         cpus: Sequence[int] | None = None,
         engine: Engine | None = None,
         status_feature: bool = False,
+        ifname: str | None = None,
     ) -> None:
         if mode not in ENGINE_NET_MODES:
             raise ConfigError(f"unknown engine net mode {mode!r} ({', '.join(ENGINE_NET_MODES)})")
-        if not 1 <= queue_pairs <= 128:
-            raise ConfigError(f"queue pairs must be 1..128, not {queue_pairs}")
-        if not 68 <= mtu <= 65535:
-            raise ConfigError(f"MTU must be 68..65535, not {mtu}")
-        if len(mac) != 6:
-            raise ConfigError(f"a MAC address has 6 bytes, not {len(mac)}")
+        if ifname is not None and mode != "tap":
+            raise ConfigError(f"ifname={ifname} needs mode=tap, not mode={mode}")
+        self._init_net(mac=mac, mtu=mtu, queue_pairs=queue_pairs, status_feature=status_feature)
         self.mode = mode
-        self.mac = mac
-        self.mtu = mtu
-        self.queue_pairs = queue_pairs
-        self.num_queues = 2 * queue_pairs
-        self.features = NET_FEATURES | (NetFeature.MQ if queue_pairs > 1 else 0)
-        self.protocol_features = NET_PROTOCOL_FEATURES
-        if status_feature:
-            self.protocol_features |= ProtocolFeature.STATUS
-        self.negotiated = 0
-        self.engine = engine if engine is not None else shared_engine(engine_mode, cpus)
         self._frame: npt.NDArray[np.uint8] = np.frombuffer(
             generated_frame(frame_size, mac), dtype=np.uint8
         ).copy()
         self._counters = np.zeros((self.num_queues, k.NSTATS), dtype=np.int64)
         self._ports: list[Port | None] = [None] * queue_pairs
         self._lock = threading.Lock()
+        self.engine = engine if engine is not None else shared_engine(engine_mode, cpus)
+        #: The TAP in ``tap`` mode: queue *k* serves pair *k*.
+        self.tap: Tap | None = None
+        self._bounce: npt.NDArray[np.uint8] = np.zeros((0, 0), dtype=np.uint8)
+        if mode == "tap":
+            self.tap = _open_tap(ifname or DEFAULT_TAP_NAME, queue_pairs)
+            self._bounce = np.zeros((queue_pairs, TAP_FRAME_MAX), dtype=np.uint8)
 
     # ------------------------------------------------------------------ control
 
@@ -237,7 +277,7 @@ class EngineNetDevice(NetControl, VhostUserDevice):
 
     @property
     def dropped(self) -> int:
-        """Frames lost: refused by the receive filter or finding no receive buffer."""
+        """Frames lost: refused by the receive filter, finding no receive buffer, or the TAP."""
         return int(self._counters[:, k.S_DROPPED].sum())
 
     def set_features(self, features: int) -> None:
@@ -250,7 +290,13 @@ class EngineNetDevice(NetControl, VhostUserDevice):
                     port.set(k.U_MRG, bool(features & NetFeature.MRG_RXBUF))
 
     def send_rarp(self, mac: bytes) -> None:
-        """Nothing to announce to: a simulated device has no upstream switch."""
+        """Announce ``mac`` on the TAP; in other modes there is no switch to tell."""
+        if self.tap is None:
+            return
+        try:
+            self.tap.write(0, [rarp_frame(mac)])
+        except OSError as exc:
+            log.warning("TAP %s: cannot announce %s: %s", self.tap.name, mac.hex(":"), exc)
 
     # ------------------------------------------------------------------ queues
 
@@ -264,9 +310,20 @@ class EngineNetDevice(NetControl, VhostUserDevice):
             unit[k.U_MAC] = int.from_bytes(self.mac, "little")
             unit[k.U_FRAME] = self._frame.ctypes.data
             unit[k.U_FRAME_LEN] = len(self._frame)
-            port = self.engine.add_port(unit, keep=self._frame)
+            fd = None
+            if self.tap is not None:
+                bounce = self._bounce[pair]
+                unit[k.U_BOUNCE] = bounce.ctypes.data
+                unit[k.U_BOUNCE_LEN] = len(bounce)
+                fd = self.tap.fds[pair]
+            port = self.engine.add_port(unit, keep=(self._frame, self._bounce), fd=fd)
             self._ports[pair] = port
         return port
+
+    def _steer(self, pair: int, receiving: bool) -> None:
+        """Let the kernel send to a pair's TAP queue only while its receive ring runs."""
+        if self.tap is not None and pair > 0:
+            self.tap.set_queue_attached(pair, receiving)
 
     def start_queue(self, vring: Vring) -> None:
         """Build the ring's compiled state, make it ``vring.queue``, hand it to the engine."""
@@ -276,6 +333,8 @@ class EngineNetDevice(NetControl, VhostUserDevice):
         vring.queue = queue
         with self._lock:
             self._port(pair).attach(role, queue, vring, armed=role in _ARMED[self.mode])
+            if role == RX:
+                self._steer(pair, True)
 
     def stop_queue(self, vring: Vring) -> None:
         """Take the ring back from the engine; its queue then holds the exact position."""
@@ -286,9 +345,23 @@ class EngineNetDevice(NetControl, VhostUserDevice):
             if port is None:
                 return
             port.detach(role)
+            if role == RX:
+                self._steer(pair, False)
             if not port.queues:
                 self.engine.remove_port(port)
                 self._ports[pair] = None
+
+    def reset(self) -> None:
+        """Drop the frames a TAP queue holds for a pair whose rings are all stopped.
+
+        A reset NIC keeps nothing it received before; they count as dropped.
+        """
+        if self.tap is None:
+            return
+        with self._lock:
+            for pair, fd in enumerate(self.tap.fds):
+                if self._ports[pair] is None:
+                    self._counters[2 * pair, k.S_DROPPED] += _discard(fd)
 
     def kick(self, vring: Vring) -> None:
         """An in-band kick: wake the worker serving the ring."""
@@ -297,9 +370,11 @@ class EngineNetDevice(NetControl, VhostUserDevice):
             port.wake()
 
     def close(self) -> None:
-        """Take every remaining ring back from the engine."""
+        """Take every remaining ring back from the engine, then release the TAP."""
         with self._lock:
             for pair, port in enumerate(self._ports):
                 if port is not None:
                     self.engine.remove_port(port)
                     self._ports[pair] = None
+            if self.tap is not None:
+                self.tap.close()

@@ -1,79 +1,66 @@
-"""A simulated virtio-net device on the Python slow path.
+"""A simulated virtio-net device on the Python slow path, and the control surface it shares.
 
 Theory of operation (virtio 1.2, section 5.1.6; Linux ``vdpa_sim_net``):
 queue ``2k`` is the driver's receive queue and ``2k + 1`` its transmit
 queue.  Every transmitted buffer starts with a virtio-net header; what
 follows is one Ethernet frame.
 
-Modes:
+:class:`NetDevice` runs two of the programs of the compiled
+:class:`~pyvdpa.dataplane.net.EngineNetDevice` with the step-by-step queues
+of :mod:`pyvdpa.virtio`: a readable reference, and a device whose queues
+run on plain threads for the vhost-user layer's own tests.  Modes:
 
 * ``loopback`` — a frame sent on pair *k* is received on pair *k*, if it is
   broadcast, multicast or addressed to the device's MAC (others are
   counted as dropped), as ``vdpa_sim_net`` does.  Frames wait in a small
   per-pair backlog until the driver posts receive buffers.
-* ``tap`` — the device is a NIC wired to a TAP interface
-  (:mod:`pyvdpa.devices.tap`): transmitted frames are written to the TAP,
-  and a reader thread per pair moves the frames the host stack sends to the
-  TAP into receive buffers.  When the driver posts no receive buffers the
-  reader stops reading, so the kernel's TAP queue absorbs the burst; frames
-  arriving while the receive ring is not running are dropped, as a NIC with
-  its link down drops them.  The TAP queue of every pair but the first is
-  attached only while the pair's receive ring runs, so that the kernel
-  spreads the host's frames over the pairs the driver uses (a guest with
-  fewer CPUs than pairs enables only some), as QEMU's own TAP back-end does.
 * ``drop`` — transmitted frames are consumed and counted.
 
 With MRG_RXBUF a frame may span several receive chains; the header's
 ``num_buffers`` says how many.  A hostile ring breaks only its queue.
 
 Locking: each pair has a lock held while a thread touches that pair's
-receive ring (the TX worker in loopback, the TAP reader, the RX worker).
-A receive ring leaves :attr:`NetDevice._vrings` under that lock before its
-worker is stopped, so once :meth:`NetDevice.stop_queue` returns no thread
-holds it any more.
+receive ring (the TX worker in loopback, the RX worker).  A receive ring
+leaves :attr:`NetDevice._vrings` under that lock before its worker is
+stopped, so once :meth:`NetDevice.stop_queue` returns no thread holds it
+any more.
+
+:class:`NetControl` is what every net device shares whatever runs its
+queues: the checked configuration, the feature offer, the config space and
+the MTU.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import select
 import struct
 import threading
 from collections import deque
-from collections.abc import Sequence
 
 from pyvdpa.devices.stats import QueueStats
-from pyvdpa.devices.tap import TAP_FRAME_MAX, Tap
 from pyvdpa.errors import ConfigError, RingError
 from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequestError, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import NetFeature, NetStatus, VirtioFeature
 from pyvdpa.virtio.net import NetConfig, NetHeader, net_header_size
-from pyvdpa.virtio.ring import (
-    BufferAddressError,
-    ChainTooLongError,
-    DescriptorChain,
-    Segment,
-)
+from pyvdpa.virtio.ring import BufferAddressError, ChainTooLongError, DescriptorChain
 
 __all__ = [
+    "BACKLOG",
+    "DEFAULT_MAC",
+    "NET_FEATURES",
     "NET_MODES",
+    "NET_PROTOCOL_FEATURES",
     "NetControl",
     "NetDevice",
     "count_ring_error",
     "rarp_frame",
 ]
 
-log = logging.getLogger(__name__)
-
-NET_MODES = ("loopback", "tap", "drop")
+NET_MODES = ("loopback", "drop")
+#: Frames a loopback pair keeps for the driver's next receive buffers.
 BACKLOG = 256
-#: Frames a TAP reader takes per wake-up before it delivers them.
-TAP_BATCH = 64
-#: Default TAP name template; the kernel fills in ``%d``.
-TAP_NAME = "pyvdpa%d"
+#: The MAC a simulated NIC has unless told otherwise (a locally administered QEMU prefix).
+DEFAULT_MAC = bytes.fromhex("525400123456")
 
 _ETHER = struct.Struct("!6s6sH")
 _RARP = struct.Struct("!HHBBH6s4s6s4s")
@@ -134,6 +121,28 @@ class NetControl:
     mac: bytes
     mtu: int
     queue_pairs: int
+    num_queues: int
+    features: int
+    protocol_features: ProtocolFeature
+    negotiated: int
+
+    def _init_net(self, *, mac: bytes, mtu: int, queue_pairs: int, status_feature: bool) -> None:
+        """Check the configuration and set the config space and the feature offer."""
+        if not 1 <= queue_pairs <= 128:
+            raise ConfigError(f"queue pairs must be 1..128, not {queue_pairs}")
+        if not 68 <= mtu <= 65535:
+            raise ConfigError(f"MTU must be 68..65535, not {mtu}")
+        if len(mac) != 6:
+            raise ConfigError(f"a MAC address has 6 bytes, not {len(mac)}")
+        self.mac = mac
+        self.mtu = mtu
+        self.queue_pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs
+        self.features = NET_FEATURES | (NetFeature.MQ if queue_pairs > 1 else 0)
+        self.protocol_features = NET_PROTOCOL_FEATURES
+        if status_feature:
+            self.protocol_features |= ProtocolFeature.STATUS
+        self.negotiated = 0
 
     def config(self) -> NetConfig:
         """The config space as it stands."""
@@ -153,80 +162,30 @@ class NetControl:
 
 
 class NetDevice(NetControl, ThreadedDevice):
-    """A virtio-net device looping frames back, wired to a TAP, or dropping them.
-
-    ``ifname`` names the TAP in ``tap`` mode (a ``%d`` template lets the
-    kernel choose); the TAP is created here, so a name that cannot be used
-    is a :class:`ConfigError` at once.  :meth:`close` releases it.
-    """
+    """A virtio-net device looping frames back or dropping them, its queues run by Python."""
 
     def __init__(
         self,
         *,
         mode: str = "loopback",
-        mac: bytes = bytes.fromhex("525400123456"),
+        mac: bytes = DEFAULT_MAC,
         mtu: int = 1500,
         queue_pairs: int = 1,
         status_feature: bool = False,
-        ifname: str | None = None,
     ) -> None:
         super().__init__()
         if mode not in NET_MODES:
             raise ConfigError(f"unknown sim-net mode {mode!r} ({', '.join(NET_MODES)})")
-        if not 1 <= queue_pairs <= 128:
-            raise ConfigError(f"queue pairs must be 1..128, not {queue_pairs}")
-        if not 68 <= mtu <= 65535:
-            raise ConfigError(f"MTU must be 68..65535, not {mtu}")
-        if ifname is not None and mode != "tap":
-            raise ConfigError(f"ifname={ifname} needs mode=tap, not mode={mode}")
+        self._init_net(mac=mac, mtu=mtu, queue_pairs=queue_pairs, status_feature=status_feature)
         self.mode = mode
-        self.mac = mac
-        self.mtu = mtu
-        self.queue_pairs = queue_pairs
-        self.num_queues = 2 * queue_pairs
-        self.features = NET_FEATURES | (NetFeature.MQ if queue_pairs > 1 else 0)
-        self.protocol_features = NET_PROTOCOL_FEATURES
-        if status_feature:
-            self.protocol_features |= ProtocolFeature.STATUS
-        self.negotiated = 0
         self.stats = [QueueStats() for _ in range(self.num_queues)]
         self.dropped = 0
         self._vrings: dict[int, Vring] = {}
         self._backlog: list[deque[bytes]] = [deque() for _ in range(queue_pairs)]
         self._pair_locks = [threading.Lock() for _ in range(queue_pairs)]
-        self.tap: Tap | None = None
-        self._wakes: list[int] = []
-        self._readers: list[threading.Thread] = []
-        self._closing = False
-        if mode == "tap":
-            self._open_tap(ifname or TAP_NAME)
-
-    def _open_tap(self, ifname: str) -> None:
-        tap = Tap(ifname, queues=self.queue_pairs)
-        self.tap = tap
-        for pair in range(1, self.queue_pairs):
-            tap.set_queue_attached(pair, False)
-        for pair in range(self.queue_pairs):
-            self._wakes.append(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
-            reader = threading.Thread(
-                target=self._tap_reader, args=(pair,), name=f"tap-{tap.name}-{pair}", daemon=True
-            )
-            self._readers.append(reader)
-            reader.start()
 
     def close(self) -> None:
-        """Stop the TAP readers and release the TAP (``tap`` mode)."""
-        self._closing = True
-        for wake in self._wakes:
-            os.eventfd_write(wake, 1)
-        for reader in self._readers:
-            reader.join()
-        self._readers.clear()
-        for wake in self._wakes:
-            os.close(wake)
-        self._wakes.clear()
-        if self.tap is not None:
-            self.tap.close()
+        """Nothing to release: the device holds no host resource."""
 
     # ------------------------------------------------------------------ control
 
@@ -235,39 +194,24 @@ class NetDevice(NetControl, ThreadedDevice):
         self.negotiated = features
 
     def send_rarp(self, mac: bytes) -> None:
-        """Announce ``mac`` on the TAP; in other modes there is no switch to tell."""
-        if self.tap is not None:
-            self._tap_send(0, [rarp_frame(mac)])
+        """Nothing to announce to: a simulated device has no upstream switch."""
 
     def start_queue(self, vring: Vring) -> None:
         """Track the ring, then start its worker."""
         with self._pair_locks[vring.index // 2]:
             self._vrings[vring.index] = vring
-            self._steer(vring, True)
         super().start_queue(vring)
 
     def stop_queue(self, vring: Vring) -> None:
         """Forget the ring (under its pair's lock), then stop its worker."""
         with self._pair_locks[vring.index // 2]:
             self._vrings.pop(vring.index, None)
-            self._steer(vring, False)
         super().stop_queue(vring)
 
-    def _steer(self, vring: Vring, running: bool) -> None:
-        """Let the kernel send to a pair's TAP queue only while its receive ring runs."""
-        pair = vring.index // 2
-        if self.tap is None or vring.index % 2 or pair == 0:
-            return
-        self.tap.set_queue_attached(pair, running)
-        # The reader polls the queue only while it is attached.
-        os.eventfd_write(self._wakes[pair], 1)
-
     def reset(self) -> None:
-        """Drop pending frames (a TAP reader waiting for room reads again)."""
+        """Drop pending frames."""
         for backlog in self._backlog:
             backlog.clear()
-        for wake in self._wakes:
-            os.eventfd_write(wake, 1)
 
     # ------------------------------------------------------------------ data path
 
@@ -306,14 +250,11 @@ class NetDevice(NetControl, ThreadedDevice):
             else:
                 stats.packets += 1
                 stats.bytes += length
-                if self.tap is not None:
-                    self._tap_send(pair, _skip(chain.readable, hdr))
+                frame = chain.read_all()[hdr:]
+                if self.mode == "loopback" and self._accepts(frame) and len(backlog) < BACKLOG:
+                    backlog.append(frame)
                 else:
-                    frame = chain.read_all()[hdr:]
-                    if self.mode == "loopback" and self._accepts(frame) and len(backlog) < BACKLOG:
-                        backlog.append(frame)
-                    else:
-                        self.dropped += 1
+                    self.dropped += 1
             queue.push(chain, 0)
             stats.completed_desc += 1
             pushed = True
@@ -338,67 +279,6 @@ class NetDevice(NetControl, ThreadedDevice):
             rx.fail(exc)
         if delivered:
             rx.notify()
-            if self._wakes:
-                # The TAP reader may be waiting for room in the backlog.
-                os.eventfd_write(self._wakes[pair], 1)
-
-    # ------------------------------------------------------------------ TAP
-
-    def _tap_send(self, pair: int, buffers: Sequence[memoryview | bytes]) -> None:
-        tap = self.tap
-        assert tap is not None
-        try:
-            tap.write(pair, buffers)
-        except OSError:
-            # The interface is down or the frame malformed: the wire drops it.
-            self.dropped += 1
-
-    def _tap_reader(self, pair: int) -> None:
-        """Move frames from the TAP into the pair's receive ring until :meth:`close`."""
-        tap = self.tap
-        assert tap is not None
-        wake = self._wakes[pair]
-        backlog = self._backlog[pair]
-        buffer = memoryview(bytearray(TAP_FRAME_MAX))
-        poller = select.poll()
-        poller.register(wake, select.POLLIN)
-        reading = False
-        while not self._closing:
-            # A detached queue polls as an error: wait for it to be attached.
-            wanted = len(backlog) < BACKLOG and tap.attached[pair]
-            if wanted != reading:
-                if wanted:
-                    poller.register(tap.fds[pair], select.POLLIN)
-                else:
-                    poller.unregister(tap.fds[pair])
-                reading = wanted
-            poller.poll()
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(wake)
-            if self._closing:
-                return
-            try:
-                self._tap_receive(pair, buffer)
-            except OSError as exc:
-                log.error("TAP %s: read failed: %s", tap.name, exc)
-                return
-            with self._pair_locks[pair]:
-                self._deliver(pair)
-
-    def _tap_receive(self, pair: int, buffer: memoryview) -> None:
-        tap = self.tap
-        assert tap is not None
-        backlog = self._backlog[pair]
-        for _ in range(TAP_BATCH):
-            if len(backlog) >= BACKLOG:
-                return
-            length = tap.read_into(pair, buffer)
-            if length is None:
-                return
-            if 2 * pair in self._vrings:
-                backlog.append(bytes(buffer[:length]))
-            else:
-                self.dropped += 1
 
     def _receive_one(self, rx: Vring, frame: bytes, stats: QueueStats) -> bool:
         """Write one frame into receive chains; False when no buffer is available."""
@@ -445,16 +325,3 @@ class NetDevice(NetControl, ThreadedDevice):
         stats.packets += 1
         stats.bytes += len(frame)
         return True
-
-
-def _skip(segments: tuple[Segment, ...], count: int) -> list[memoryview]:
-    """The views of ``segments`` without their first ``count`` bytes."""
-    views = []
-    for segment in segments:
-        view = segment.view
-        if count >= len(view):
-            count -= len(view)
-            continue
-        views.append(view[count:])
-        count = 0
-    return views

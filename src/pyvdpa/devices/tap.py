@@ -14,8 +14,10 @@ long as an fd is open on it
 (unless it was made persistent with ``ip tuntap add``), in the network
 namespace of the thread that created it.
 
-Frames cross the boundary with ``readv``/``writev``: a transmitted frame is
-written straight from the guest's buffers, without joining them first.
+Frames cross the boundary with ``readv``/``writev`` on the non-blocking fds:
+the compiled data path (:mod:`pyvdpa.dataplane.kernels`) writes a transmitted
+frame straight from the guest's buffers and reads a received one straight
+into them, without joining them first.
 """
 
 from __future__ import annotations
@@ -30,7 +32,15 @@ from enum import IntFlag
 
 from pyvdpa.errors import ConfigError
 
-__all__ = ["IFNAMSIZ", "TAP_FRAME_MAX", "TUNSETIFF", "TUNSETQUEUE", "Tap", "TunFlag"]
+__all__ = [
+    "DEFAULT_TAP_NAME",
+    "IFNAMSIZ",
+    "TAP_FRAME_MAX",
+    "TUNSETIFF",
+    "TUNSETQUEUE",
+    "Tap",
+    "TunFlag",
+]
 
 #: ``_IOW('T', 202, int)``: attach the fd to a TUN/TAP interface.
 TUNSETIFF = 0x400454CA
@@ -41,8 +51,11 @@ TUNSETQUEUE = 0x400454D9
 #: Interface names are at most 15 bytes plus a NUL.
 IFNAMSIZ = 16
 
-#: Largest frame a read can return: a 64 KiB payload and an Ethernet header.
-TAP_FRAME_MAX = 65536 + 14
+#: Largest frame a read can return: the largest MTU, an Ethernet header and an 802.1Q tag.
+TAP_FRAME_MAX = 65535 + 14 + 4
+
+#: The name template a TAP gets unless told otherwise; the kernel fills in ``%d``.
+DEFAULT_TAP_NAME = "pyvdpa%d"
 
 #: The control device of the TUN/TAP driver.
 TUN_DEVICE = "/dev/net/tun"
@@ -70,7 +83,7 @@ class Tap:
     every failure is a :class:`ConfigError` that says why.
     """
 
-    def __init__(self, ifname: str = "pyvdpa%d", *, queues: int = 1) -> None:
+    def __init__(self, ifname: str = DEFAULT_TAP_NAME, *, queues: int = 1) -> None:
         encoded = ifname.encode()
         if not encoded or len(encoded) >= IFNAMSIZ or b"/" in encoded or b" " in encoded:
             raise ConfigError(
@@ -98,18 +111,6 @@ class Tap:
     def write(self, queue: int, buffers: Sequence[memoryview | bytes]) -> int:
         """Inject one frame, gathered from ``buffers``, on ``queue``; return its length."""
         return os.writev(self.fds[queue], buffers)
-
-    def read_into(self, queue: int, buffer: memoryview) -> int | None:
-        """Read one frame from ``queue`` into ``buffer``; ``None`` when none is waiting."""
-        try:
-            return os.readv(self.fds[queue], [buffer])
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            # A queue detached while its reader was about to read has no frame.
-            if exc.errno == errno.EBADFD:
-                return None
-            raise
 
     def set_queue_attached(self, queue: int, attached: bool) -> None:
         """Attach ``queue`` to the interface or detach it (multi-queue TAPs only).

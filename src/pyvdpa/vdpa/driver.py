@@ -7,11 +7,11 @@ in a :class:`~pyvdpa.vdpa.registry.VdpaRegistry`; *remove* unregisters it and
 releases the hardware.
 
 The simulated hardware is a device model whose queues run apart from the
-control plane, straight on the guest's rings: on the compiled engine
-(:class:`~pyvdpa.dataplane.net.EngineNetDevice`,
-:class:`~pyvdpa.dataplane.blk.EngineBlkDevice`) or on Python threads
-(:class:`~pyvdpa.devices.net.NetDevice` in tap mode,
-:class:`~pyvdpa.devices.blk.BlkDevice`).
+control plane, straight on the guest's rings, on the compiled engine:
+:class:`~pyvdpa.dataplane.net.EngineNetDevice` and
+:class:`~pyvdpa.dataplane.blk.EngineBlkDevice`.  The Python device models
+(:class:`~pyvdpa.devices.net.NetDevice`, :class:`~pyvdpa.devices.blk.BlkDevice`),
+which the tests hold the engine to, can be driven the same way.
 :class:`SimDeviceOps` is the driver side of the ops table: ``dev_conf``
 hands the hardware every ready ring, ``set_vring_state`` adds or removes one
 ring while configured, ``dev_close`` takes them all back and resets the
@@ -54,7 +54,7 @@ __all__ = [
 #: Per-queue counters of a simulated net device (DPDK's names, plus traffic).
 NET_STAT_NAMES = STAT_NAMES
 
-#: The two net data paths: the compiled engine, and the Python one (tap mode).
+#: The two net data paths: the compiled engine, and the Python one.
 NetHardware = NetDevice | EngineNetDevice
 
 #: The two blk data paths: the compiled engine, and the Python reference.
