@@ -13,7 +13,9 @@ Modes (:class:`EngineMode`):
 
 * ``poll`` — the worker never sleeps and asks drivers not to kick: lowest
   latency, one busy core, like a DPDK polling core;
-* ``event`` — when a pass finds no work the worker re-enables notifications
+* ``event`` — when no work has come for :data:`EVENT_SPIN_US` (about what
+  one sleep and wake-up costs, so that a busy device is not put to sleep
+  between two bursts) the worker re-enables notifications
   on the queues it consumes, checks them once more, and sleeps in
   ``epoll_wait`` on their kick eventfds, its own wake eventfd and the fds
   its ports bring (a TAP queue, watched edge-triggered so that frames left
@@ -60,12 +62,19 @@ from pyvdpa.dataplane.queues import CompiledQueue, Int64Array
 from pyvdpa.errors import ConfigError
 from pyvdpa.vhost_user.device import Vring
 
-__all__ = ["RX", "TX", "WORKER_THREAD_PREFIX", "Engine", "EngineMode", "Port"]
+__all__ = ["EVENT_SPIN_US", "RX", "TX", "WORKER_THREAD_PREFIX", "Engine", "EngineMode", "Port"]
 
 RX = 0
 """Port role of the receive queue."""
 TX = 1
 """Port role of the transmit queue."""
+
+EVENT_SPIN_US = 20.0
+"""How long an event-mode worker keeps polling after its last work before it sleeps.
+
+About the cost of one sleep and wake-up (``epoll_wait``, the driver's kick
+system call): sleeping sooner costs a busy device more than it saves.
+"""
 
 WORKER_THREAD_PREFIX = "pyvdpa-dp"
 """Workers' thread names as the system shows them (``top -H``, ``/proc/PID/task/*/comm``)."""
@@ -333,7 +342,8 @@ class _Worker:
         name = f"{WORKER_THREAD_PREFIX}{self.index}".encode()
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, name, 0, 0, 0)
         mode = _MODE_CODES[self.engine.mode]
-        spin_ns = int(self.engine.spin_us * 1000)
+        spin_us = self.engine.spin_us if mode == k.MODE_ADAPTIVE else EVENT_SPIN_US
+        spin_ns = int(spin_us * 1000)
         while True:
             with self._cond:
                 while not self._closing and (self._pausers or not self._nunits):

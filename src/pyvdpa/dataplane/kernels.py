@@ -2134,7 +2134,8 @@ def run_worker(
     sink, a zeroed header, ``int64[IOV_MAX, 2]`` iovecs).
 
     ``mode`` is MODE_POLL, MODE_EVENT or MODE_ADAPTIVE; ``spin_ns`` is how
-    long adaptive mode polls an idle worker before sleeping; ``sleep_ms``
+    long event and adaptive modes keep polling after the last work before
+    they sleep; ``sleep_ms``
     bounds a sleep (-1: until a kick, or 1 when some queue has no kick fd).
     ``epfd`` watches the kick eventfds, the worker's wake eventfd and the
     units' own fds (``U_FD``, edge-triggered).
@@ -2167,7 +2168,7 @@ def run_worker(
         if mode == MODE_POLL:
             _cpu_relax()
             continue
-        if mode == MODE_ADAPTIVE:
+        if spin_ns > 0:
             now = _monotonic_ns()
             if idle_since == 0:
                 idle_since = now
