@@ -462,6 +462,10 @@ _FALLOC_PUNCH_HOLE = 0x02
 _FALLOC_ZERO_RANGE = 0x10
 _EINTR = 4
 
+# Received frames are published every so many, within a burst, as DPDK
+# flushes its shadow used ring every few descriptors.
+_PUBLISH_EVERY = 8
+
 # Results of rx_deliver.
 _DELIVERED = 1
 _NO_BUFFER = 0
@@ -1678,6 +1682,9 @@ def _transmit(
                 stats[S_DROPPED] += 1
         push(txq, chains[c, 0], 0, chains[c, 1])
         stats[S_COMPLETED_DESC] += 1
+        if loopback and rx_ok and c % _PUBLISH_EVERY == _PUBLISH_EVERY - 1:
+            # The driver may start on the first frames while the rest are copied.
+            publish(rxq)
     # Received frames first: the driver waits for them, not for its buffers back.
     if loopback and rxa != 0:
         _complete(rxq)
