@@ -92,6 +92,16 @@ class Served:
         ring = self.ring(index)
         return list(iter(ring.queue.get_used, None))
 
+    def wait_used(self, index: int, count: int) -> list[tuple[int, int]]:
+        """Used entries of ring ``index``, once ``count`` have come (or after SETTLE).
+
+        A burst's counters move before its used entries are published, so a
+        test that saw a counter reach a value waits for the entries too.
+        """
+        entries: list[tuple[int, int]] = []
+        _until(lambda: len(entries.extend(self.used(index)) or entries) >= count)
+        return entries
+
 
 @pytest.fixture
 def serve(sock_dir: Path) -> Iterator[Callable[..., Served]]:
@@ -156,7 +166,7 @@ def test_gen_fills_receive_buffers_with_the_generated_frame(
     buffer = 400 if mrg_rxbuf else HDR + size
     posted = served.post_rx(0, buffer, 24)
     assert _until(lambda: served.device.stats[0].packets == (8 if mrg_rxbuf else 24))
-    used = served.used(0)
+    used = served.wait_used(0, 24)
     expected = generated_frame(size, DEFAULT_MAC)
     stream = b"".join(served.session.memory.read(posted[i], n) for i, n in used)
     frames = 0
@@ -177,7 +187,7 @@ def test_gen_without_mrg_rxbuf_skips_buffers_too_small(serve: Callable[..., Serv
     assert _until(lambda: served.device.stats[0].received_desc == 4)
     rx = served.device.stats[0]
     assert (rx.packets, rx.invalid_buffer, rx.dropped) == (0, 4, 4)
-    assert served.used(0) == [(0, 0), (1, 0), (2, 0), (3, 0)]
+    assert served.wait_used(0, 4) == [(0, 0), (1, 0), (2, 0), (3, 0)]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
@@ -196,10 +206,10 @@ def test_loopback_filters_and_keeps_pairs_apart(packed: bool, serve: Callable[..
     for pair in range(2):
         got = [
             served.session.memory.read(rx_posted[pair][i] + HDR, n - HDR)
-            for i, n in served.used(2 * pair)
+            for i, n in served.wait_used(2 * pair, 3)
         ]
         assert got == sent[pair]
-        assert len(served.used(2 * pair + 1)) == 4
+        assert len(served.wait_used(2 * pair + 1, 4)) == 4
         assert served.device.stats[2 * pair + 1].dropped == 1
 
 
@@ -279,8 +289,13 @@ def test_get_vring_base_under_traffic_is_exact(
     frontend.set_vring_kick(1, driver.ring.kick_fd)
     driver.ring.kick()
     assert _until(lambda: served.device.stats[1].completed_desc == driver.added)
-    driver.reclaim()
-    assert driver.completed == driver.added
+
+    def all_reclaimed() -> bool:
+        # A burst's counters move before its used entries are published.
+        driver.reclaim()
+        return driver.completed == driver.added
+
+    assert _until(all_reclaimed)
 
 
 # ---------------------------------------------------------------------- notifications
@@ -300,7 +315,7 @@ def test_interrupts_only_when_the_driver_asks(
     time.sleep(0.05)
     assert _eventfd_count(ring.call_fd) == 0
     assert served.device.stats[1].calls == 0
-    assert len(served.used(1)) == 5
+    assert len(served.wait_used(1, 5)) == 5
     assert not ring.queue.enable_interrupts()
     served.transmit(1, DEFAULT_MAC + bytes(60))
     assert _until(lambda: served.device.stats[1].calls == 1)
@@ -409,7 +424,7 @@ def test_dirty_log_covers_what_the_engine_writes(
         served.ring(1).queue.add([(tx_buffer, HDR + 64)], [])
         served.ring(1).kick()
         assert _until(lambda: served.device.stats[0].packets == 1)
-        assert served.used(0) == [(rx_id, HDR + 64)]
+        assert served.wait_used(0, 1) == [(rx_id, HDR + 64)]
         bits = bytes(log.buf)
         dirty = {i << 12 for i in range(len(bits) * 8) if bits[i >> 3] >> (i & 7) & 1}
         # The frame written, the used entries (one page or two), nothing the device only read.

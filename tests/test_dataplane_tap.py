@@ -106,6 +106,16 @@ class Wired:
         ring = self.ring(index)
         return list(iter(ring.queue.get_used, None))
 
+    def wait_used(self, index: int, count: int) -> list[tuple[int, int]]:
+        """Used entries of ring ``index``, once ``count`` have come (or after SETTLE).
+
+        A burst's counters move before its used entries are published, so a
+        test that saw a counter reach a value waits for the entries too.
+        """
+        entries: list[tuple[int, int]] = []
+        _until(lambda: len(entries.extend(self.used(index)) or entries) >= count)
+        return entries
+
     def read_used(self, index: int, entries: list[tuple[int, int]]) -> list[bytes]:
         """The bytes the device wrote into each used chain (header included)."""
         memory = self.session.memory
@@ -237,7 +247,7 @@ def test_transmitted_frames_reach_the_tap_byte_identical(
     assert _until(lambda: wired.device.stats[1].completed_desc == len(frames))
     tx = wired.device.stats[1]
     assert (tx.packets, tx.bytes, tx.dropped) == (len(frames), sum(map(len, frames)), 0)
-    assert [length for _, length in wired.used(1)] == [0] * len(frames)
+    assert [length for _, length in wired.wait_used(1, len(frames))] == [0] * len(frames)
 
 
 def test_frames_the_tap_refuses_are_dropped_and_completed(wire: Callable[..., Wired]) -> None:
@@ -249,7 +259,7 @@ def test_frames_the_tap_refuses_are_dropped_and_completed(wire: Callable[..., Wi
     assert wired.captured(1) == [_frame(100, 2)]
     assert _until(lambda: wired.device.stats[1].completed_desc == 3)
     assert wired.device.stats[1].dropped == 2
-    assert len(wired.used(1)) == 3
+    assert len(wired.wait_used(1, 3)) == 3
 
 
 # ---------------------------------------------------------------------- receive
