@@ -213,7 +213,12 @@ def test_virtio_user_frames_come_back_intact_through_loopback(peers: PeerPool) -
     time.sleep(FORWARD_SECONDS)
     testpmd.stop_forwarding()
     port = testpmd.port_stats()[0]
+    # The last frames testpmd queued may still be on their way through the ring.
+    deadline = time.monotonic() + BURST_TIMEOUT
     stats = app.stats("net0")
+    while stats[1]["packets"] < port.tx_packets and time.monotonic() < deadline:
+        time.sleep(0.1)
+        stats = app.stats("net0")
 
     assert port.rx_errors == port.tx_errors == port.rx_missed == port.rx_nombuf == 0, port
     # io forwarding sent every frame it received, on top of the two bursts.
