@@ -107,7 +107,6 @@ class EngineBlkDevice(BlkControl, VhostUserDevice):
     def _port(self, index: int) -> Port:
         port = self._ports[index]
         if port is None:
-            iov = np.zeros((k.IOV_MAX, 2), dtype=np.int64)
             unit = np.zeros(k.UCOLS, dtype=np.int64)
             unit[k.U_PROGRAM] = k.P_BLK
             unit[k.U_BLK_FD] = self.fd
@@ -116,11 +115,9 @@ class EngineBlkDevice(BlkControl, VhostUserDevice):
             unit[k.U_SERIAL] = self._serial.ctypes.data
             unit[k.U_ZEROS] = self._zeros.ctypes.data
             unit[k.U_ZEROS_LEN] = len(self._zeros)
-            unit[k.U_IOV] = iov.ctypes.data
-            unit[k.U_IOV_LEN] = len(iov)
             unit[k.U_MAX_SEG] = MAX_DISCARD_SEG
             unit[k.U_MAX_SECTORS] = MAX_DISCARD_SECTORS
-            port = self.engine.add_port(unit, keep=(iov, self._serial, self._zeros))
+            port = self.engine.add_port(unit, keep=(self._serial, self._zeros))
             self._ports[index] = port
         return port
 

@@ -192,8 +192,6 @@ __all__ = [
     "U_FRAME",
     "U_FRAME_LEN",
     "U_HDR",
-    "U_IOV",
-    "U_IOV_LEN",
     "U_MAC",
     "U_MAX_SECTORS",
     "U_MAX_SEG",
@@ -355,20 +353,17 @@ U_SERIAL = 12
 U_ZEROS = 13
 """Host address of a zero-filled buffer (reads past the end of the file, zeroing fallback)."""
 U_ZEROS_LEN = 14
-U_IOV = 15
-"""Host address of the unit's ``int64[U_IOV_LEN, 2]`` iovec array."""
-U_IOV_LEN = 16
-U_MAX_SEG = 17
+U_MAX_SEG = 15
 """Segments a DISCARD or WRITE_ZEROES request may carry."""
-U_MAX_SECTORS = 18
+U_MAX_SECTORS = 16
 """Sectors one DISCARD or WRITE_ZEROES segment may cover."""
-U_BLK_FD = 19
+U_BLK_FD = 17
 """The backing file's descriptor (never watched: files are always ready)."""
 # Unit row of a tap unit.
-U_BOUNCE = 20
+U_BOUNCE = 18
 """Host address of the unit's bounce buffer (``tap``: received frames longer than a chain)."""
-U_BOUNCE_LEN = 21
-U_PENDING = 22
+U_BOUNCE_LEN = 19
+U_PENDING = 20
 """Length of the frame waiting in the bounce buffer for receive chains, 0 for none."""
 UCOLS = 24
 
@@ -721,51 +716,6 @@ def _st_shared(typingctx: Any, array: Any, index: Any, value: Any) -> Any:
     return sig, codegen
 
 
-@_intrinsic
-def _eventfd_signal(typingctx: Any, fd: Any) -> Any:
-    """Add 1 to an eventfd (``write(fd, &one, 8)``)."""
-    sig = types.int64(types.int64)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        slot = cgutils.alloca_once_value(builder, ir.Constant(_I64, 1))
-        buf = builder.ptrtoint(slot, _I64)
-        fnty = ir.FunctionType(_I64, [_I32, _I64, _I64])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "write")
-        return builder.call(fn, [builder.trunc(args[0], _I32), buf, ir.Constant(_I64, 8)])
-
-    return sig, codegen
-
-
-@_intrinsic
-def _eventfd_drain(typingctx: Any, fd: Any) -> Any:
-    """Read (and so reset) an eventfd's counter (``read(fd, &value, 8)``)."""
-    sig = types.int64(types.int64)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        slot = cgutils.alloca_once_value(builder, ir.Constant(_I64, 0))
-        buf = builder.ptrtoint(slot, _I64)
-        fnty = ir.FunctionType(_I64, [_I32, _I64, _I64])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "read")
-        return builder.call(fn, [builder.trunc(args[0], _I32), buf, ir.Constant(_I64, 8)])
-
-    return sig, codegen
-
-
-@_intrinsic
-def _epoll_wait(typingctx: Any, epfd: Any, events: Any, maxevents: Any, timeout: Any) -> Any:
-    """``epoll_wait(epfd, events, maxevents, timeout_ms)``; blocks without the GIL."""
-    sig = types.int64(types.int64, types.int64, types.int64, types.int64)
-
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        fnty = ir.FunctionType(_I32, [_I32, _I64, _I32, _I32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "epoll_wait")
-        narrow = [builder.trunc(args[0], _I32), args[1]]
-        narrow += [builder.trunc(args[2], _I32), builder.trunc(args[3], _I32)]
-        return builder.sext(builder.call(fn, narrow), _I64)
-
-    return sig, codegen
-
-
 def _libc(name: str, params: tuple[Any, ...], result: Any) -> Callable[..., Any]:
     """An intrinsic calling libc's ``name``: int64 arguments narrowed to ``params``.
 
@@ -797,7 +747,32 @@ def _libc(name: str, params: tuple[Any, ...], result: Any) -> Callable[..., Any]
     return _intrinsic(typer)
 
 
-# Pointers travel as int64, as in the eventfd intrinsics above.
+def _eventfd_io(name: str, value: int) -> Callable[..., Any]:
+    """An intrinsic doing ``name(fd, &counter, 8)`` on an eventfd, ``counter`` set to ``value``.
+
+    ``write`` with 1 signals the eventfd; ``read`` takes (and so resets) its count.
+    """
+
+    def typer(typingctx: Any, fd: Any) -> Any:
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            slot = cgutils.alloca_once_value(builder, ir.Constant(_I64, value))
+            buf = builder.ptrtoint(slot, _I64)
+            fnty = ir.FunctionType(_I64, [_I32, _I64, _I64])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+            return builder.call(fn, [builder.trunc(args[0], _I32), buf, ir.Constant(_I64, 8)])
+
+        return types.int64(types.int64), codegen
+
+    typer.__name__ = typer.__qualname__ = f"_eventfd_{name}"
+    return _intrinsic(typer)
+
+
+_eventfd_signal = _eventfd_io("write", 1)
+_eventfd_drain = _eventfd_io("read", 0)
+
+# Pointers travel as int64.
+# ``epoll_wait(epfd, events, maxevents, timeout_ms)`` blocks without the GIL.
+_epoll_wait = _libc("epoll_wait", (_I32, _I64, _I32, _I32), _I32)
 _preadv = _libc("preadv", (_I32, _I64, _I32, _I64), _I64)
 _pwritev = _libc("pwritev", (_I32, _I64, _I32, _I64), _I64)
 _pwrite = _libc("pwrite", (_I32, _I64, _I64, _I64), _I64)
@@ -1772,7 +1747,16 @@ def _log_segments(q: Any, segs: Any, first: Any, end: Any, count: Any) -> None:
 
 @_kernel
 def _sg_file_io(
-    q: Any, u: Any, segs: Any, first: Any, end: Any, offset: Any, count: Any, pos: Any, out: Any
+    q: Any,
+    u: Any,
+    segs: Any,
+    first: Any,
+    end: Any,
+    offset: Any,
+    count: Any,
+    pos: Any,
+    out: Any,
+    iov: Any,
 ) -> Any:
     """Move ``count`` bytes between file offset ``pos`` and segments [first, end) from ``offset``.
 
@@ -1783,8 +1767,7 @@ def _sg_file_io(
     do; a write making no progress fails, as does any error but EINTR.
     """
     fd = u[U_BLK_FD]
-    iov_addr = u[U_IOV]
-    iov = _pairs(iov_addr, u[U_IOV_LEN])
+    iov_addr = np.int64(iov.ctypes.data)
     i = first
     while i < end and offset >= segs[i, 2]:
         offset -= segs[i, 2]
@@ -1901,7 +1884,9 @@ def _blk_discard_or_zero(u: Any, segs: Any, nread: Any, kind: Any, data_out: Any
 
 
 @_kernel
-def _blk_execute(q: Any, u: Any, segs: Any, nseg: Any, nread: Any, rlen: Any, wlen: Any) -> Any:
+def _blk_execute(
+    q: Any, u: Any, segs: Any, nseg: Any, nread: Any, rlen: Any, wlen: Any, iov: Any
+) -> Any:
     """Execute one well-formed request; return (status, bytes written before the status)."""
     kind = _sg_load(segs, 0, nread, 0, 4)
     sector = _sg_load(segs, 0, nread, 8, 8)
@@ -1910,14 +1895,14 @@ def _blk_execute(q: Any, u: Any, segs: Any, nseg: Any, nread: Any, rlen: Any, wl
     readonly = u[U_READONLY]
     if kind == _BLK_T_IN:
         pos = _blk_range(u, sector, data_in)
-        if pos < 0 or not _sg_file_io(q, u, segs, nread, nseg, 0, data_in, pos, False):
+        if pos < 0 or not _sg_file_io(q, u, segs, nread, nseg, 0, data_in, pos, False, iov):
             return (_BLK_S_IOERR, 0)
         return (_BLK_S_OK, data_in)
     if kind == _BLK_T_OUT:
         if readonly:
             return (_BLK_S_IOERR, 0)
         pos = _blk_range(u, sector, data_out)
-        if pos < 0 or not _sg_file_io(q, u, segs, 0, nread, _BLK_HEADER, data_out, pos, True):
+        if pos < 0 or not _sg_file_io(q, u, segs, 0, nread, _BLK_HEADER, data_out, pos, True, iov):
             return (_BLK_S_IOERR, 0)
         return (_BLK_S_OK, 0)
     if kind == _BLK_T_FLUSH:
@@ -1938,8 +1923,11 @@ def _blk_execute(q: Any, u: Any, segs: Any, nseg: Any, nread: Any, rlen: Any, wl
 
 
 @_kernel
-def _blk_requests(u: Any, segs: Any) -> Any:
-    """Serve a burst of requests of a blk unit's queue; return how many."""
+def _blk_requests(u: Any, segs: Any, iov: Any) -> Any:
+    """Serve a burst of requests of a blk unit's queue; return how many.
+
+    ``iov`` is the worker's ``int64[IOV_MAX, 2]`` iovec scratch.
+    """
     qa = u[U_TXQ]
     if qa == 0:
         return 0
@@ -1962,7 +1950,7 @@ def _blk_requests(u: Any, segs: Any) -> Any:
             # No room for a status, or no header to act on: returned untouched.
             stats[S_INVALID_BUFFER] += 1
         else:
-            result, reply = _blk_execute(q, u, segs, nseg, nread, rlen, wlen)
+            result, reply = _blk_execute(q, u, segs, nseg, nread, rlen, wlen, iov)
             if result != _BLK_S_OK:
                 stats[S_COMPLETION_ERRORS] += 1
             _sg_store_u8(q, segs, nread, nseg, wlen - 1, result)
@@ -2160,7 +2148,7 @@ def run_worker(
             u = _row(units[i], UCOLS)
             program = u[U_PROGRAM]
             if program == P_BLK:
-                work += _blk_requests(u, segs_t)
+                work += _blk_requests(u, segs_t, iov)
                 continue
             if program == P_GEN:
                 work += _generate(u, segs_r, held, zero_addr)
