@@ -11,6 +11,7 @@ every byte of the disk image as they were.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -44,14 +45,25 @@ def app(sock_dir: Path) -> Iterator[tuple[PyvdpaRun, Path]]:
         yield run, disk
 
 
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
-def _hostile_session(path: str) -> tuple[Session, int]:
+@contextlib.contextmanager
+def _hostile(path: str, rings: int, watched: int) -> Iterator[tuple[Session, int]]:
+    """A session with ``rings`` running rings, ring ``watched`` reporting to an error eventfd."""
     session = Session(Frontend.connect(path), memory_size=4 << 20)
-    session.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES, 0)
-    return session, os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        session.negotiate(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES, 0)
+        for index in range(rings):
+            session.setup_ring(index, RING)
+        session.frontend.set_vring_err(watched, err)
+        session.enable_rings()
+        yield session, err
+    finally:
+        session.close()
+        os.close(err)
 
 
 def _publish(ring: DriverRing, head: int) -> None:
@@ -89,12 +101,8 @@ def test_broken_net_ring_leaves_the_disk_and_the_app_alone(
 ) -> None:
     run, disk = app
     before = disk.read_bytes()
-    session, err = _hostile_session(run.sockets[0])
-    try:
-        session.setup_ring(0, RING)
-        tx = session.setup_ring(1, RING)
-        session.frontend.set_vring_err(1, err)
-        session.enable_rings()
+    with _hostile(run.sockets[0], rings=2, watched=1) as (session, err):
+        tx = session.rings[1]
         buf = session.alloc(64)
         desc: memoryview = tx.queue._desc  # type: ignore[attr-defined]
         # A chain that loops on itself.
@@ -106,9 +114,6 @@ def test_broken_net_ring_leaves_the_disk_and_the_app_alone(
         stats = run.stats("net0")
         assert stats[1]["bad_desc_errors"] == 1
         assert stats[0]["bad_desc_errors"] == 0
-    finally:
-        session.close()
-        os.close(err)
     broken = f"{run.sockets[0]}: vring 1 broken: chain revisits a descriptor"
     run.wait_for(re.compile(re.escape(broken)), timeout=5)
     _net_still_loops_back(run)
@@ -139,22 +144,14 @@ def _post_write_request(session: Session, ring: DriverRing, *, poison: str) -> N
 def test_broken_blk_ring_writes_nothing(app: tuple[PyvdpaRun, Path]) -> None:
     """A buffer outside guest memory breaks the queue before any byte is written."""
     run, disk = app
-    digest = _digest(disk)
     before = disk.read_bytes()
-    session, err = _hostile_session(run.sockets[1])
-    try:
-        ring = session.setup_ring(0, RING)
-        session.frontend.set_vring_err(0, err)
-        session.enable_rings()
-        _post_write_request(session, ring, poison="data outside memory")
+    with _hostile(run.sockets[1], rings=1, watched=0) as (session, err):
+        _post_write_request(session, session.rings[0], poison="data outside memory")
         assert _signalled(err), "the broken queue's error eventfd was not signalled"
         counters = run.stats("blk0")[0]
         assert counters["invalid_buffer"] == 1
         assert counters["completed_desc"] == 0
-    finally:
-        session.close()
-        os.close(err)
-    assert _digest(disk) == digest
+    assert _digest(disk.read_bytes()) == _digest(before)
     broken = f"{run.sockets[1]}: vring 0 broken: guest address range"
     run.wait_for(re.compile(re.escape(broken)), timeout=5)
     _net_still_loops_back(run)
@@ -164,13 +161,9 @@ def test_broken_blk_ring_writes_nothing(app: tuple[PyvdpaRun, Path]) -> None:
 def test_blk_request_without_status_byte_is_refused_unserved(app: tuple[PyvdpaRun, Path]) -> None:
     """No writable status byte: the request is handed back unserved, the queue goes on."""
     run, disk = app
-    digest = _digest(disk)
     before = disk.read_bytes()
-    session, err = _hostile_session(run.sockets[1])
-    try:
-        ring = session.setup_ring(0, RING)
-        session.frontend.set_vring_err(0, err)
-        session.enable_rings()
+    with _hostile(run.sockets[1], rings=1, watched=0) as (session, err):
+        ring = session.rings[0]
         _post_write_request(session, ring, poison="no status byte")
         assert session.wait_call(10), "the request was never completed"
         used_ring: memoryview = ring.queue._used  # type: ignore[attr-defined]
@@ -181,9 +174,6 @@ def test_blk_request_without_status_byte_is_refused_unserved(app: tuple[PyvdpaRu
         assert counters["invalid_buffer"] == 1
         assert counters["completed_desc"] == 1
         assert not _signalled(err, timeout=0)
-    finally:
-        session.close()
-        os.close(err)
-    assert _digest(disk) == digest
+    assert _digest(disk.read_bytes()) == _digest(before)
     _net_still_loops_back(run)
     _blk_still_serves(run, disk, before)

@@ -58,7 +58,7 @@ def _eventfd_count(fd: int) -> int:
 
 
 @dataclass
-class Served:
+class Driven:
     """A device served on a socket, a session connected to it, and its engine."""
 
     device: EngineNetDevice
@@ -67,6 +67,31 @@ class Served:
 
     def ring(self, index: int) -> DriverRing:
         return self.session.rings[index]
+
+    def used(self, index: int) -> list[tuple[int, int]]:
+        """Used entries returned on ring ``index`` since the last call."""
+        ring = self.ring(index)
+        return list(iter(ring.queue.get_used, None))
+
+    def wait_used(self, index: int, count: int) -> list[tuple[int, int]]:
+        """Used entries of ring ``index``, once ``count`` have come (or after SETTLE).
+
+        A burst's counters move before its used entries are published, so a
+        test that saw a counter reach a value waits for the entries too.
+        """
+        entries: list[tuple[int, int]] = []
+
+        def arrived() -> bool:
+            entries.extend(self.used(index))
+            return len(entries) >= count
+
+        _until(arrived)
+        return entries
+
+
+@dataclass
+class Served(Driven):
+    """A device driven with single-descriptor frames and receive buffers."""
 
     def transmit(self, index: int, frame: bytes) -> int:
         """Post one frame (header included) on TX ring ``index``; return its chain id."""
@@ -86,21 +111,6 @@ class Served:
             posted[ring.queue.add([], [(addr, size)])] = addr
         ring.kick()
         return posted
-
-    def used(self, index: int) -> list[tuple[int, int]]:
-        """Every used entry the device has returned on ring ``index`` so far."""
-        ring = self.ring(index)
-        return list(iter(ring.queue.get_used, None))
-
-    def wait_used(self, index: int, count: int) -> list[tuple[int, int]]:
-        """Used entries of ring ``index``, once ``count`` have come (or after SETTLE).
-
-        A burst's counters move before its used entries are published, so a
-        test that saw a counter reach a value waits for the entries too.
-        """
-        entries: list[tuple[int, int]] = []
-        _until(lambda: len(entries.extend(self.used(index)) or entries) >= count)
-        return entries
 
 
 @pytest.fixture

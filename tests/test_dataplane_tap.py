@@ -29,13 +29,14 @@ from peers.netns import NetNamespace
 from pyvdpa.dataplane.engine import Engine
 from pyvdpa.dataplane.net import EngineNetDevice
 from pyvdpa.drive.net import build_frame
-from pyvdpa.drive.session import DriverRing, Session
+from pyvdpa.drive.session import Session
 from pyvdpa.memory import allocate_shared
 from pyvdpa.vhost_user.device import VhostUserDevice
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.vhost_user.server import BackendServer
 from pyvdpa.virtio.constants import NetFeature, VirtioFeature
+from test_dataplane_engine import HDR, SETTLE, Driven, _until
 from test_vdpa_tap import icmp_echo, in_netns
 
 pytestmark = pytest.mark.skipif(
@@ -43,8 +44,6 @@ pytestmark = pytest.mark.skipif(
     reason="needs root, iproute2 and /dev/net/tun",
 )
 
-HDR = 12
-SETTLE = 5.0
 ETH_P_TEST = 0x88B5
 TAP = "pvt0"
 GUEST_MAC = bytes.fromhex("020000000002")
@@ -54,29 +53,14 @@ LAYOUTS = [False, True]
 LAYOUT_IDS = ["split", "packed"]
 
 
-def _until(condition: Callable[[], bool], timeout: float = SETTLE) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 @dataclass
-class Wired:
+class Wired(Driven):
     """A tap-mode device served on a socket, a session driving it, and the TAP's far end."""
 
-    device: EngineNetDevice
-    session: Session
-    engine: Engine
     netns: NetNamespace
     peer: socket.socket
     sender: socket.socket
     posted: dict[int, dict[int, tuple[int, int]]]
-
-    def ring(self, index: int) -> DriverRing:
-        return self.session.rings[index]
 
     def transmit(self, index: int, frame: bytes, pieces: int = 1) -> int:
         """Post one frame on TX ring ``index``, header and frame cut into ``pieces`` descriptors."""
@@ -100,21 +84,6 @@ class Wired:
             pieces = [(addr, split), (addr + split, size - split)] if split else [(addr, size)]
             self.posted.setdefault(index, {})[ring.queue.add([], pieces)] = (addr, size)
         ring.kick()
-
-    def used(self, index: int) -> list[tuple[int, int]]:
-        """Used entries returned on ring ``index`` since the last call."""
-        ring = self.ring(index)
-        return list(iter(ring.queue.get_used, None))
-
-    def wait_used(self, index: int, count: int) -> list[tuple[int, int]]:
-        """Used entries of ring ``index``, once ``count`` have come (or after SETTLE).
-
-        A burst's counters move before its used entries are published, so a
-        test that saw a counter reach a value waits for the entries too.
-        """
-        entries: list[tuple[int, int]] = []
-        _until(lambda: len(entries.extend(self.used(index)) or entries) >= count)
-        return entries
 
     def read_used(self, index: int, entries: list[tuple[int, int]]) -> list[bytes]:
         """The bytes the device wrote into each used chain (header included)."""
@@ -300,8 +269,8 @@ def test_frame_longer_than_a_buffer_spans_merged_buffers(
     time.sleep(0.3)
     assert wired.used(0) == []
     wired.post_rx(0, 1024, 3)
-    entries: list[tuple[int, int]] = []
-    assert _until(lambda: len(entries.extend(wired.used(0)) or entries) == 4)
+    entries = wired.wait_used(0, 4)
+    assert len(entries) == 4
     streams = wired.read_used(0, entries)
     assert [length for _, length in entries] == [1024, 1024, HDR + 3000 - 2048, HDR + 200]
     assert _NUM_BUFFERS.unpack_from(streams[0], 10)[0] == 3
@@ -319,8 +288,8 @@ def test_frame_longer_than_a_buffer_without_mrg_rxbuf_is_dropped(
     wired.post_rx(0, 1024, 2)
     wired.inject(_frame(3000, 1))
     wired.inject(_frame(200, 2))
-    entries: list[tuple[int, int]] = []
-    assert _until(lambda: len(entries.extend(wired.used(0)) or entries) == 2)
+    entries = wired.wait_used(0, 2)
+    assert len(entries) == 2
     assert entries[0][1] == 0
     assert wired.read_used(0, entries[1:])[0][HDR:] == _frame(200, 2)
     rx = wired.device.stats[0]
