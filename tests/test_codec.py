@@ -69,9 +69,9 @@ i64 = st.integers(-(2**63), 2**63 - 1)
 
 
 def spans(min_size: int = 0) -> st.SearchStrategy[tuple[int, int]]:
-    """(start, size) pairs that do not wrap past 2**64."""
+    """(start, size) pairs that do not wrap past 2**64; the start itself fits in 64 bits."""
     return st.integers(min_size, 2**64 - 1).flatmap(
-        lambda size: st.tuples(st.integers(0, 2**64 - size), st.just(size))
+        lambda size: st.tuples(st.integers(0, 2**64 - max(size, 1)), st.just(size))
     )
 
 
