@@ -157,6 +157,7 @@ class Port:
             call = vring.dup_call_fd()
             queue.row[k.Q_CALL_FD] = -1 if call is None else call
             queue.row[k.Q_ARM] = armed
+            queue.row[k.Q_ATTN_FD] = self.engine._attention
             entry = _Attached(vring, queue, armed, kick, call_source)
             self._queues[role] = entry
             self.unit[_ROLE_COLUMNS[role]] = queue.row.ctypes.data
@@ -192,12 +193,14 @@ class Port:
         self.engine._close_retired(entry.queue)
 
     def _check(self, retired: list[tuple[CompiledQueue, _Retired]]) -> None:
-        """Report broken rings and follow call eventfd changes (the monitor's pass)."""
+        """Report broken rings, serve IOTLB misses, follow call eventfd changes (the monitor's pass)."""
         for entry in self._queues.values():
             error = entry.queue.error
             if error is not None and not entry.reported:
                 entry.reported = True
                 entry.vring.fail(error)
+            if entry.queue.stalled is not None:
+                self._translate(entry)
             source = entry.vring.call_fd
             if source == entry.call_source:
                 continue
@@ -208,6 +211,26 @@ class Port:
             row[k.Q_CALL_FD] = -1 if new is None else new
             if old >= 0:
                 retired.append((entry.queue, _Retired(old, self._worker, self._worker.epoch)))
+
+
+    def _translate(self, entry: _Attached) -> None:
+        """Unstall a queue that missed a translation, or ask the front-end for it.
+
+        When the IOTLB has changed since the queue's table was built, the
+        table is rebuilt and the queue retries the chain; otherwise the
+        front-end is asked (once per address) and the next IOTLB update
+        brings the monitor back here.
+        """
+        queue = entry.queue
+        iotlb = queue.iotlb
+        miss = queue.stalled
+        if iotlb is None or miss is None:
+            return
+        if iotlb.generation != queue.generation:
+            with self._worker.paused():
+                queue.retranslate()
+            return
+        entry.vring.request_translation(*miss)
 
 
 class _Worker:
@@ -414,6 +437,8 @@ class Engine:
             _Worker(self, i, None if cpus is None else cpus[i]) for i in range(workers)
         ]
         self._monitor = _Monitor(monitor_interval)
+        # Signalled by a queue that stalls on an IOTLB miss and by attend().
+        self._attention = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._retired: list[tuple[CompiledQueue, _Retired]] = []
         self._started = False
         self._closed = False
@@ -437,6 +462,7 @@ class Engine:
                         other.close()
                     for other in self._workers[started + 1 :]:
                         other.release()
+                    os.close(self._attention)
                     self._closed = True
                     raise
             monitor = threading.Thread(target=self._watch, name="dataplane-monitor", daemon=True)
@@ -455,8 +481,10 @@ class Engine:
         for port in busy:
             self.remove_port(port)
         self._monitor.stop.set()
+        self.attend()
         if self._monitor.thread is not None:
             self._monitor.thread.join()
+        os.close(self._attention)
         for worker in self._workers:
             if self._started:
                 worker.close()
@@ -524,12 +552,25 @@ class Engine:
 
     # ------------------------------------------------------------------ monitor
 
+    def attend(self) -> None:
+        """Make the monitor pass now, not at its next interval (new IOTLB entries)."""
+        with contextlib.suppress(OSError):
+            os.eventfd_write(self._attention, 1)
+
     def _watch(self) -> None:
-        while not self._monitor.stop.wait(self._monitor.interval):
-            self.check()
+        attention = self._attention
+        poller = select.poll()
+        poller.register(attention, select.POLLIN)
+        timeout_ms = max(1, int(self._monitor.interval * 1000))
+        while not self._monitor.stop.is_set():
+            if poller.poll(timeout_ms):
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(attention)
+            if not self._monitor.stop.is_set():
+                self.check()
 
     def check(self) -> None:
-        """One monitor pass: report broken rings, follow call eventfd changes."""
+        """One monitor pass: report broken rings, serve IOTLB misses, follow call eventfd changes."""
         with self._lock:
             for worker in self._workers:
                 for port in worker.ports:

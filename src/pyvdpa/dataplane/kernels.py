@@ -102,6 +102,9 @@ from numba.core import cgutils as _cgutils
 from numba.extending import intrinsic
 
 __all__ = [
+    "ACCESS_CONTINUES",
+    "ACCESS_READ",
+    "ACCESS_WRITE",
     "CCOLS",
     "C_EPOCH",
     "C_REQUEST",
@@ -141,6 +144,7 @@ __all__ = [
     "P_TAP",
     "QCOLS",
     "Q_ARM",
+    "Q_ATTN_FD",
     "Q_AVAIL_SEEN",
     "Q_AVAIL_WRAP",
     "Q_CALL_FD",
@@ -154,17 +158,21 @@ __all__ = [
     "Q_INDIRECT",
     "Q_INFLIGHT",
     "Q_INFLIGHT_SLOTS",
+    "Q_IOTLB",
     "Q_LAST_AVAIL",
     "Q_LOG",
     "Q_LOG_MISSED",
     "Q_LOG_RING",
     "Q_LOG_SIZE",
+    "Q_MISS_ACCESS",
+    "Q_MISS_ADDR",
     "Q_NOTIFY",
     "Q_NREGS",
     "Q_PACKED",
     "Q_REGS",
     "Q_SHADOW",
     "Q_SIZE",
+    "Q_STALLED",
     "Q_STATS",
     "Q_UNPUBLISHED",
     "Q_UNSIGNALLED",
@@ -259,7 +267,14 @@ Q_DRIVER = 5
 Q_DEVICE = 6
 """Host address of the used ring (split) or device event area (packed)."""
 Q_REGS = 7
-"""Host address of the region table: ``uint64[n, 3]`` (gpa, size, host address)."""
+"""Host address of the translation table: ``uint64[n, 5]`` rows (device address, size,
+host address, access, guest-physical address), sorted by device address, disjoint.
+
+``access`` has bit ``ACCESS_READ`` when the device may read the range,
+``ACCESS_WRITE`` when it may write it (guest memory allows both, an IOTLB
+entry what its permission says) and ``ACCESS_CONTINUES`` when the range goes
+on, contiguous in this process, from the end of the previous row.
+"""
 Q_NREGS = 8
 Q_LOG = 9
 """Host address of the dirty bitmap, 0 without logging."""
@@ -299,7 +314,17 @@ Q_LOG_MISSED = 28
 """Dirty pages beyond the end of the bitmap, not logged."""
 Q_SHADOW = 29
 """Packed: host address of ``int64[size, 2]`` holding used descriptors not yet published."""
-QCOLS = 32
+Q_IOTLB = 30
+"""1 when device addresses are IOVAs: a range the table lacks is a miss, not an error."""
+Q_STALLED = 31
+"""1 from a miss until the control plane has new translations (the ring is not popped)."""
+Q_MISS_ADDR = 32
+"""The first IOVA a stalled queue could not translate."""
+Q_MISS_ACCESS = 33
+"""The access (``ACCESS_READ`` or ``ACCESS_WRITE``) the missing translation must allow."""
+Q_ATTN_FD = 34
+"""Eventfd signalled when the queue stalls on a miss, -1 for none."""
+QCOLS = 40
 
 # Counters, in the order of pyvdpa.devices.stats.STAT_NAMES, then extras.
 S_RECEIVED_DESC = 0
@@ -386,10 +411,17 @@ MODE_POLL = 0
 MODE_EVENT = 1
 MODE_ADAPTIVE = 2
 
+# Access bits of a translation table row (the first two are VHOST_ACCESS_RO and _WO).
+ACCESS_READ = 1
+ACCESS_WRITE = 2
+ACCESS_CONTINUES = 4
+
 # Results of ring_pop.
 POPPED = 1
 EMPTY = 0
 ERROR = -1
+_MISS = 2
+"""walk only: a translation is missing; ring_pop reports EMPTY and the queue stalls."""
 
 # Error codes (Q_ERROR); pyvdpa.dataplane.queues maps them onto RingError classes.
 E_AVAIL_JUMP = 1
@@ -680,11 +712,11 @@ def _view(dtype: Any, inner: int) -> Callable[..., Any]:
     return _intrinsic(typer)
 
 
-# A row of int64 (a queue, a unit, counters); a region table of uint64[n, 3];
+# A row of int64 (a queue, a unit, counters); a translation table of uint64[n, 5];
 # pairs of int64 (a packed queue's shadow of unpublished used descriptors, a
 # blk unit's iovec array).
 _row = _view(types.int64, 0)
-_table = _view(types.uint64, 3)
+_table = _view(types.uint64, 5)
 _pairs = _view(types.int64, 2)
 
 
@@ -856,31 +888,87 @@ def _copy(dst: Any, src: Any, count: Any) -> None:
 
 
 @_kernel
-def _translate(q: Any, gpa: Any, length: Any) -> Any:
-    """Host address of guest-physical ``[gpa, gpa + length)``, or -1 unless one region holds it.
+def _find(regs: Any, addr: Any) -> Any:
+    """Index of the last table row starting at or below ``addr``, -1 if none (binary search)."""
+    lo = 0
+    hi = regs.shape[0]
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if regs[mid, 0] <= addr:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
 
-    ``gpa`` is the descriptor's 64-bit address as an int64 bit pattern;
-    comparisons are unsigned, so no address wraps around.
+
+@_kernel
+def _translate(q: Any, gpa: Any, length: Any, access: Any) -> Any:
+    """Host address of device range ``[gpa, gpa + length)``, or -1 unless one row holds it.
+
+    The row must also allow ``access``.  ``gpa`` is the descriptor's 64-bit
+    address as an int64 bit pattern; comparisons are unsigned, so no address
+    wraps around.
     """
     regs = _table(q[Q_REGS], q[Q_NREGS])
     addr = np.uint64(gpa)
     count = np.uint64(length)
-    for r in range(regs.shape[0]):
-        start = regs[r, 0]
-        if addr >= start:
-            offset = addr - start
-            size = regs[r, 1]
-            if offset < size and count <= size - offset:
-                return np.int64(regs[r, 2] + offset)
+    r = _find(regs, addr)
+    if r >= 0:
+        offset = addr - regs[r, 0]
+        size = regs[r, 1]
+        if offset < size and count <= size - offset and regs[r, 3] & access == access:
+            return np.int64(regs[r, 2] + offset)
     return np.int64(-1)
 
 
 @_kernel
-def log_write(q: Any, gpa: Any, length: Any) -> None:
-    """Mark the guest pages of ``[gpa, gpa + length)`` dirty, if the queue logs."""
-    log = q[Q_LOG]
-    if log == 0 or length <= 0:
-        return
+def _resolve(q: Any, gpa: Any, length: Any, access: Any) -> Any:
+    """What ``_translate`` could not: a host address, or -1 (ring broken) or -2 (a miss).
+
+    Without an IOTLB a range outside one row breaks the ring.  With one, the
+    rules of :meth:`pyvdpa.memory.Iotlb.translate`: a range may run over
+    rows that continue one another (``ACCESS_CONTINUES``), each allowing
+    ``access``; the first byte no row covers is a miss (the front-end has not
+    mapped it yet: the queue stalls until the control plane brings new
+    translations); a row without the access, or a neighbour that does not
+    continue its row, breaks the ring as memory outside the table does.
+    """
+    if q[Q_IOTLB] == 0:
+        _fail(q, E_BUFFER, gpa, length)
+        return np.int64(-1)
+    regs = _table(q[Q_REGS], q[Q_NREGS])
+    addr = np.uint64(gpa)
+    end = addr + np.uint64(max(length, 1))
+    r = _find(regs, addr)
+    miss = addr
+    if r >= 0 and addr - regs[r, 0] < regs[r, 1]:
+        host = np.int64(regs[r, 2] + (addr - regs[r, 0]))
+        while True:
+            if regs[r, 3] & access != access:
+                _fail(q, E_BUFFER, gpa, length)
+                return np.int64(-1)
+            stop = regs[r, 0] + regs[r, 1]
+            if stop >= end:
+                return host
+            r += 1
+            if r == regs.shape[0] or regs[r, 0] != stop:
+                miss = stop
+                break
+            if regs[r, 3] & ACCESS_CONTINUES == 0:
+                _fail(q, E_BUFFER, gpa, length)
+                return np.int64(-1)
+    q[Q_MISS_ADDR] = np.int64(miss)
+    q[Q_MISS_ACCESS] = access
+    q[Q_STALLED] = 1
+    fd = q[Q_ATTN_FD]
+    if fd >= 0:
+        _eventfd_signal(fd)
+    return np.int64(-2)
+
+
+@_kernel
+def _log_pages(q: Any, gpa: Any, length: Any) -> None:
+    """Mark the guest pages of guest-physical ``[gpa, gpa + length)`` dirty."""
     if gpa < 0:
         q[Q_LOG_MISSED] += 1
         return
@@ -890,8 +978,43 @@ def log_write(q: Any, gpa: Any, length: Any) -> None:
     if last >= limit:
         q[Q_LOG_MISSED] += last - max(first, limit) + 1
         last = limit - 1
+    log = q[Q_LOG]
     for pfn in range(first, last + 1):
         _atomic_or_u8(log + (pfn >> 3), 1 << (pfn & 7))
+
+
+@_kernel
+def log_write(q: Any, addr: Any, length: Any) -> None:
+    """Mark the guest pages of device range ``[addr, addr + length)`` dirty, if the queue logs.
+
+    Device addresses are guest-physical, or IOVAs with an IOTLB: each part
+    is then logged at the guest-physical address its table row gives, and a
+    part no row translates is counted as missed (the front-end invalidated
+    it under a running ring).
+    """
+    if q[Q_LOG] == 0 or length <= 0:
+        return
+    if q[Q_IOTLB] == 0:
+        _log_pages(q, addr, length)
+        return
+    regs = _table(q[Q_REGS], q[Q_NREGS])
+    at = np.uint64(addr)
+    end = at + np.uint64(length)
+    r = _find(regs, at)
+    if r < 0:
+        r = 0
+    while at < end:
+        if r < regs.shape[0] and regs[r, 0] <= at < regs[r, 0] + regs[r, 1] and regs[r, 3] != 0:
+            stop = min(end, regs[r, 0] + regs[r, 1])
+            _log_pages(q, np.int64(regs[r, 4] + (at - regs[r, 0])), np.int64(stop - at))
+            at = stop
+            r += 1
+        elif r < regs.shape[0] and regs[r, 0] <= at:
+            r += 1
+        else:
+            stop = end if r == regs.shape[0] else min(end, regs[r, 0])
+            q[Q_LOG_MISSED] += 1
+            at = stop
 
 
 # --------------------------------------------------------------------------- chains
@@ -951,9 +1074,11 @@ def walk(q: Any, segs: Any, base: Any, table: Any, entries: Any, first: Any, pac
                 code = E_INDIRECT_LENGTH
             if code:
                 return _fail(q, code, length, 0)
-            sub = _translate(q, addr, length)
+            sub = _translate(q, addr, length, ACCESS_READ)
             if sub < 0:
-                return _fail(q, E_BUFFER, addr, length)
+                sub = _resolve(q, addr, length, ACCESS_READ)
+                if sub < 0:
+                    return (ERROR if sub == -1 else _MISS, 0, 0, 0, 0, 0, 0)
             own_steps = steps
             own_last = index
             nested = True
@@ -971,9 +1096,12 @@ def walk(q: Any, segs: Any, base: Any, table: Any, entries: Any, first: Any, pac
         writable = flags & _WRITE
         if not writable and nwrite:
             return _fail(q, E_LAYOUT, 0, 0)
-        host = _translate(q, addr, length)
+        access = ACCESS_WRITE if writable else ACCESS_READ
+        host = _translate(q, addr, length, access)
         if host < 0:
-            return _fail(q, E_BUFFER, addr, length)
+            host = _resolve(q, addr, length, access)
+            if host < 0:
+                return (ERROR if host == -1 else _MISS, 0, 0, 0, 0, 0, 0)
         row = base + nseg
         segs[row, 0] = addr
         segs[row, 1] = host
@@ -1046,7 +1174,7 @@ def _prefetch_avail(q: Any, count: Any) -> None:
             d = desc + 16 * idx
             if not _is_avail(_ld_acq_u16(d + 14), wrap):
                 break
-            host = _translate(q, _ld_u64(d), 1)
+            host = _translate(q, _ld_u64(d), 1, 0)
             if host >= 0:
                 _prefetch_write(host)
             idx += 1
@@ -1061,7 +1189,7 @@ def _prefetch_avail(q: Any, count: Any) -> None:
         head = _ld_u16(avail + 4 + 2 * ((last + i) & (size - 1)))
         if head >= size:
             break
-        host = _translate(q, _ld_u64(desc + 16 * head), 1)
+        host = _translate(q, _ld_u64(desc + 16 * head), 1, 0)
         if host >= 0:
             _prefetch_write(host)
 
@@ -1072,11 +1200,15 @@ def ring_pop(q: Any, segs: Any, base: Any) -> Any:
 
     Returns ``(status, id, segments, readable segments, readable bytes,
     writable bytes, desc_count)``: status POPPED, EMPTY, or ERROR when the
-    queue is (or just became) broken; nothing is consumed then.  The
+    queue is (or just became) broken; nothing is consumed then.  A queue
+    stalled on a missing translation is EMPTY until the control plane clears
+    ``Q_STALLED``; the chain that missed is walked again from the start.  The
     segments go to ``segs`` rows from ``base`` on.
     """
     if q[Q_ERROR]:
         return (ERROR, 0, 0, 0, 0, 0, 0)
+    if _ld_shared(q, Q_STALLED):
+        return (EMPTY, 0, 0, 0, 0, 0, 0)
     size = q[Q_SIZE]
     if q[Q_PACKED]:
         idx = q[Q_LAST_AVAIL]
@@ -1085,8 +1217,8 @@ def ring_pop(q: Any, segs: Any, base: Any) -> Any:
         if not _is_avail(_ld_acq_u16(desc + 16 * idx + 14), wrap):
             return (EMPTY, 0, 0, 0, 0, 0, 0)
         status, nseg, nread, rlen, wlen, dc, last = walk(q, segs, base, desc, size, idx, True)
-        if status == ERROR:
-            return (ERROR, 0, 0, 0, 0, 0, 0)
+        if status != POPPED:
+            return (EMPTY if status == _MISS else ERROR, 0, 0, 0, 0, 0, 0)
         ident = _ld_u16(desc + 16 * last + 12)
         if ident >= size:
             return _fail(q, E_ID_INDEX, ident, size)
@@ -1118,8 +1250,8 @@ def ring_pop(q: Any, segs: Any, base: Any) -> Any:
     if head >= size:
         return _fail(q, E_HEAD_INDEX, head, size)
     status, nseg, nread, rlen, wlen, dc, _ = walk(q, segs, base, q[Q_DESC], size, head, False)
-    if status == ERROR:
-        return (ERROR, 0, 0, 0, 0, 0, 0)
+    if status != POPPED:
+        return (EMPTY if status == _MISS else ERROR, 0, 0, 0, 0, 0, 0)
     last = (last + 1) & 0xFFFF
     q[Q_LAST_AVAIL] = last
     q[Q_INFLIGHT] += 1

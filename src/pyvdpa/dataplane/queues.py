@@ -28,17 +28,19 @@ validator raises for the same chain.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from pyvdpa.dataplane import kernels as k
-from pyvdpa.errors import RingError
-from pyvdpa.memory import DirtyLog, GuestMemory
+from pyvdpa.errors import IotlbMissError, RingError
+from pyvdpa.memory import DirtyLog, GuestMemory, IotlbAddressSpace, MemoryRegion
 from pyvdpa.vhost_user.device import Vring
 from pyvdpa.virtio.constants import VirtioFeature
 from pyvdpa.virtio.packed import PackedLayout
 from pyvdpa.virtio.ring import (
+    AddressSpace,
     AvailIndexError,
     BufferAddressError,
     ChainLayoutError,
@@ -59,6 +61,7 @@ __all__ = [
     "CompiledSplitQueue",
     "Int64Array",
     "host_address",
+    "iotlb_table",
     "queue_from_vring",
     "region_table",
     "ring_error",
@@ -125,15 +128,72 @@ def host_address(view: memoryview) -> int:
     return address
 
 
+_ANY_ACCESS = k.ACCESS_READ | k.ACCESS_WRITE
+
+
+def _table(rows: Sequence[tuple[int, int, int, int, int]]) -> npt.NDArray[np.uint64]:
+    # An empty table still has one all-zero row: the kernels' view needs a
+    # valid address, and a zero-sized row translates nothing.
+    return np.array(rows or [(0, 0, 0, 0, 0)], dtype=np.uint64)
+
+
 def region_table(mem: GuestMemory) -> npt.NDArray[np.uint64]:
-    """The kernels' region table: one (guest-physical start, size, host address) row per region."""
-    regions = mem.regions
-    table = np.zeros((max(len(regions), 1), 3), dtype=np.uint64)
-    for i, region in enumerate(regions):
+    """The kernels' translation table of guest memory, in guest-physical order.
+
+    One row per region: guest-physical start, size, host address, read and
+    write access, and the guest-physical start again (where dirty pages are
+    logged).
+    """
+    rows = []
+    for region in mem.regions:
         view = mem.view(region.guest_phys_addr, region.memory_size)
-        table[i] = (region.guest_phys_addr, region.memory_size, host_address(view))
+        gpa = region.guest_phys_addr
+        rows.append((gpa, region.memory_size, host_address(view), _ANY_ACCESS, gpa))
         view.release()
-    return table
+    return _table(rows)
+
+
+def iotlb_table(space: IotlbAddressSpace) -> npt.NDArray[np.uint64]:
+    """The kernels' translation table of an IOTLB, in I/O virtual order.
+
+    Each (coalesced) entry is cut where its front-end virtual range crosses
+    from one memory region into another, since regions are not contiguous in
+    this process.  A part no region holds is a row allowing no access: using
+    it breaks the ring, as :meth:`~pyvdpa.memory.IotlbAddressSpace.view`
+    refuses it, instead of asking the front-end again for a translation it has
+    already given.  A row continuing the previous one in the same region (two
+    entries of different permissions, contiguous in both address spaces) is
+    marked ``ACCESS_CONTINUES``.
+    """
+    memory = space.memory
+    regions = sorted(memory.regions, key=lambda r: r.userspace_addr)
+    rows: list[tuple[int, int, int, int, int]] = []
+    # The region and front-end address the previous row ended at.
+    previous: tuple[MemoryRegion | None, int, int] = (None, -1, -1)
+    for entry in space.iotlb.snapshot():
+        iova, uva, end = entry.iova, entry.uaddr, entry.uaddr + entry.size
+        access = int(entry.perm) & _ANY_ACCESS
+        while uva < end:
+            region = next(
+                (r for r in regions if r.userspace_addr <= uva < r.userspace_addr + r.memory_size),
+                None,
+            )
+            if region is None:
+                later = [r.userspace_addr for r in regions if r.userspace_addr > uva]
+                step = min([end, *later]) - uva
+                rows.append((iova, step, 0, 0, 0))
+            else:
+                step = min(end, region.userspace_addr + region.memory_size) - uva
+                view = memory.uva_view(uva, step)
+                continues = previous == (region, iova, uva)
+                flags = access | (k.ACCESS_CONTINUES if continues else 0)
+                gpa = region.guest_phys_addr + uva - region.userspace_addr
+                rows.append((iova, step, host_address(view), flags, gpa))
+                view.release()
+            previous = (region, iova + step, uva + step)
+            iova += step
+            uva += step
+    return _table(rows)
 
 
 def _signed(value: int) -> int:
@@ -167,6 +227,7 @@ class CompiledQueue:
         log: DirtyLog | None = None,
         log_addr: int | None = None,
         stats: Int64Array | None = None,
+        space: AddressSpace | None = None,
     ) -> None:
         if log is not None and log_addr is None:
             raise ValueError("dirty logging needs the ring's log_addr")
@@ -188,11 +249,19 @@ class CompiledQueue:
             stats = np.zeros(k.NSTATS, dtype=np.int64)
         if stats.shape != (k.NSTATS,) or stats.dtype != np.int64 or not stats.flags.c_contiguous:
             raise ValueError(f"stats must be a contiguous int64[{k.NSTATS}] array")
+        if space is None:
+            space = mem
+        self._space = space
+        self.iotlb = space.iotlb if isinstance(space, IotlbAddressSpace) else None
         areas = (desc_addr, driver_addr, device_addr)
-        views = [mem.view(a, n) for a, n in zip(areas, sizes, strict=True)]
-        self._mem = mem
+        # The device reads the descriptors and the driver area, writes the device area.
+        writes = (False, False, True)
+        views = [
+            space.view(a, n, write=w) for a, n, w in zip(areas, sizes, writes, strict=True)
+        ]
         self._views = views
-        self._regions = region_table(mem)
+        self.generation = 0
+        self._regions = self._translations()
         self._log = log
         self.stats = stats
         self._segs: Int64Array | None = None
@@ -204,7 +273,9 @@ class CompiledQueue:
         row[k.Q_INDIRECT] = indirect
         row[k.Q_DESC], row[k.Q_DRIVER], row[k.Q_DEVICE] = (host_address(v) for v in views)
         row[k.Q_REGS] = self._regions.ctypes.data
-        row[k.Q_NREGS] = len(mem.regions)
+        row[k.Q_NREGS] = self._regions.shape[0]
+        row[k.Q_IOTLB] = self.iotlb is not None
+        row[k.Q_ATTN_FD] = -1
         if log is not None and log_addr is not None:
             row[k.Q_LOG] = log.address
             row[k.Q_LOG_SIZE] = log.size
@@ -265,8 +336,38 @@ class CompiledQueue:
 
     @property
     def regions(self) -> npt.NDArray[np.uint64]:
-        """The region table the row points at (kept alive by this object)."""
+        """The translation table the row points at (kept alive by this object)."""
         return self._regions
+
+    @property
+    def stalled(self) -> tuple[int, bool] | None:
+        """``(iova, write)`` of the translation a stalled queue waits for, else None."""
+        row = self.row
+        if not row[k.Q_STALLED]:
+            return None
+        return int(row[k.Q_MISS_ADDR]) & _U64_MASK, int(row[k.Q_MISS_ACCESS]) == k.ACCESS_WRITE
+
+    def _translations(self) -> npt.NDArray[np.uint64]:
+        space = self._space
+        if isinstance(space, IotlbAddressSpace):
+            # Read before the snapshot: a change in between only causes one
+            # more rebuild, never a stale table taken for a current one.
+            self.generation = space.iotlb.generation
+            return iotlb_table(space)
+        assert isinstance(space, GuestMemory)
+        return region_table(space)
+
+    def retranslate(self) -> None:
+        """Rebuild the translation table from the IOTLB and let a stalled queue go on.
+
+        The caller keeps the queue's worker out of the kernel meanwhile.
+        """
+        table = self._translations()
+        row = self.row
+        row[k.Q_REGS] = table.ctypes.data
+        row[k.Q_NREGS] = table.shape[0]
+        self._regions = table
+        row[k.Q_STALLED] = 0
 
     def _check_usable(self) -> None:
         if self.row[k.Q_ERROR]:
@@ -292,6 +393,11 @@ class CompiledQueue:
             error = self.error
             assert error is not None
             raise error
+        miss = self.stalled
+        if miss is not None:
+            # As the Python queues do: nothing consumed, the next pop walks again.
+            self.row[k.Q_STALLED] = 0
+            raise IotlbMissError(miss[0], write=miss[1])
         if status == k.EMPTY:
             return None
         readable: list[Segment] = []
@@ -299,8 +405,9 @@ class CompiledQueue:
         for i in range(nseg):
             addr = int(segs[i, 0]) & _U64_MASK
             length = int(segs[i, 2])
-            (writable if i >= nread else readable).append(
-                Segment(addr, length, self._mem.view(addr, length))
+            write = i >= nread
+            (writable if write else readable).append(
+                Segment(addr, length, self._space.view(addr, length, write=write))
             )
         return DescriptorChain(int(ident), tuple(readable), tuple(writable), int(desc_count))
 
@@ -409,4 +516,5 @@ def queue_from_vring(vring: Vring, stats: Int64Array | None = None) -> CompiledQ
         event_idx=bool(features & VirtioFeature.RING_EVENT_IDX),
         indirect=bool(features & VirtioFeature.RING_INDIRECT_DESC),
         base=vring.base, log=vring.dirty_log, log_addr=vring.log_addr, stats=stats,
+        space=vring.space,
     )  # fmt: skip
