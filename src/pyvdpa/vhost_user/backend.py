@@ -228,19 +228,22 @@ class BackendConnection:
     def _refuse(
         self, request: int, flags: int, exc: Exception
     ) -> list[tuple[bytes, tuple[int, ...]]]:
-        name = Request(request).name if request in Request.__members__.values() else str(request)
-        log.error("%s: %s refused: %s", self.name, name, exc)
+        # A dropped connection is logged once, by whoever closes it.
         if isinstance(exc, ProtocolError) and exc.drop_connection:
             raise exc
         if request not in Request.__members__.values():
+            log.error("%s: request %d refused: %s", self.name, request, exc)
             return self._ack_failure(request, flags)
         req = Request(request)
+        if codec.has_reply(req) and req is not Request.GET_CONFIG:
+            # The front-end waits for a reply we cannot give: close the connection.
+            raise RemoteProtocolError(
+                f"{req.name} refused, and it must be answered: {exc}", drop_connection=True
+            ) from exc
+        log.error("%s: %s refused: %s", self.name, req.name, exc)
         if req is Request.GET_CONFIG:
             # libvhost-user's convention: an empty payload tells QEMU it failed.
             return [(codec.HEADER.pack(req, HeaderFlags.VERSION | HeaderFlags.REPLY, 0), ())]
-        if codec.has_reply(req):
-            # The front-end waits for a reply we cannot give: close the connection.
-            raise RemoteProtocolError(str(exc), drop_connection=True) from exc
         return self._ack_failure(request, flags)
 
     def _ack_failure(self, request: int, flags: int) -> list[tuple[bytes, tuple[int, ...]]]:

@@ -33,8 +33,11 @@ Feature gates depend on connection state, so they are a separate step
 (:func:`check_gate`) that the back-end's dispatcher calls after decoding.
 
 Errors in the header or the body length desynchronise the stream and carry
-``drop_connection=True``; any later error leaves the framing intact, so the
-request can be refused (with a non-zero REPLY_ACK) and the connection go on.
+``drop_connection=True``, and so does the REPLY flag on a request: a peer
+that answers where it should ask has lost track of the conversation, and
+neither a reply to it nor silence would bring the two sides back in step.
+Any later error leaves the framing intact, so the request can be refused
+(with a non-zero REPLY_ACK) and the connection go on.
 A reply that does not match its request is fatal, as in QEMU.
 
 fd ownership: the codec never closes or duplicates an fd.  The ``fds``
@@ -601,7 +604,7 @@ def _decode_request(
     spec = _spec(request)
     name = _name(request)
     if header.flags & HeaderFlags.REPLY:
-        raise RemoteProtocolError(f"{name}: REPLY flag set on a request")
+        raise RemoteProtocolError(f"{name}: REPLY flag set on a request", drop_connection=True)
     _check_fd_bounds(name, spec.fds, len(fds), RemoteProtocolError, False)
     payload = _decode_payload(name, spec.payloads, body, False)
     _check_coherence(name, spec.fds, payload, len(fds), RemoteProtocolError, False)
