@@ -14,11 +14,18 @@ states", "REPLY_ACK"), in three layers as rust-vmm's ``vhost-user-backend``:
 3. A :class:`~pyvdpa.vhost_user.device.VhostUserDevice` is told when a ring
    starts and stops.
 
-Ring lifecycle is a table (:data:`RING_TRANSITIONS`): events move a ring
+Ring lifecycle is a table (:data:`RING_TRANSITIONS`): events (a kick fd, an
+in-band VRING_KICK, GET_VRING_BASE, SET_VRING_ENABLE) move a ring
 between started/stopped and enabled/disabled; a ring *runs* (the device
 processes it) exactly when it is started, enabled and configured.  Whenever
 something a running ring depends on changes (a new memory table, features,
 log base), the ring is stopped, its exact position saved, and restarted.
+
+Back-end requests go out on the SET_BACKEND_REQ_FD channel through
+:meth:`BackendConnection.send_backend_request`, one request and its reply
+at a time; with in-band notifications ("In-band notifications", accepted
+only with BACKEND_REQ and REPLY_ACK) the device threads send VRING_CALL /
+VRING_ERR there, with NEED_REPLY, for rings without call (err) eventfds.
 
 fd ownership: every fd received is handed to :meth:`handle`, which passes
 the list to the handler; a handler *takes* the fds it keeps (pops them) and
@@ -33,6 +40,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -47,7 +55,12 @@ from pyvdpa.memory import DirtyLog, GuestMemory, MemoryRegion
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.codec import Message
 from pyvdpa.vhost_user.device import UnsupportedRequestError, VhostUserDevice, Vring
-from pyvdpa.vhost_user.inflight import InflightRegion
+from pyvdpa.vhost_user.inflight import (
+    InflightChain,
+    InflightRegion,
+    PackedInflightQueue,
+    SplitInflightQueue,
+)
 from pyvdpa.vhost_user.protocol import (
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
@@ -98,6 +111,11 @@ _BACKEND_FEATURES = VirtioFeature.PROTOCOL_FEATURES
 #: Feature bits that may change while rings run (migration toggles logging).
 _LIVE_FEATURES = VirtioFeature.LOG_ALL
 
+#: What in-band notifications need negotiated with them (vhost-user spec,
+#: "In-band notifications"): a channel to send VRING_CALL / VRING_ERR on, and
+#: REPLY_ACK to wait until the front-end processed each.
+_INBAND_NEEDS = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
+
 
 class RingState(enum.Enum):
     """A vring's (started, enabled) pair."""
@@ -112,6 +130,7 @@ class RingEvent(enum.Enum):
     """What moves a vring between :class:`RingState` values."""
 
     KICK_FD = "SET_VRING_KICK"
+    KICK = "VRING_KICK"
     GET_BASE = "GET_VRING_BASE"
     ENABLE = "SET_VRING_ENABLE 1"
     DISABLE = "SET_VRING_ENABLE 0"
@@ -124,6 +143,7 @@ def _ring_table() -> dict[tuple[RingState, RingEvent], RingState]:
     for state in s:
         started, enabled = state.value
         table[(state, RingEvent.KICK_FD)] = s((True, enabled))
+        table[(state, RingEvent.KICK)] = s((True, enabled))
         table[(state, RingEvent.GET_BASE)] = s((False, enabled))
         table[(state, RingEvent.ENABLE)] = s((started, True))
         table[(state, RingEvent.DISABLE)] = s((started, False))
@@ -173,6 +193,9 @@ class BackendConnection:
         self.log_call_fd: int | None = None
         self.inflight: InflightRegion | None = None
         self.backend_channel: Channel | None = None
+        # One back-end request and its reply at a time: device threads send
+        # in-band notifications concurrently.
+        self._backend_lock = threading.Lock()
         self.closed = False
         self._addrs: dict[int, codec.VringAddr] = {}
         self._handlers: dict[Request, Callable[[Message, list[int]], object]] = {
@@ -249,9 +272,7 @@ class BackendConnection:
     def _ack_failure(self, request: int, flags: int) -> list[tuple[bytes, tuple[int, ...]]]:
         if not self._wants_ack(flags):
             return []
-        body = codec.U64(1).encode()
-        header = codec.HEADER.pack(request, HeaderFlags.VERSION | HeaderFlags.REPLY, len(body))
-        return [(header + body, ())]
+        return [(codec.encode_ack_failure(request), ())]
 
     # ------------------------------------------------------------------ helpers
 
@@ -309,19 +330,35 @@ class BackendConnection:
 
     def _attach_inflight(self, vring: Vring) -> None:
         """Track the ring in the inflight region; queue what a previous back-end left undone."""
-        vring.inflight, vring.resubmit = None, []
+        vring.track_inflight(None)
         region, queue = self.inflight, vring.queue
-        if region is None or region.packed or not isinstance(queue, SplitDeviceQueue):
+        if region is None or vring.index >= region.num_queues:
             return
-        if vring.index >= region.num_queues:
+        pending: list[int] | list[InflightChain]
+        tracker: SplitInflightQueue | PackedInflightQueue
+        if isinstance(queue, SplitDeviceQueue) and not region.packed:
+            tracker = region.split_queue(vring.index)
+            pending = tracker.recover(queue.used_idx)
+        elif isinstance(queue, PackedDeviceQueue) and region.packed:
+            tracker = region.packed_queue(vring.index)
+            pending = tracker.recover(queue.slot_used)
+            ids = [chain.descriptors[-1].id for chain in pending]
+            if len(set(ids)) != len(ids):
+                raise RemoteProtocolError("inflight buffer: two chains in flight share a buffer id")
+            if pending:
+                slots = sum(len(chain.descriptors) for chain in pending)
+                queue.resume_inflight(
+                    tracker.used_idx, tracker.used_wrap_counter, len(pending), slots
+                )
+            else:
+                tracker.restart_at(*queue.used_position)
+        else:
             return
-        tracker = region.split_queue(vring.index)
-        vring.resubmit = tracker.recover(queue.used_idx)
-        vring.inflight = tracker
-        if vring.resubmit:
+        vring.track_inflight(tracker, pending)
+        if pending:
             log.info(
                 "%s: vring %d resubmits %d in-flight requests",
-                self.name, vring.index, len(vring.resubmit),
+                self.name, vring.index, len(pending),
             )  # fmt: skip
 
     def _build_queue(self, vring: Vring) -> DeviceQueue:
@@ -447,7 +484,16 @@ class BackendConnection:
         unknown = value & ~self.offered_protocol_features
         if unknown:
             raise RemoteProtocolError(f"SET_PROTOCOL_FEATURES: bits {unknown:#x} were not offered")
+        if value & ProtocolFeature.INBAND_NOTIFICATIONS and ~value & _INBAND_NEEDS:
+            # The spec's answer: the back-end has no other way to refuse it.
+            raise RemoteProtocolError(
+                "SET_PROTOCOL_FEATURES: INBAND_NOTIFICATIONS without BACKEND_REQ and REPLY_ACK",
+                drop_connection=True,
+            )
         self.protocol_features = ProtocolFeature(value)
+        inband = self._send_inband if value & ProtocolFeature.INBAND_NOTIFICATIONS else None
+        for vring in self.vrings:
+            vring.inband = inband
 
     def _on_get_queue_num(self, msg: Message, fds: list[int]) -> codec.Payload:
         return codec.U64(len(self.vrings))
@@ -582,6 +628,9 @@ class BackendConnection:
     def _on_vring_kick(self, msg: Message, fds: list[int]) -> None:
         assert isinstance(msg.payload, codec.VringState)
         vring = self._vring(msg.payload.index)
+        # Like a kick on the kick fd, the first one starts the ring.
+        if not vring.started:
+            self._transition(vring, RingEvent.KICK)
         if vring.running:
             self.device.kick(vring)
 
@@ -604,9 +653,14 @@ class BackendConnection:
         if sock.family != socket.AF_UNIX:
             sock.close()
             raise RemoteProtocolError("SET_BACKEND_REQ_FD: fd is not a unix socket")
-        if self.backend_channel is not None:
-            self.backend_channel.close()
-        self.backend_channel = Channel(sock)
+        old = self.backend_channel
+        if old is not None:
+            # Wake a device thread waiting for a reply on the old channel.
+            old.shutdown()
+        with self._backend_lock:
+            self.backend_channel = Channel(sock)
+        if old is not None:
+            old.close()
 
     def _on_set_log_base(self, msg: Message, fds: list[int]) -> codec.Payload:
         assert isinstance(msg.payload, codec.LogArea)
@@ -685,13 +739,38 @@ class BackendConnection:
 
     # ------------------------------------------------------------------ back-end channel
 
-    def send_backend_request(self, request: BackendRequest, payload: codec.Payload) -> None:
-        """Send a back-end request (e.g. CONFIG_CHANGE_MSG) if the channel exists."""
-        channel = self.backend_channel
-        if channel is None:
-            raise ProtocolError("no back-end channel (SET_BACKEND_REQ_FD not received)")
-        data, fds = codec.encode(Message(request, payload))
-        channel.send(data, fds)
+    def send_backend_request(
+        self, request: BackendRequest, payload: codec.Payload, *, need_reply: bool = False
+    ) -> int:
+        """Send a back-end request (e.g. CONFIG_CHANGE_MSG) on the back-end channel.
+
+        With ``need_reply`` (REPLY_ACK negotiated) wait for the front-end's
+        u64 and return it (0: success); otherwise return 0 once sent.
+        Raises :class:`ProtocolError` without a channel, :class:`TransportError`
+        if it broke, :class:`RemoteProtocolError` for a malformed reply.
+        """
+        flags = HeaderFlags.VERSION | (HeaderFlags.NEED_REPLY if need_reply else 0)
+        data, fds = codec.encode(Message(request, payload, HeaderFlags(flags)))
+        with self._backend_lock:
+            channel = self.backend_channel
+            if channel is None:
+                raise ProtocolError("no back-end channel (SET_BACKEND_REQ_FD not received)")
+            channel.send(data, fds)
+            if not need_reply:
+                return 0
+            frame = channel.recv()
+        try:
+            reply = codec.decode_backend_reply(request, frame.header, frame.body, frame.fds)
+        finally:
+            close_fds(frame.fds)
+        assert isinstance(reply.payload, codec.U64)
+        return reply.payload.value
+
+    def _send_inband(self, request: BackendRequest, index: int) -> None:
+        """VRING_CALL / VRING_ERR for vring ``index``, blocking until the front-end processed it."""
+        result = self.send_backend_request(request, codec.VringState(index, 0), need_reply=True)
+        if result:
+            raise RemoteProtocolError(f"front-end answered {request.name} with {result}")
 
     # ------------------------------------------------------------------ teardown
 
@@ -700,6 +779,9 @@ class BackendConnection:
         if self.closed:
             return
         self.closed = True
+        if self.backend_channel is not None:
+            # Device threads waiting for a front-end's reply give up before they are stopped.
+            self.backend_channel.shutdown()
         for vring in self.vrings:
             self._transition(vring, RingEvent.RESET)
             vring.close_fds()

@@ -141,6 +141,7 @@ __all__ = [
     "decode_reply_ack",
     "decode_request",
     "encode",
+    "encode_ack_failure",
     "encode_backend_reply",
     "encode_reply",
     "has_reply",
@@ -774,3 +775,13 @@ def encode_reply(request: Request | BackendRequest, payload: Payload) -> bytes:
 def encode_backend_reply(request: BackendRequest, value: int) -> bytes:
     """Encode the front-end's u64 acknowledgement of back-end request ``request``."""
     return encode_reply(request, U64(value))
+
+
+def encode_ack_failure(request: int) -> bytes:
+    """A REPLY_ACK of 1 (failure) for request code ``request``, known or not.
+
+    A refused request still owes the acknowledgement its sender waits for,
+    even when its code names no request this side knows.
+    """
+    body = U64(1).encode()
+    return HEADER.pack(request, _REPLY_FLAGS, len(body)) + body
