@@ -184,7 +184,6 @@ def test_every_request_over_a_socket(
 @pytest.mark.parametrize(
     ("request_", "body"),
     [
-        (Request.IOTLB_MSG, bytes(32)),
         (Request.CREATE_CRYPTO_SESSION, bytes(632)),
         (Request.POSTCOPY_ADVISE, b""),
         (Request.POSTCOPY_END, b""),

@@ -17,6 +17,18 @@ calls the device:
 Devices process rings on threads of their own; :class:`ThreadedDevice` is
 the simple slow path (one Python thread per running queue, woken by the kick
 eventfd).  A compiled data-plane engine implements the same two calls.
+
+IOMMU (vhost-user spec, "IOMMU support"): a device whose
+:attr:`VhostUserDevice.access_platform` is true is offered with
+``VIRTIO_F_ACCESS_PLATFORM``.  Once negotiated, every ring address is an
+I/O virtual address: :attr:`Vring.iotlb` is set, :attr:`Vring.space`
+translates through it, and a chain whose buffers have no translation yet
+raises :class:`~pyvdpa.errors.IotlbMissError` from :meth:`Vring.pop`
+without being consumed.  The device then calls
+:meth:`Vring.request_translation` (an IOTLB MISS to the front-end, once per
+outstanding address) and retries after :meth:`VhostUserDevice.iotlb_updated`.
+An invalidation never reaches a running ring: the back-end stops the rings,
+invalidates, and starts them again (``stop_queue`` then ``start_queue``).
 """
 
 from __future__ import annotations
@@ -27,13 +39,14 @@ import logging
 import os
 import select
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pyvdpa.errors import PyvdpaError, RingError
-from pyvdpa.memory import DirtyLog, GuestMemory
+from pyvdpa.errors import IotlbMissError, PyvdpaError, RingError
+from pyvdpa.memory import DirtyLog, GuestMemory, Iotlb
 from pyvdpa.vhost_user.inflight import SplitInflightQueue
 from pyvdpa.vhost_user.protocol import ProtocolFeature
-from pyvdpa.virtio.ring import DescriptorChain, DeviceQueue
+from pyvdpa.virtio.ring import AddressSpace, DescriptorChain, DeviceQueue
 from pyvdpa.virtio.split import SplitDeviceQueue
 
 __all__ = ["ThreadedDevice", "UnsupportedRequestError", "VhostUserDevice", "Vring"]
@@ -67,13 +80,23 @@ class Vring:
     queue: DeviceQueue | None = None
     broken: bool = False
     #: While running: guest memory, negotiated features and the ring's
-    #: guest-physical addresses (descriptor table, driver area, device area)
-    #: for data planes that walk the ring themselves instead of using ``queue``.
+    #: device addresses (descriptor table, driver area, device area) for data
+    #: planes that walk the ring themselves instead of using ``queue``.  The
+    #: addresses are guest-physical, or I/O virtual when ``iotlb`` is set.
     memory: GuestMemory | None = None
     features: int = 0
     ring_addrs: tuple[int, int, int] = (0, 0, 0)
+    #: The dirty log and the device-address at which ring writes are logged
+    #: (an IOVA with ``iotlb``: translate through it, as ``queue`` does).
     dirty_log: DirtyLog | None = None
     log_addr: int | None = None
+    #: While running: the IOTLB when VIRTIO_F_ACCESS_PLATFORM was negotiated
+    #: (``None`` otherwise), and the address space every device address of
+    #: this ring goes through (an ``IotlbAddressSpace``, or ``memory``).
+    iotlb: Iotlb | None = None
+    space: AddressSpace | None = None
+    #: Sends an IOTLB MISS for (iova, write); set by the back-end connection.
+    translation_requester: Callable[[int, bool], None] | None = field(default=None, repr=False)
     #: Inflight I/O tracking (GET/SET_INFLIGHT_FD), split rings only, and the
     #: heads a previous back-end took but never completed, to serve first.
     inflight: SplitInflightQueue | None = None
@@ -94,7 +117,11 @@ class Vring:
         queue = self.queue
         assert queue is not None
         if self.resubmit and isinstance(queue, SplitDeviceQueue):
-            return queue.resubmit(self.resubmit.pop(0))
+            # Taken off the list only once walked: a missing IOTLB
+            # translation leaves it to be tried again.
+            resubmitted = queue.resubmit(self.resubmit[0])
+            self.resubmit.pop(0)
+            return resubmitted
         chain = queue.pop()
         if chain is not None and self.inflight is not None:
             self.inflight.mark_inflight(chain.id)
@@ -111,6 +138,16 @@ class Vring:
         tracker.record_batch((chain.id,))
         queue.push(chain, written)
         tracker.commit_batch((chain.id,), queue.used_idx)
+
+    def request_translation(self, iova: int, write: bool) -> None:
+        """Ask the front-end for the IOTLB entry of ``iova`` (thread-safe).
+
+        Sends one IOTLB MISS per outstanding address; the answer is an
+        UPDATE, after which :meth:`VhostUserDevice.iotlb_updated` is called.
+        """
+        requester = self.translation_requester
+        if requester is not None:
+            requester(iova, write)
 
     def signal_call(self) -> None:
         """Interrupt the driver (write the call eventfd) unconditionally."""
@@ -172,6 +209,10 @@ class VhostUserDevice(abc.ABC):
     num_queues: int = 1
     #: largest ring size accepted.
     max_queue_size: int = 32768
+    #: whether the device can work behind an IOMMU: ring and buffer addresses
+    #: as IOVAs through :attr:`Vring.space`, :class:`IotlbMissError` handled
+    #: by requesting the translation and retrying.  Offers ACCESS_PLATFORM.
+    access_platform: bool = False
 
     def set_features(self, features: int) -> None:  # noqa: B027 - optional hook
         """The front-end acknowledged ``features`` (a subset of :attr:`features`)."""
@@ -189,6 +230,13 @@ class VhostUserDevice(abc.ABC):
 
     def kick(self, vring: Vring) -> None:  # noqa: B027 - optional hook
         """An in-band kick (VRING_KICK) arrived for a running ring."""
+
+    def iotlb_updated(self) -> None:  # noqa: B027 - optional hook
+        """IOTLB entries were added (an UPDATE): retry work that missed a translation.
+
+        Called on the connection's thread after the entries are in place and
+        rings that were waiting for them have started.
+        """
 
     def get_config(self, offset: int, size: int) -> bytes:
         """Read ``size`` bytes of the device config space at ``offset``."""
@@ -216,13 +264,17 @@ class ThreadedDevice(VhostUserDevice):
     One thread per running queue waits on the kick eventfd (or polls when
     the front-end gave none) and calls :meth:`process` with the ring.  A
     :class:`RingError` raised from :meth:`process` breaks only that ring.
+    An :class:`IotlbMissError` requests the translation; the worker then
+    sleeps until the next IOTLB update (or a stop) and calls :meth:`process`
+    again.  ``process`` must leave its work resumable at a miss: a chain
+    that missed is not consumed, and anything already taken is completed.
     """
 
     #: seconds between polls of a ring without a kick fd.
     poll_interval: float = 0.001
 
     def __init__(self) -> None:
-        self._workers: dict[int, tuple[threading.Thread, int, int]] = {}
+        self._workers: dict[int, tuple[threading.Thread, int, int, int]] = {}
         self._lock = threading.Lock()
 
     @abc.abstractmethod
@@ -232,11 +284,15 @@ class ThreadedDevice(VhostUserDevice):
     def start_queue(self, vring: Vring) -> None:
         """Start a worker thread for ``vring``."""
         stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+        wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         thread = threading.Thread(
-            target=self._run, args=(vring, stop_r), name=f"vring-{vring.index}", daemon=True
+            target=self._run,
+            args=(vring, stop_r, wake),
+            name=f"vring-{vring.index}",
+            daemon=True,
         )
         with self._lock:
-            self._workers[vring.index] = (thread, stop_r, stop_w)
+            self._workers[vring.index] = (thread, stop_r, stop_w, wake)
         thread.start()
 
     def stop_queue(self, vring: Vring) -> None:
@@ -245,38 +301,60 @@ class ThreadedDevice(VhostUserDevice):
             entry = self._workers.pop(vring.index, None)
         if entry is None:
             return
-        thread, stop_r, stop_w = entry
+        thread, stop_r, stop_w, wake = entry
         os.write(stop_w, b"x")
         if thread is not threading.current_thread():
             thread.join()
         os.close(stop_r)
         os.close(stop_w)
+        os.close(wake)
 
     def kick(self, vring: Vring) -> None:
-        """Process an in-band kick on the caller's thread."""
+        """Process an in-band kick on the caller's thread (a miss is retried by the worker)."""
         self._drain(vring)
 
-    def _drain(self, vring: Vring) -> None:
+    def iotlb_updated(self) -> None:
+        """Wake every worker waiting for a translation."""
+        with self._lock:
+            wakes = [wake for _, _, _, wake in self._workers.values()]
+        for wake in wakes:
+            with contextlib.suppress(OSError):
+                os.eventfd_write(wake, 1)
+
+    def _drain(self, vring: Vring) -> bool:
+        """Process the ring; return True when it stopped at a missing translation."""
         if vring.broken or vring.queue is None:
-            return
+            return False
         try:
             self.process(vring)
+        except IotlbMissError as miss:
+            vring.request_translation(miss.iova, miss.write)
+            return True
         except RingError as exc:
             vring.fail(exc)
+        return False
 
-    def _run(self, vring: Vring, stop_r: int) -> None:
+    def _run(self, vring: Vring, stop_r: int, wake: int) -> None:
         poller = select.poll()
         poller.register(stop_r, select.POLLIN)
         kick = vring.kick_fd
         if kick is not None:
             poller.register(kick, select.POLLIN)
+        # While a translation is missing only an update (or a stop) helps:
+        # kicks would just miss again.
+        waiter = select.poll()
+        waiter.register(stop_r, select.POLLIN)
+        waiter.register(wake, select.POLLIN)
         timeout_ms = None if kick is not None else max(1, int(self.poll_interval * 1000))
-        self._drain(vring)
+        missed = self._drain(vring)
         while True:
-            events = poller.poll(timeout_ms)
+            events = waiter.poll() if missed else poller.poll(timeout_ms)
             if any(fd == stop_r for fd, _ in events):
                 return
-            if kick is not None and events:
+            if missed:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(wake)
+            elif kick is not None and events:
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(kick, 8)
-            self._drain(vring)
+            missed = self._drain(vring)
