@@ -191,7 +191,6 @@ def every_request(server: BackendServer, device: NetDevice, fe: Frontend) -> Non
 @pytest.mark.parametrize(
     ("request_", "body"),
     [
-        (Request.IOTLB_MSG, bytes(32)),
         (Request.CREATE_CRYPTO_SESSION, bytes(632)),
         (Request.POSTCOPY_ADVISE, b""),
         (Request.POSTCOPY_END, b""),

@@ -103,6 +103,8 @@ class NetResult:
     rx_pps: float = 0.0
     tx_bps: float = 0.0
     rx_bps: float = 0.0
+    #: IOTLB misses the back-end sent and the session answered (``--iommu``).
+    iotlb_misses: int = 0
 
     def finish(self, elapsed: float) -> None:
         """Compute rates over ``elapsed`` seconds."""
@@ -302,6 +304,7 @@ def run_net(
     if not broken:
         _quiesce(session, tx_paths)
     session.stop()
+    result.iotlb_misses = session.iotlb_misses
     return result
 
 

@@ -19,6 +19,16 @@ SET_VRING_CALL carries the NOFD bit (as Linux UML's vhost-user driver sends
 it), no SET_VRING_KICK is sent and the first VRING_KICK starts a ring, and
 the back-end's VRING_CALL / VRING_ERR arrive on the back-end channel.
 
+With ``iommu`` the session is a VMM with a vIOMMU (vhost-user spec, "IOMMU
+support"): it requires ``VIRTIO_F_ACCESS_PLATFORM`` and the BACKEND_REQ and
+REPLY_ACK protocol features, and the device sees I/O virtual addresses
+(IOVAs) ``IOVA_OFFSET`` above the guest-physical ones, so a back-end that
+ignored the IOTLB would touch nothing of ours.  Nothing is mapped up front:
+as QEMU does, each IOTLB MISS the back-end sends is answered with an
+``IOTLB_MSG`` UPDATE of the 4 KiB page around the address
+(:attr:`Session.iotlb_misses` counts them), and :meth:`Session.invalidate`
+withdraws translations.
+
 The rings themselves are the driver-side queues of :mod:`pyvdpa.virtio`,
 over the same memory the back-end maps; buffers come from a bump allocator
 in the shared region.
@@ -27,6 +37,7 @@ in the shared region.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import threading
@@ -35,17 +46,33 @@ from dataclasses import dataclass
 from pyvdpa.errors import ConfigError, PyvdpaError, RemoteProtocolError, RingError
 from pyvdpa.memory import GuestMemory, MemoryRegion, SharedMemory, allocate_shared
 from pyvdpa.vhost_user import codec
+from pyvdpa.vhost_user.codec import Message
 from pyvdpa.vhost_user.frontend import Frontend
-from pyvdpa.vhost_user.protocol import BackendRequest, ProtocolFeature
+from pyvdpa.vhost_user.protocol import BackendRequest, IotlbPerm, IotlbType, ProtocolFeature
 from pyvdpa.virtio.constants import VirtioFeature
 from pyvdpa.virtio.packed import PackedDriverQueue
 from pyvdpa.virtio.ring import DriverQueue
 from pyvdpa.virtio.split import SplitDriverQueue, SplitLayout
 
-__all__ = ["GPA_BASE", "INBAND_PROTOCOL_FEATURES", "DriverRing", "Session"]
+__all__ = [
+    "GPA_BASE",
+    "INBAND_PROTOCOL_FEATURES",
+    "IOMMU_PAGE_SIZE",
+    "IOVA_OFFSET",
+    "DriverRing",
+    "Session",
+]
+
+log = logging.getLogger(__name__)
 
 #: Guest-physical base of the shared region (not its virtual address).
 GPA_BASE = 0x4000_0000
+
+#: With an IOMMU, how far above its guest-physical address the device sees a byte.
+IOVA_OFFSET = 0x10_0000_0000
+
+#: Granule of the translations the front-end's IOMMU hands out (Linux maps pages).
+IOMMU_PAGE_SIZE = 0x1000
 
 #: Protocol features a session uses when the back-end offers them.
 WANTED_PROTOCOL_FEATURES = (
@@ -114,27 +141,41 @@ class Session:
         *,
         memory_size: int = 64 << 20,
         inband: bool = False,
+        iommu: bool = False,
     ) -> None:
         self.frontend = frontend
         self.inband = inband
+        self.iommu = iommu
         self._called = threading.Event()
         self._ring_error: RingError | None = None
         self.shared: SharedMemory = allocate_shared(memory_size, "pyvdpa-drive")
         self.region = MemoryRegion(GPA_BASE, memory_size, self.shared.address, 0)
+        #: Where the device sees the region: its GPA, or its IOVA behind the IOMMU.
+        self.dma_base = GPA_BASE + (IOVA_OFFSET if iommu else 0)
+        # The driver's own view, addressed as the device addresses it.
         self.memory = GuestMemory()
-        self.memory.add_region(self.region, self.shared.fd)
-        self._next = GPA_BASE
+        self.memory.add_region(
+            MemoryRegion(self.dma_base, memory_size, self.shared.address, 0), self.shared.fd
+        )
+        self._next = self.dma_base
         self.features = 0
         self.rings: list[DriverRing] = []
         self.protocol_features = ProtocolFeature(0)
+        #: IOTLB misses answered with an UPDATE, and those that named no memory of ours.
+        self.iotlb_misses = 0
+        self.iotlb_faults = 0
+        self._iotlb_lock = threading.Lock()
 
     # ------------------------------------------------------------------ memory
 
     def alloc(self, size: int, align: int = 64) -> int:
-        """Reserve ``size`` bytes of shared memory; return their guest-physical address."""
+        """Reserve ``size`` bytes of shared memory; return their device address.
+
+        The device address is guest-physical, or an IOVA with ``iommu``.
+        """
         start = (self._next + align - 1) & ~(align - 1)
         end = start + size
-        if end > GPA_BASE + self.region.memory_size:
+        if end > self.dma_base + self.region.memory_size:
             raise ConfigError(
                 f"shared memory exhausted ({self.region.memory_size} bytes): "
                 "use fewer queues, smaller rings or smaller buffers"
@@ -145,6 +186,41 @@ class Session:
     def gpa_to_uva(self, gpa: int) -> int:
         """Front-end virtual address of a guest-physical address."""
         return gpa - GPA_BASE + self.shared.address
+
+    def ring_address(self, addr: int) -> int:
+        """What SET_VRING_ADDR carries for device address ``addr``: a UVA, or the IOVA itself."""
+        return addr if self.iommu else self.gpa_to_uva(addr)
+
+    # ------------------------------------------------------------------ IOMMU
+
+    def _serve_iotlb_miss(self, message: Message) -> int:
+        """Answer a back-end's IOTLB MISS with an UPDATE of the page around it."""
+        miss = message.payload
+        if not isinstance(miss, codec.IotlbMsg) or miss.type is not IotlbType.MISS:
+            return 1
+        page = miss.iova - miss.iova % IOMMU_PAGE_SIZE
+        offset = page - self.dma_base
+        if not 0 <= offset < self.region.memory_size:
+            # Like an IOMMU fault: no translation exists, the device gets none.
+            log.error("IOTLB miss at %#x outside the device's memory", miss.iova)
+            with self._iotlb_lock:
+                self.iotlb_faults += 1
+            return 1
+        update = codec.IotlbMsg(
+            page, IOMMU_PAGE_SIZE, self.shared.address + offset, IotlbPerm.RW, IotlbType.UPDATE
+        )
+        self.frontend.iotlb_msg(update)
+        with self._iotlb_lock:
+            self.iotlb_misses += 1
+        return 0
+
+    def invalidate(self, iova: int, size: int) -> None:
+        """Withdraw the device's translations of ``[iova, iova + size)`` (IOTLB INVALIDATE).
+
+        When this returns the back-end no longer uses them; it will miss
+        and be answered again on its next access.
+        """
+        self.frontend.iotlb_msg(codec.IotlbMsg(iova, size, 0, IotlbPerm.NONE, IotlbType.INVALIDATE))
 
     # ------------------------------------------------------------------ negotiation
 
@@ -163,6 +239,9 @@ class Session:
         """
         fe = self.frontend
         offered = fe.get_features()
+        if self.iommu:
+            required |= VirtioFeature.ACCESS_PLATFORM | VirtioFeature.PROTOCOL_FEATURES
+            protocol |= ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
         missing = required & ~offered
         if missing:
             raise ConfigError(f"back-end does not offer {feature_names(missing)}")
@@ -182,6 +261,16 @@ class Session:
         if self.inband:
             fe.backend_handlers[BackendRequest.VRING_CALL] = self._on_vring_call
             fe.backend_handlers[BackendRequest.VRING_ERR] = self._on_vring_err
+        if self.iommu:
+            lacking = (
+                ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
+            ) & ~self.protocol_features
+            if lacking:
+                raise ConfigError(
+                    f"an IOMMU needs protocol features the back-end lacks: {lacking!r}"
+                )
+            fe.backend_handlers[BackendRequest.IOTLB_MSG] = self._serve_iotlb_miss
+        if self.inband or self.iommu:
             fe.open_backend_channel()
         fe.set_owner()
         self.features = offered & (wanted | required)
@@ -239,9 +328,9 @@ class Session:
         addr = codec.VringAddr(
             index,
             codec.VringAddrFlags(0),
-            self.gpa_to_uva(desc),
-            self.gpa_to_uva(used),
-            self.gpa_to_uva(avail),
+            self.ring_address(desc),
+            self.ring_address(used),
+            self.ring_address(avail),
             0,
         )
         fe.set_vring_addr(addr)

@@ -19,7 +19,24 @@ in-band VRING_KICK, GET_VRING_BASE, SET_VRING_ENABLE) move a ring
 between started/stopped and enabled/disabled; a ring *runs* (the device
 processes it) exactly when it is started, enabled and configured.  Whenever
 something a running ring depends on changes (a new memory table, features,
-log base), the ring is stopped, its exact position saved, and restarted.
+log base, an IOTLB invalidation), the ring is stopped, its exact position
+saved, and restarted.
+
+IOMMU (vhost-user spec, "IOMMU support"): a device that can work behind one
+is offered with ``VIRTIO_F_ACCESS_PLATFORM`` (and only with the BACKEND_REQ
+and REPLY_ACK protocol features QEMU requires for it).  Once negotiated, ring
+addresses of SET_VRING_ADDR (the log address included) and descriptor
+addresses are IOVAs, translated by the connection's
+:class:`~pyvdpa.memory.Iotlb`, which ``IOTLB_MSG`` UPDATE and INVALIDATE
+fill and empty.  A ring whose areas have no translation yet does not fail:
+the back-end sends an IOTLB MISS on the back-end channel and starts the ring
+when an UPDATE makes them translatable, as DPDK's ``vring_translate`` does.
+Devices request the translations their buffers miss the same way
+(:meth:`~pyvdpa.vhost_user.device.Vring.request_translation`), one MISS per
+outstanding address.  An INVALIDATE stops every running ring before the
+entries go and restarts them after, so no ring uses a translation the
+front-end withdrew once the reply is sent.  ``IOTLB_MSG``'s reply is its
+status: a refused message is answered non-zero and the connection goes on.
 
 Back-end requests go out on the SET_BACKEND_REQ_FD channel through
 :meth:`BackendConnection.send_backend_request`, one request and its reply
@@ -46,12 +63,20 @@ from dataclasses import dataclass
 
 from pyvdpa.errors import (
     GuestMemoryError,
+    IotlbMissError,
     ProtocolError,
     PyvdpaError,
     RemoteProtocolError,
     RingError,
 )
-from pyvdpa.memory import DirtyLog, GuestMemory, MemoryRegion
+from pyvdpa.memory import (
+    DirtyLog,
+    GuestMemory,
+    Iotlb,
+    IotlbAddressSpace,
+    IotlbDirtyLog,
+    MemoryRegion,
+)
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.codec import Message
 from pyvdpa.vhost_user.device import UnsupportedRequestError, VhostUserDevice, Vring
@@ -66,17 +91,20 @@ from pyvdpa.vhost_user.protocol import (
     VRING_NOFD_MASK,
     BackendRequest,
     HeaderFlags,
+    IotlbPerm,
+    IotlbType,
     ProtocolFeature,
     Request,
 )
 from pyvdpa.vhost_user.transport import Channel, Frame, close_fds
 from pyvdpa.virtio.constants import DeviceStatus, VirtioFeature
 from pyvdpa.virtio.packed import PackedDeviceQueue
-from pyvdpa.virtio.ring import DeviceQueue
+from pyvdpa.virtio.ring import AddressSpace, DeviceQueue
 from pyvdpa.virtio.split import SplitDeviceQueue, SplitLayout
 
 __all__ = [
     "IMPLEMENTED_PROTOCOL_FEATURES",
+    "IOMMU_PROTOCOL_FEATURES",
     "MAX_MEM_SLOTS",
     "RING_TRANSITIONS",
     "BackendConnection",
@@ -115,6 +143,10 @@ _LIVE_FEATURES = VirtioFeature.LOG_ALL
 #: "In-band notifications"): a channel to send VRING_CALL / VRING_ERR on, and
 #: REPLY_ACK to wait until the front-end processed each.
 _INBAND_NEEDS = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
+
+#: Protocol features an IOMMU needs: misses go on the back-end channel and
+#: QEMU refuses ACCESS_PLATFORM over vhost-user without REPLY_ACK.
+IOMMU_PROTOCOL_FEATURES = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
 
 
 class RingState(enum.Enum):
@@ -184,6 +216,13 @@ class BackendConnection:
         )
         if self.offered_features & VirtioFeature.LOG_ALL:
             self.offered_protocol_features |= int(ProtocolFeature.LOG_SHMFD)
+        iommu = int(IOMMU_PROTOCOL_FEATURES)
+        if device.access_platform and self.offered_protocol_features & iommu == iommu:
+            self.offered_features |= int(VirtioFeature.ACCESS_PLATFORM)
+        self.iotlb = Iotlb()
+        self.iotlb_space = IotlbAddressSpace(self.iotlb, self.memory)
+        self.iotlb_misses_sent = 0
+        self._misses: set[int] = set()
         self.features = 0
         self.features_set = False
         self.protocol_features = ProtocolFeature(0)
@@ -194,7 +233,7 @@ class BackendConnection:
         self.inflight: InflightRegion | None = None
         self.backend_channel: Channel | None = None
         # One back-end request and its reply at a time: device threads send
-        # in-band notifications concurrently.
+        # in-band notifications and IOTLB misses concurrently.
         self._backend_lock = threading.Lock()
         self.closed = False
         self._addrs: dict[int, codec.VringAddr] = {}
@@ -258,6 +297,12 @@ class BackendConnection:
             log.error("%s: request %d refused: %s", self.name, request, exc)
             return self._ack_failure(request, flags)
         req = Request(request)
+        if req is Request.IOTLB_MSG:
+            log.error("%s: %s refused: %s", self.name, req.name, exc)
+            # Its reply is its status (QEMU reads it like a REPLY_ACK).
+            body = codec.U64(1).encode()
+            header = codec.HEADER.pack(req, HeaderFlags.VERSION | HeaderFlags.REPLY, len(body))
+            return [(header + body, ())]
         if codec.has_reply(req) and req is not Request.GET_CONFIG:
             # The front-end waits for a reply we cannot give: close the connection.
             raise RemoteProtocolError(
@@ -292,6 +337,11 @@ class BackendConnection:
         """Whether the packed ring layout was negotiated."""
         return bool(self.features & VirtioFeature.RING_PACKED)
 
+    @property
+    def iommu(self) -> bool:
+        """Whether VIRTIO_F_ACCESS_PLATFORM was negotiated: device addresses are IOVAs."""
+        return bool(self.features & VirtioFeature.ACCESS_PLATFORM)
+
     def _transition(self, vring: Vring, event: RingEvent) -> None:
         state = RingState((vring.started, vring.enabled))
         was_enabled = vring.enabled
@@ -321,6 +371,12 @@ class BackendConnection:
         try:
             vring.queue = self._build_queue(vring)
             self._attach_inflight(vring)
+        except IotlbMissError as miss:
+            # Not the driver's fault: ask, and start when the UPDATE comes.
+            vring.queue = None
+            log.info("%s: vring %d waits for a translation: %s", self.name, vring.index, miss)
+            self.request_translation(miss.iova, miss.write)
+            return
         except (RingError, GuestMemoryError, RemoteProtocolError) as exc:
             vring.queue = None
             log.error("%s: vring %d cannot start: %s", self.name, vring.index, exc)
@@ -367,7 +423,14 @@ class BackendConnection:
             raise RemoteProtocolError(f"vring {vring.index} started without SET_VRING_ADDR")
         if vring.num == 0:
             raise RemoteProtocolError(f"vring {vring.index} started without SET_VRING_NUM")
-        desc, driver, device = self._ring_gpas(vring.num, addr)
+        space: AddressSpace
+        if self.iommu:
+            # IOVAs: the queue's views go through the IOTLB, which checks them.
+            desc, driver, device = addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr
+            space = self.iotlb_space
+        else:
+            desc, driver, device = self._ring_gpas(vring.num, addr)
+            space = self.memory
         event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
         indirect = bool(self.features & VirtioFeature.RING_INDIRECT_DESC)
         dirty = self.dirty_log if self.features & VirtioFeature.LOG_ALL else None
@@ -375,20 +438,26 @@ class BackendConnection:
         if dirty is not None and log_addr is None:
             # Without a ring log address the used ring is logged where it lies.
             log_addr = device if not self.packed else desc
+        # Behind an IOMMU the log address is an IOVA too (DPDK and Linux vhost
+        # translate it): log through the IOTLB.
+        logger = IotlbDirtyLog(dirty, self.iotlb_space) if dirty and self.iommu else dirty
         vring.memory = self.memory
         vring.features = self.features
         vring.ring_addrs = (desc, driver, device)
         vring.dirty_log, vring.log_addr = dirty, log_addr
+        vring.iotlb = self.iotlb if self.iommu else None
+        vring.space = space
+        vring.translation_requester = self.request_translation
         if self.packed:
             return PackedDeviceQueue(
-                self.memory, vring.num, desc, driver, device,
+                space, vring.num, desc, driver, device,
                 event_idx=event_idx, indirect=indirect, base=vring.base,
-                log=dirty, log_addr=log_addr,
+                log=logger, log_addr=log_addr,
             )  # fmt: skip
         return SplitDeviceQueue(
-            self.memory, vring.num, desc, driver, device,
+            space, vring.num, desc, driver, device,
             event_idx=event_idx, indirect=indirect, base=vring.base,
-            log=dirty, log_addr=log_addr,
+            log=logger, log_addr=log_addr,
         )  # fmt: skip
 
     def _ring_gpas(self, num: int, addr: codec.VringAddr) -> tuple[int, int, int]:
@@ -471,6 +540,9 @@ class BackendConnection:
             vring.base = 0
             vring.broken = False
         self._addrs.clear()
+        self.iotlb.clear()
+        with self._backend_lock:
+            self._misses.clear()
         self.features = 0
         self.features_set = False
         self.status = 0
@@ -537,9 +609,10 @@ class BackendConnection:
         assert isinstance(msg.payload, codec.VringAddr)
         addr = msg.payload
         vring = self._vring(addr.index)
-        if vring.num:
+        # IOVAs are checked when the ring starts, once translations exist.
+        if vring.num and not self.iommu:
             self._ring_gpas(vring.num, addr)
-        else:
+        elif not self.iommu:
             for uva in (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr):
                 try:
                     self.memory.uva_to_gpa(uva)
@@ -737,6 +810,33 @@ class BackendConnection:
     def _on_get_status(self, msg: Message, fds: list[int]) -> codec.Payload:
         return codec.U64(self.status)
 
+    def _on_iotlb_msg(self, msg: Message, fds: list[int]) -> codec.Payload:
+        assert isinstance(msg.payload, codec.IotlbMsg)
+        entry = msg.payload
+        if not self.iommu:
+            raise RemoteProtocolError("IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM negotiated")
+        if entry.type is IotlbType.UPDATE:
+            try:
+                self.iotlb.update(entry.iova, entry.size, entry.uaddr, entry.perm)
+            except GuestMemoryError as exc:
+                raise RemoteProtocolError(f"IOTLB_MSG UPDATE: {exc}") from exc
+            with self._backend_lock:
+                self._misses = {iova for iova in self._misses if not self.iotlb.covers(iova)}
+            # Rings that waited for their areas start now.
+            for vring in self.vrings:
+                self._sync(vring)
+            self.device.iotlb_updated()
+        else:
+
+            def invalidate() -> None:
+                try:
+                    self.iotlb.invalidate(entry.iova, entry.size)
+                except GuestMemoryError as exc:
+                    raise RemoteProtocolError(f"IOTLB_MSG INVALIDATE: {exc}") from exc
+
+            self._restart_running(invalidate)
+        return codec.U64(0)
+
     # ------------------------------------------------------------------ back-end channel
 
     def send_backend_request(
@@ -771,6 +871,25 @@ class BackendConnection:
         result = self.send_backend_request(request, codec.VringState(index, 0), need_reply=True)
         if result:
             raise RemoteProtocolError(f"front-end answered {request.name} with {result}")
+
+    def request_translation(self, iova: int, write: bool) -> None:
+        """Send an IOTLB MISS for ``iova`` unless one is outstanding (thread-safe).
+
+        The front-end answers with an UPDATE on the main channel.  A missing
+        or broken back-end channel is logged: the ring then waits until the
+        front-end maps the address by itself.
+        """
+        with self._backend_lock:
+            if iova in self._misses or self.iotlb.covers(iova):
+                return
+            self._misses.add(iova)
+            self.iotlb_misses_sent += 1
+        perm = IotlbPerm.WO if write else IotlbPerm.RO
+        miss = codec.IotlbMsg(iova, 0, 0, perm, IotlbType.MISS)
+        try:
+            self.send_backend_request(BackendRequest.IOTLB_MSG, miss)
+        except PyvdpaError as exc:
+            log.error("%s: IOTLB miss at %#x not sent: %s", self.name, iova, exc)
 
     # ------------------------------------------------------------------ teardown
 

@@ -25,6 +25,18 @@ vring records them in the inflight region (vhost-user spec, "Inflight I/O
 tracking") and signals through the call eventfd or, with in-band
 notifications and no eventfd (spec, "In-band notifications"), a VRING_CALL
 message that the device thread waits to see acknowledged.
+
+IOMMU (vhost-user spec, "IOMMU support"): a device whose
+:attr:`VhostUserDevice.access_platform` is true is offered with
+``VIRTIO_F_ACCESS_PLATFORM``.  Once negotiated, every ring address is an
+I/O virtual address: :attr:`Vring.iotlb` is set, :attr:`Vring.space`
+translates through it, and a chain whose buffers have no translation yet
+raises :class:`~pyvdpa.errors.IotlbMissError` from :meth:`Vring.pop`
+without being consumed.  The device then calls
+:meth:`Vring.request_translation` (an IOTLB MISS to the front-end, once per
+outstanding address) and retries after :meth:`VhostUserDevice.iotlb_updated`.
+An invalidation never reaches a running ring: the back-end stops the rings,
+invalidates, and starts them again (``stop_queue`` then ``start_queue``).
 """
 
 from __future__ import annotations
@@ -38,8 +50,8 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from pyvdpa.errors import PyvdpaError, RingError
-from pyvdpa.memory import DirtyLog, GuestMemory
+from pyvdpa.errors import IotlbMissError, PyvdpaError, RingError
+from pyvdpa.memory import DirtyLog, GuestMemory, Iotlb
 from pyvdpa.vhost_user.inflight import (
     InflightChain,
     InflightDescriptor,
@@ -48,7 +60,7 @@ from pyvdpa.vhost_user.inflight import (
 )
 from pyvdpa.vhost_user.protocol import BackendRequest, ProtocolFeature
 from pyvdpa.virtio.packed import PackedDeviceQueue
-from pyvdpa.virtio.ring import DescriptorChain, DescriptorIndexError, DeviceQueue
+from pyvdpa.virtio.ring import AddressSpace, DescriptorChain, DescriptorIndexError, DeviceQueue
 from pyvdpa.virtio.split import SplitDeviceQueue
 
 __all__ = [
@@ -95,13 +107,23 @@ class Vring:
     queue: DeviceQueue | None = None
     broken: bool = False
     #: While running: guest memory, negotiated features and the ring's
-    #: guest-physical addresses (descriptor table, driver area, device area)
-    #: for data planes that walk the ring themselves instead of using ``queue``.
+    #: device addresses (descriptor table, driver area, device area) for data
+    #: planes that walk the ring themselves instead of using ``queue``.  The
+    #: addresses are guest-physical, or I/O virtual when ``iotlb`` is set.
     memory: GuestMemory | None = None
     features: int = 0
     ring_addrs: tuple[int, int, int] = (0, 0, 0)
+    #: The dirty log and the device-address at which ring writes are logged
+    #: (an IOVA with ``iotlb``: translate through it, as ``queue`` does).
     dirty_log: DirtyLog | None = None
     log_addr: int | None = None
+    #: While running: the IOTLB when VIRTIO_F_ACCESS_PLATFORM was negotiated
+    #: (``None`` otherwise), and the address space every device address of
+    #: this ring goes through (an ``IotlbAddressSpace``, or ``memory``).
+    iotlb: Iotlb | None = None
+    space: AddressSpace | None = None
+    #: Sends an IOTLB MISS for (iova, write); set by the back-end connection.
+    translation_requester: Callable[[int, bool], None] | None = field(default=None, repr=False)
     #: Inflight I/O tracking (GET/SET_INFLIGHT_FD), and what a previous
     #: back-end took but never completed, to serve first: split heads or
     #: packed chains.  Set with :meth:`track_inflight`.
@@ -141,9 +163,13 @@ class Vring:
         if isinstance(queue, PackedDeviceQueue) and isinstance(tracker, PackedInflightQueue):
             return self._pop_packed(queue, tracker)
         if self.resubmit and isinstance(queue, SplitDeviceQueue):
-            head = self.resubmit.pop(0)
+            # Taken off the list only once walked: a missing IOTLB
+            # translation leaves it to be tried again.
+            head = self.resubmit[0]
             assert isinstance(head, int)
-            return queue.resubmit(head)
+            resubmitted = queue.resubmit(head)
+            self.resubmit.pop(0)
+            return resubmitted
         chain = queue.pop()
         if chain is not None and isinstance(tracker, SplitInflightQueue):
             tracker.mark_inflight(chain.id)
@@ -153,10 +179,12 @@ class Vring:
         self, queue: PackedDeviceQueue, tracker: PackedInflightQueue
     ) -> DescriptorChain | None:
         if self.resubmit:
-            pending = self.resubmit.pop(0)
+            pending = self.resubmit[0]
             assert isinstance(pending, InflightChain)
             raw = [(d.addr, d.len, d.id, d.flags) for d in pending.descriptors]
             chain = queue.resubmit(raw)
+            # Off the list only once walked, as for split rings.
+            self.resubmit.pop(0)
             entry = pending.entry
         else:
             first = queue.avail_position
@@ -191,6 +219,16 @@ class Vring:
             tracker.commit_batch((entry,))
         else:
             queue.push(chain, written)
+
+    def request_translation(self, iova: int, write: bool) -> None:
+        """Ask the front-end for the IOTLB entry of ``iova`` (thread-safe).
+
+        Sends one IOTLB MISS per outstanding address; the answer is an
+        UPDATE, after which :meth:`VhostUserDevice.iotlb_updated` is called.
+        """
+        requester = self.translation_requester
+        if requester is not None:
+            requester(iova, write)
 
     def signal_call(self) -> None:
         """Interrupt the driver unconditionally.
@@ -275,6 +313,10 @@ class VhostUserDevice(abc.ABC):
     num_queues: int = 1
     #: largest ring size accepted.
     max_queue_size: int = 32768
+    #: whether the device can work behind an IOMMU: ring and buffer addresses
+    #: as IOVAs through :attr:`Vring.space`, :class:`IotlbMissError` handled
+    #: by requesting the translation and retrying.  Offers ACCESS_PLATFORM.
+    access_platform: bool = False
 
     def set_features(self, features: int) -> None:  # noqa: B027 - optional hook
         """The front-end acknowledged ``features`` (a subset of :attr:`features`)."""
@@ -292,6 +334,13 @@ class VhostUserDevice(abc.ABC):
 
     def kick(self, vring: Vring) -> None:  # noqa: B027 - optional hook
         """An in-band kick (VRING_KICK) arrived for a running ring."""
+
+    def iotlb_updated(self) -> None:  # noqa: B027 - optional hook
+        """IOTLB entries were added (an UPDATE): retry work that missed a translation.
+
+        Called on the connection's thread after the entries are in place and
+        rings that were waiting for them have started.
+        """
 
     def get_config(self, offset: int, size: int) -> bytes:
         """Read ``size`` bytes of the device config space at ``offset``."""
@@ -319,7 +368,11 @@ class ThreadedDevice(VhostUserDevice):
     One thread per running queue waits on the kick eventfd (or polls when
     the front-end gave none) and calls :meth:`process` with the ring; an
     in-band kick (VRING_KICK) wakes it.  A :class:`RingError` raised from
-    :meth:`process` breaks only that ring.
+    :meth:`process` breaks only that ring.  An :class:`IotlbMissError`
+    requests the translation; the worker then sleeps until the next IOTLB
+    update (or a stop) and calls :meth:`process` again.  ``process`` must
+    leave its work resumable at a miss: a chain that missed is not consumed,
+    and anything already taken is completed.
     """
 
     #: seconds between polls of a ring without a kick fd.
@@ -363,13 +416,24 @@ class ThreadedDevice(VhostUserDevice):
             if worker is not None:
                 os.eventfd_write(worker.wake, 1)
 
-    def _drain(self, vring: Vring) -> None:
+    def iotlb_updated(self) -> None:
+        """Wake every worker: one waiting for a translation may find it now."""
+        with self._lock:
+            for worker in self._workers.values():
+                os.eventfd_write(worker.wake, 1)
+
+    def _drain(self, vring: Vring) -> bool:
+        """Process the ring; return True when it stopped at a missing translation."""
         if vring.broken or vring.queue is None:
-            return
+            return False
         try:
             self.process(vring)
+        except IotlbMissError as miss:
+            vring.request_translation(miss.iova, miss.write)
+            return True
         except RingError as exc:
             vring.fail(exc)
+        return False
 
     def _run(self, vring: Vring, stop_r: int, wake: int) -> None:
         poller = select.poll()
@@ -378,21 +442,26 @@ class ThreadedDevice(VhostUserDevice):
         kick = vring.kick_fd
         if kick is not None:
             poller.register(kick, select.POLLIN)
+        # While a translation is missing only a wake-up (an IOTLB update, an
+        # in-band kick) or a stop helps: kicks would just miss again.
+        waiter = select.poll()
+        waiter.register(stop_r, select.POLLIN)
+        waiter.register(wake, select.POLLIN)
         timeout_ms = None if kick is not None else max(1, int(self.poll_interval * 1000))
-        self._drain(vring)
+        missed = self._drain(vring)
         while True:
-            events = poller.poll(timeout_ms)
+            events = waiter.poll() if missed else poller.poll(timeout_ms)
             if any(fd == stop_r for fd, _ in events):
                 return
             for fd, _ in events:
                 with contextlib.suppress(BlockingIOError, OSError):
                     os.read(fd, 8)
-            self._drain(vring)
+            missed = self._drain(vring)
 
 
 @dataclass(frozen=True, slots=True)
 class _Worker:
-    """A queue's worker thread, its stop pipe and its in-band kick eventfd."""
+    """A queue's worker thread, its stop pipe and its wake-up eventfd (kicks, IOTLB updates)."""
 
     thread: threading.Thread
     stop_r: int

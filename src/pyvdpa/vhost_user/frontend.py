@@ -277,6 +277,19 @@ class Frontend:
         """SET_INFLIGHT_FD."""
         self.request(Request.SET_INFLIGHT_FD, inflight, [fd])
 
+    def iotlb_msg(self, msg: codec.IotlbMsg) -> None:
+        """IOTLB_MSG (UPDATE or INVALIDATE); its reply is the back-end's status.
+
+        Sent with NEED_REPLY, as QEMU does: DPDK answers only then.
+        """
+        reply = self.request(Request.IOTLB_MSG, msg, ack=True)
+        assert reply is not None and isinstance(reply.payload, codec.U64)
+        if reply.payload.value:
+            raise BackendRefusedError(
+                f"back-end refused IOTLB_MSG {msg.type.name} at {msg.iova:#x} "
+                f"(status {reply.payload.value})"
+            )
+
     def set_status(self, status: int) -> None:
         """SET_STATUS."""
         self.request(Request.SET_STATUS, codec.U64(status))

@@ -208,9 +208,11 @@ class PackedDeviceQueue:
             raise ValueError("dirty logging needs the descriptor ring's log_addr")
         self._mem = mem
         self._size = size
-        self._desc = mem.view(desc_addr, layout.desc_size)
-        self._driver_event = mem.view(driver_event_addr, layout.EVENT_SIZE)
-        self._device_event = mem.view(device_event_addr, layout.EVENT_SIZE)
+        # The device writes used descriptors into the ring and its own event
+        # area, and only reads the driver's.
+        self._desc = mem.view(desc_addr, layout.desc_size, write=True)
+        self._driver_event = mem.view(driver_event_addr, layout.EVENT_SIZE, write=False)
+        self._device_event = mem.view(device_event_addr, layout.EVENT_SIZE, write=True)
         self._event_idx = event_idx
         self._indirect = indirect
         self._log = log
@@ -259,7 +261,9 @@ class PackedDeviceQueue:
         """Return the next available chain, validated, or None when there is none.
 
         A :class:`~pyvdpa.errors.RingError` marks the queue broken and is
-        re-raised; nothing is consumed or written in that case.
+        re-raised; nothing is consumed or written in that case.  An
+        :class:`~pyvdpa.errors.IotlbMissError` leaves the queue as it was:
+        the next call walks the same chain again.
         """
         self._check_usable()
         try:
