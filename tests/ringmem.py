@@ -52,7 +52,7 @@ class GuestMemory:
         """First address past the region."""
         return self.base + len(self.buf)
 
-    def view(self, addr: int, length: int) -> memoryview:
+    def view(self, addr: int, length: int, *, write: bool = True) -> memoryview:
         """Return a view of ``length`` bytes at ``addr``, bounds-checked."""
         if length < 0 or addr < self.base or addr + length > self.end:
             raise GuestMemoryError(f"[{addr:#x}, +{length:#x}) is outside guest memory")

@@ -185,7 +185,7 @@ def test_reply_flag_on_a_request(request_: Request) -> None:
     body, fds = sample(request_)
     error = request_error(request_, body, fds, REPLY)
     assert "REPLY flag set on a request" in str(error)
-    assert not error.drop_connection
+    assert error.drop_connection
 
 
 # ---------------------------------------------------------------- payload sizes

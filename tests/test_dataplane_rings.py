@@ -61,7 +61,7 @@ class SharedGuest:
     def end(self) -> int:
         return self.base + self.size
 
-    def view(self, addr: int, length: int) -> memoryview:
+    def view(self, addr: int, length: int, *, write: bool = True) -> memoryview:
         return self.memory.view(addr, length)
 
     def read(self, addr: int, length: int) -> bytes:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import mmap
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -643,3 +645,88 @@ class TestDirtyLog:
             assert log.out_of_range == skipped
         finally:
             os.close(fd)
+
+
+# ---------------------------------------------------------------------- hugetlbfs
+
+_HUGE = 2 << 20
+_NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+
+
+def _hugetlbfs_mount(tmp_path: Path) -> tuple[Path, bool]:
+    """A hugetlbfs mount point with 2 MiB pages, and whether this test mounted it."""
+    with open("/proc/mounts") as mounts:
+        for line in mounts:
+            _, where, kind, options = line.split()[:4]
+            if kind == "hugetlbfs" and "pagesize=1" not in options:
+                return Path(where), False
+    point = tmp_path / "huge"
+    point.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "hugetlbfs", "-o", "pagesize=2M", "none", str(point)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount hugetlbfs: {done.stderr.strip() or done.returncode}")
+    return point, True
+
+
+@pytest.fixture
+def huge_pages(tmp_path: Path) -> Iterator[Path]:
+    """Three reserved 2 MiB huge pages and a hugetlbfs directory; restored afterwards."""
+    if os.geteuid() != 0 or not _NR_HUGEPAGES.exists():
+        pytest.skip("reserving huge pages needs root and /proc/sys/vm/nr_hugepages")
+    previous = int(_NR_HUGEPAGES.read_text())
+    try:
+        _NR_HUGEPAGES.write_text(f"{previous + 3}\n")
+    except OSError as exc:
+        pytest.skip(f"the kernel refuses to reserve huge pages: {exc.strerror}")
+    try:
+        got = int(_NR_HUGEPAGES.read_text())
+        if got < previous + 3:
+            pytest.skip(
+                f"the kernel reserved {got - previous} of 3 huge pages (memory too fragmented)"
+            )
+        point, mounted = _hugetlbfs_mount(tmp_path)
+        try:
+            yield point
+        finally:
+            if mounted:
+                subprocess.run(["umount", str(point)], check=False)
+    finally:
+        _NR_HUGEPAGES.write_text(f"{previous}\n")
+
+
+def test_hugetlbfs_region_with_an_offset(huge_pages: Path) -> None:
+    """A region from a hugetlbfs file, starting inside its second huge page.
+
+    hugetlbfs only maps at huge-page boundaries and cannot be written with
+    write(2): the file is filled through a mapping of its own.
+    """
+    path = huge_pages / f"guest-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.unlink(path)
+        os.ftruncate(fd, 3 * _HUGE)
+        assert os.fstat(fd).st_blksize == _HUGE
+        offset = _HUGE + 0x3000
+        size = 3 * _HUGE - offset
+        gpa, uva = 0x4000_0000, 0x7F00_0000_3000
+        with mmap.mmap(fd, 3 * _HUGE) as file_view:
+            file_view[offset + 0x1234 : offset + 0x1238] = b"huge"
+            file_view[3 * _HUGE - 4 :] = b"tail"
+            memory = GuestMemory()
+            try:
+                memory.add_region(MemoryRegion(gpa, size, uva, offset), fd)
+                assert memory.uva_to_gpa(uva + 0x1234) == gpa + 0x1234
+                assert memory.read(gpa + 0x1234, 4) == b"huge"
+                assert memory.read(gpa + size - 4, 4) == b"tail"
+                memory.write(gpa + 0x10, b"back")
+                assert file_view[offset + 0x10 : offset + 0x14] == b"back"
+                with pytest.raises(GuestMemoryError):
+                    memory.read(gpa + size - 2, 4)
+            finally:
+                memory.close()
+    finally:
+        os.close(fd)

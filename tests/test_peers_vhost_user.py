@@ -232,6 +232,37 @@ def test_drive_txonly_counted_by_net_vhost(peers: PeerPool, packed: bool, queues
     assert _no_errors(port), port
 
 
+def test_drive_iommu_into_net_vhost_with_iotlb(peers: PeerPool) -> None:
+    """DPDK's IOTLB asks for every page it touches; drive answers and the frames arrive."""
+    sock = peers.sock_dir / "net-vhost-iommu.sock"
+    backend = peers.start(net_vhost(sock, mode="rxonly", iommu=True))
+    backend.start_forwarding()
+
+    status, result = _drive(
+        peers,
+        "net",
+        "--socket",
+        str(sock),
+        "--iommu",
+        "--mode",
+        "txonly",
+        "--frame-size",
+        str(FRAME_SIZE),
+        "--duration",
+        DRIVE_SECONDS,
+    )
+    _until(lambda: backend.port_stats()[0].rx_packets >= result["tx_packets"])
+    port = backend.port_stats()[0]
+
+    assert status == 0, result
+    assert result["errors"] == 0
+    assert result["tx_packets"] > 0
+    assert result["iotlb_misses"] > 0
+    assert port.rx_packets == result["tx_packets"]
+    assert port.rx_bytes == FRAME_SIZE * result["tx_packets"]
+    assert _no_errors(port), port
+
+
 def test_regression_drive_rxonly_from_net_vhost_stops_on_time(peers: PeerPool) -> None:
     sock = peers.sock_dir / "net-vhost.sock"
     backend = peers.start(net_vhost(sock, mode="txonly", app_args=[TXPKTS]))

@@ -100,7 +100,14 @@ def test_every_request_over_a_socket(
 ) -> None:
     """Requests 1..43: applied, answered, or refused with a clear failure."""
     server, device = net_server
-    fe = Frontend.connect(sock)
+    every_request(server, device, Frontend.connect(sock))
+
+
+def every_request(server: BackendServer, device: NetDevice, fe: Frontend) -> None:
+    """Send requests 1..43 on ``fe``, connected to ``server`` serving ``device``; close ``fe``.
+
+    The device must offer STATUS, as ``net_server``'s does.
+    """
     shared = allocate_shared(4 << 20)
     extra = allocate_shared(1 << 20)
     log_mem = allocate_shared(4096)
@@ -184,7 +191,6 @@ def test_every_request_over_a_socket(
 @pytest.mark.parametrize(
     ("request_", "body"),
     [
-        (Request.IOTLB_MSG, bytes(32)),
         (Request.CREATE_CRYPTO_SESSION, bytes(632)),
         (Request.POSTCOPY_ADVISE, b""),
         (Request.POSTCOPY_END, b""),

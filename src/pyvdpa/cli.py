@@ -88,9 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--duration", type=_seconds, default=5.0, help="seconds (default 5)")
         p.add_argument("--packed", action="store_true", help="use the packed ring layout")
+        p.add_argument(
+            "--inband",
+            action="store_true",
+            help="kicks and calls as vhost-user messages (VRING_KICK, VRING_CALL), no eventfds",
+        )
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--ring-size", type=_positive, default=256, help="descriptors per ring")
         p.add_argument("--memory", type=_size, default=64 << 20, help="shared memory size")
+        p.add_argument(
+            "--iommu",
+            action="store_true",
+            help="act as a VMM with an IOMMU: negotiate ACCESS_PLATFORM, give the device "
+            "IOVAs and answer its IOTLB misses",
+        )
         if name == "net":
             p.add_argument("--mode", choices=("txonly", "rxonly", "io"), default="txonly")
             p.add_argument("--frame-size", type=_positive, default=64)
@@ -108,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _open_session(args: argparse.Namespace) -> Session:
     frontend = Frontend.listen(args.socket) if args.server else Frontend.connect(args.socket)
-    return Session(frontend, memory_size=args.memory)
+    return Session(frontend, memory_size=args.memory, inband=args.inband, iommu=args.iommu)
 
 
 def _print_result(figures: dict[str, object], as_json: bool) -> None:

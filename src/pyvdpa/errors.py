@@ -11,6 +11,8 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "GuestMemoryError",
+    "IotlbMissError",
+    "IotlbPermissionError",
     "LocalProtocolError",
     "ProtocolError",
     "PyvdpaError",
@@ -55,6 +57,35 @@ class TransportError(PyvdpaError):
 
 class GuestMemoryError(PyvdpaError):
     """An address or length does not lie inside the mapped guest memory."""
+
+
+class IotlbMissError(GuestMemoryError):
+    """An I/O virtual address has no IOTLB translation yet.
+
+    Not the driver's fault: the back-end asks the front-end for the
+    translation (an IOTLB MISS) and retries once it arrives.  ``iova`` is the
+    first untranslated address, ``write`` whether the device wanted to write.
+    """
+
+    def __init__(self, iova: int, *, write: bool) -> None:
+        access = "write" if write else "read"
+        super().__init__(f"no IOTLB translation for {access} at I/O virtual address {iova:#x}")
+        self.iova = iova
+        self.write = write
+
+
+class IotlbPermissionError(GuestMemoryError):
+    """An IOTLB entry does not allow the access the device wants.
+
+    The driver handed the device a buffer it may not touch that way: the ring
+    breaks as for a buffer outside guest memory.
+    """
+
+    def __init__(self, iova: int, *, write: bool) -> None:
+        access = "write" if write else "read"
+        super().__init__(f"IOTLB entry at I/O virtual address {iova:#x} does not allow {access}")
+        self.iova = iova
+        self.write = write
 
 
 class RingError(PyvdpaError):

@@ -268,6 +268,7 @@ def net_vhost(
     *,
     queues: int = 1,
     client: bool = False,
+    iommu: bool = False,
     mode: str = "rxonly",
     main_lcore: int = 0,
     eal_args: Sequence[str] = (),
@@ -276,13 +277,15 @@ def net_vhost(
     """testpmd running DPDK's vhost-user back-end on the socket at ``iface``.
 
     As a server (the default) testpmd listens on ``iface``; with ``client`` it
-    connects there and keeps retrying until a front-end listens.
+    connects there and keeps retrying until a front-end listens.  ``iommu``
+    turns on DPDK's IOTLB (``iommu-support=1``: ACCESS_PLATFORM offered).
     """
     socket = check_socket_path(iface)
     devargs = [
         f"iface={_devarg(socket)}",
         f"queues={queues}",
         f"client={int(client)}",
+        *(["iommu-support=1"] if iommu else []),
     ]
     return Testpmd(
         [",".join(["net_vhost0", *devargs])],

@@ -43,7 +43,7 @@ import numpy as np
 
 from pyvdpa.dataplane import kernels as k
 from pyvdpa.dataplane.engine import TX, Engine, EngineMode, Port
-from pyvdpa.dataplane.net import QueueCounters, shared_engine
+from pyvdpa.dataplane.net import ENGINE_EXCLUDED_PROTOCOL_FEATURES, QueueCounters, shared_engine
 from pyvdpa.dataplane.queues import queue_from_vring
 from pyvdpa.devices.blk import (
     BLK_PROTOCOL_FEATURES,
@@ -57,8 +57,11 @@ from pyvdpa.virtio.blk import BLK_ID_BYTES
 
 __all__ = ["ENGINE_BLK_PROTOCOL_FEATURES", "ZERO_CHUNK", "EngineBlkDevice"]
 
-#: Protocol features of the engine device: the Python device's, without inflight tracking.
-ENGINE_BLK_PROTOCOL_FEATURES = BLK_PROTOCOL_FEATURES & ~ProtocolFeature.INFLIGHT_SHMFD
+#: Protocol features of the engine device: the Python device's, without
+#: inflight tracking and in-band notifications (see ``ENGINE_EXCLUDED_PROTOCOL_FEATURES``).
+ENGINE_BLK_PROTOCOL_FEATURES = BLK_PROTOCOL_FEATURES & ~(
+    ProtocolFeature.INFLIGHT_SHMFD | ENGINE_EXCLUDED_PROTOCOL_FEATURES
+)
 
 ZERO_CHUNK = 1 << 16
 """Bytes of zeros the worker writes at a time where a file system cannot zero a range."""
@@ -136,12 +139,6 @@ class EngineBlkDevice(BlkControl, VhostUserDevice):
                 return
             self.engine.remove_port(port)
             self._ports[vring.index] = None
-
-    def kick(self, vring: Vring) -> None:
-        """An in-band kick: wake the worker serving the ring."""
-        port = self._ports[vring.index]
-        if port is not None:
-            port.wake()
 
     def close(self) -> None:
         """Take every remaining ring back from the engine, then close the backing store."""

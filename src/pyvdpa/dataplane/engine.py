@@ -175,10 +175,6 @@ class Port:
         with self.engine._lock, self._worker.paused():
             self.unit[column] = value
 
-    def wake(self) -> None:
-        """Make the worker look at its rings now (an in-band kick)."""
-        self._worker.wake()
-
     def _remove(self, role: int) -> None:
         """Drop the queue in ``role``; the worker must be paused."""
         entry = self._queues.pop(role, None)

@@ -56,11 +56,13 @@ from pyvdpa.devices.net import DEFAULT_MAC, NetControl, rarp_frame
 from pyvdpa.devices.tap import DEFAULT_TAP_NAME, TAP_FRAME_MAX, Tap
 from pyvdpa.errors import ConfigError
 from pyvdpa.vhost_user.device import VhostUserDevice, Vring
+from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import NetFeature
 from pyvdpa.virtio.net import net_header_size
 
 __all__ = [
     "DEFAULT_MAC",
+    "ENGINE_EXCLUDED_PROTOCOL_FEATURES",
     "ENGINE_NET_MODES",
     "EngineNetDevice",
     "QueueCounters",
@@ -71,6 +73,13 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 ENGINE_NET_MODES = ("loopback", "drop", "gen", "tap")
+
+#: Protocol features no engine device offers.  In-band notifications: the
+#: kernels signal used buffers on call eventfds only, and a VRING_CALL message
+#: waits for the front-end's reply, a round trip a compiled data path does
+#: not make; as with rust-vmm's vhost-user-backend, whose rings signal call
+#: eventfds only, a device offers what its data path honours.
+ENGINE_EXCLUDED_PROTOCOL_FEATURES = ProtocolFeature.INBAND_NOTIFICATIONS
 MIN_FRAME = 14
 MAX_FRAME = 65535
 
@@ -248,6 +257,7 @@ class EngineNetDevice(NetControl, VhostUserDevice):
         if ifname is not None and mode != "tap":
             raise ConfigError(f"ifname={ifname} needs mode=tap, not mode={mode}")
         self._init_net(mac=mac, mtu=mtu, queue_pairs=queue_pairs, status_feature=status_feature)
+        self.protocol_features &= ~ENGINE_EXCLUDED_PROTOCOL_FEATURES
         self.mode = mode
         self._frame: npt.NDArray[np.uint8] = np.frombuffer(
             generated_frame(frame_size, mac), dtype=np.uint8
@@ -362,12 +372,6 @@ class EngineNetDevice(NetControl, VhostUserDevice):
             for pair, fd in enumerate(self.tap.fds):
                 if self._ports[pair] is None:
                     self._counters[2 * pair, k.S_DROPPED] += _discard(fd)
-
-    def kick(self, vring: Vring) -> None:
-        """An in-band kick: wake the worker serving the ring."""
-        port = self._ports[vring.index // 2]
-        if port is not None:
-            port.wake()
 
     def close(self) -> None:
         """Take every remaining ring back from the engine, then release the TAP."""

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pyvdpa.devices.net import count_ring_error
 from pyvdpa.devices.stats import QueueStats
-from pyvdpa.errors import ConfigError, RingError
+from pyvdpa.errors import ConfigError, IotlbMissError, RingError
 from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequestError, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.blk import (
@@ -188,8 +188,10 @@ class BlkDevice(BlkControl, ThreadedDevice):
     runs, :class:`~pyvdpa.dataplane.blk.EngineBlkDevice`, is tested request
     by request against it, as the compiled ring walk is against
     :func:`~pyvdpa.virtio.ring.walk_chain`.  Inflight I/O is tracked for
-    split rings.
+    split rings.  Works behind an IOMMU (``VIRTIO_F_ACCESS_PLATFORM``).
     """
+
+    access_platform = True
 
     def __init__(
         self,
@@ -216,6 +218,12 @@ class BlkDevice(BlkControl, ThreadedDevice):
                 chain = vring.pop()
             except RingError as exc:
                 count_ring_error(stats, exc)
+                raise
+            except IotlbMissError:
+                # Requests completed before the missing translation are
+                # signalled now, not once it arrives.
+                if pushed:
+                    vring.notify()
                 raise
             if chain is None:
                 break

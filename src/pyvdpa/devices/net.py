@@ -37,7 +37,7 @@ import threading
 from collections import deque
 
 from pyvdpa.devices.stats import QueueStats
-from pyvdpa.errors import ConfigError, RingError
+from pyvdpa.errors import ConfigError, IotlbMissError, RingError
 from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequestError, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import NetFeature, NetStatus, VirtioFeature
@@ -162,7 +162,13 @@ class NetControl:
 
 
 class NetDevice(NetControl, ThreadedDevice):
-    """A virtio-net device looping frames back or dropping them, its queues run by Python."""
+    """A virtio-net device looping frames back or dropping them, its queues run by Python.
+
+    Works behind an IOMMU (``VIRTIO_F_ACCESS_PLATFORM``): a frame whose
+    receive buffers miss a translation waits in the backlog.
+    """
+
+    access_platform = True
 
     def __init__(
         self,
@@ -241,6 +247,11 @@ class NetDevice(NetControl, ThreadedDevice):
             except RingError as exc:
                 count_ring_error(stats, exc)
                 raise
+            except IotlbMissError:
+                # Frames taken before the missing translation are signalled now.
+                if pushed:
+                    vring.notify()
+                raise
             if chain is None:
                 break
             stats.received_desc += 1
@@ -277,6 +288,10 @@ class NetDevice(NetControl, ThreadedDevice):
         except RingError as exc:
             count_ring_error(stats, exc)
             rx.fail(exc)
+        except IotlbMissError:
+            if delivered:
+                rx.notify()
+            raise
         if delivered:
             rx.notify()
 
@@ -291,7 +306,14 @@ class NetDevice(NetControl, ThreadedDevice):
         remaining = hdr_size + len(payload)
         header_len = hdr_size
         while remaining > 0:
-            chain = queue.pop()
+            try:
+                chain = queue.pop()
+            except IotlbMissError:
+                # The frame stays in the backlog for when the translation
+                # arrives; buffers already taken go back empty.
+                for held, _ in chains:
+                    queue.push(held, 0)
+                raise
             if chain is None:
                 if chains:
                     # Not enough buffers yet: the frame is lost, the chains are returned empty.

@@ -67,6 +67,8 @@ class BlkResult:
     verified: int = 0
     iops: float = 0.0
     bytes_per_s: float = 0.0
+    #: IOTLB misses the back-end sent and the session answered (``--iommu``).
+    iotlb_misses: int = 0
 
     def finish(self, elapsed: float) -> None:
         """Compute rates over ``elapsed`` seconds."""
@@ -235,4 +237,5 @@ def run_blk(
             session.wait_call(0.01)
     result.finish(time.monotonic() - start)
     session.stop()
+    result.iotlb_misses = session.iotlb_misses
     return result

@@ -11,14 +11,22 @@ completed buffers; ``rxonly`` keeps the receive rings full and counts what
 arrives; ``io`` sends a first burst and then retransmits every received
 frame (testpmd's ``start tx_first`` with io forwarding).  Each generated
 frame carries a sequence number and a checksum of its payload, so received
-frames are checked: a corrupted one is counted in ``rx_bad``; frames some
-other sender made (a peer generating its own traffic) are counted in
+frames are checked: a corrupted one is counted in ``rx_bad`` (and in io
+mode replaced by a fresh frame rather than sent on); frames some other
+sender made (a peer generating its own traffic) are counted in
 ``rx_foreign`` and are not errors.
+
+A back-end that breaks the ring protocol is counted in ``errors``: a
+receive buffer returned with a used length no frame can have (shorter than
+the virtio-net header or longer than the buffer) is dropped and reposted;
+a used entry naming a chain that is not in flight ends the run, since the
+ring's state can no longer be trusted.
 """
 
 from __future__ import annotations
 
 import enum
+import logging
 import struct
 import time
 import zlib
@@ -26,11 +34,13 @@ from collections import deque
 from dataclasses import asdict, dataclass
 
 from pyvdpa.drive.session import DriverRing, Session
-from pyvdpa.errors import ConfigError, PyvdpaError
+from pyvdpa.errors import ConfigError, RingError
 from pyvdpa.virtio.constants import NetFeature, VirtioFeature
 from pyvdpa.virtio.net import net_header_size
 
 __all__ = ["FrameCheck", "NetResult", "build_frame", "check_frame", "run_net"]
+
+log = logging.getLogger(__name__)
 
 _ETH = struct.Struct("!6s6sH")
 _TAG = struct.Struct("!4sQI")  # magic, sequence, crc32 of the rest
@@ -73,7 +83,12 @@ def check_frame(frame: bytes) -> FrameCheck:
 
 @dataclass
 class NetResult:
-    """What a net run measured (``--json`` prints these keys)."""
+    """What a net run measured (``--json`` prints these keys).
+
+    ``errors`` counts what the back-end did wrong (impossible used lengths,
+    a completed chain that was not in flight); ``rx_bad`` counts corrupted
+    frames.  Either makes ``pyvdpa drive`` exit with status 1.
+    """
 
     mode: str
     duration: float
@@ -88,6 +103,8 @@ class NetResult:
     rx_pps: float = 0.0
     tx_bps: float = 0.0
     rx_bps: float = 0.0
+    #: IOTLB misses the back-end sent and the session answered (``--iommu``).
+    iotlb_misses: int = 0
 
     def finish(self, elapsed: float) -> None:
         """Compute rates over ``elapsed`` seconds."""
@@ -159,19 +176,27 @@ class _RxPath:
         head = self.ring.queue.add([], [(addr, RX_BUFFER)])
         self.busy[head] = addr
 
-    def receive(self) -> list[bytes]:
+    def receive(self, result: NetResult) -> list[bytes]:
+        """The frames the back-end delivered; impossible used lengths count as errors."""
         frames: list[bytes] = []
         queue = self.ring.queue
+        taken = 0
         # At most one ring's worth: a back-end refilling as fast as buffers
         # are reposted would otherwise keep this loop, and the run, going.
-        while len(frames) < queue.size and (used := queue.get_used()) is not None:
+        while taken < queue.size and (used := queue.get_used()) is not None:
+            taken += 1
             head, length = used
             addr = self.busy.pop(head)
-            if length < self.hdr or length > RX_BUFFER:
-                raise PyvdpaError(f"device reported used length {length} for a receive buffer")
-            frames.append(self.session.memory.read(addr + self.hdr, length - self.hdr))
+            if self.hdr <= length <= RX_BUFFER:
+                frames.append(self.session.memory.read(addr + self.hdr, length - self.hdr))
+            else:
+                result.errors += 1
+                log.error(
+                    "vring %d: used length %d for a %d-byte receive buffer (header %d)",
+                    self.ring.index, length, RX_BUFFER, self.hdr,
+                )  # fmt: skip
             self._post(addr)
-        if frames:
+        if taken:
             self.ring.kick()
         return frames
 
@@ -223,26 +248,36 @@ def run_net(
             for _ in range(BURST):
                 pair_backlog.append(build_frame(frame_size, seq))
                 seq += 1
-    while True:
+    broken = False
+    while not broken:
         now = time.monotonic()
         if now >= deadline or (packets is not None and result.tx_packets >= packets):
             break
         moved = False
         for pair in range(queues):
             tx, rx = tx_paths[pair], rx_paths[pair]
-            tx.reclaim()
-            if mode != "txonly":
-                for received in rx.receive():
-                    moved = True
-                    result.rx_packets += 1
-                    result.rx_bytes += len(received)
-                    verdict = check_frame(received)
-                    if verdict is FrameCheck.CORRUPT:
-                        result.rx_bad += 1
-                    elif verdict is FrameCheck.FOREIGN:
-                        result.rx_foreign += 1
-                    if mode == "io":
-                        backlog[pair].append(received)
+            try:
+                tx.reclaim()
+                received_frames = rx.receive(result) if mode != "txonly" else []
+            except RingError as exc:
+                result.errors += 1
+                log.error("queue pair %d: the back-end broke the ring: %s", pair, exc)
+                broken = True
+                break
+            for received in received_frames:
+                moved = True
+                result.rx_packets += 1
+                result.rx_bytes += len(received)
+                verdict = check_frame(received)
+                if verdict is FrameCheck.CORRUPT:
+                    result.rx_bad += 1
+                    # Sent on, it would come back corrupt and be counted again.
+                    received = build_frame(frame_size, seq)
+                    seq += 1
+                elif verdict is FrameCheck.FOREIGN:
+                    result.rx_foreign += 1
+                if mode == "io":
+                    backlog[pair].append(received)
             sent = 0
             if mode == "txonly":
                 while sent < BURST and tx.send(frame):
@@ -266,8 +301,10 @@ def run_net(
         if not moved:
             session.wait_call(0.001)
     result.finish(time.monotonic() - start)
-    _quiesce(session, tx_paths)
+    if not broken:
+        _quiesce(session, tx_paths)
     session.stop()
+    result.iotlb_misses = session.iotlb_misses
     return result
 
 

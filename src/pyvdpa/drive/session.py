@@ -12,6 +12,23 @@ a vhost-user device (QEMU's ``vhost_dev_start``, DPDK virtio-user's
 3. per ring: SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK,
    SET_VRING_CALL, then SET_VRING_ENABLE when protocol features are on.
 
+With in-band notifications (vhost-user spec, "In-band notifications") the
+session negotiates INBAND_NOTIFICATIONS with BACKEND_REQ and REPLY_ACK, opens
+the back-end channel (SET_BACKEND_REQ_FD) and uses no eventfd at all:
+SET_VRING_CALL carries the NOFD bit (as Linux UML's vhost-user driver sends
+it), no SET_VRING_KICK is sent and the first VRING_KICK starts a ring, and
+the back-end's VRING_CALL / VRING_ERR arrive on the back-end channel.
+
+With ``iommu`` the session is a VMM with a vIOMMU (vhost-user spec, "IOMMU
+support"): it requires ``VIRTIO_F_ACCESS_PLATFORM`` and the BACKEND_REQ and
+REPLY_ACK protocol features, and the device sees I/O virtual addresses
+(IOVAs) ``IOVA_OFFSET`` above the guest-physical ones, so a back-end that
+ignored the IOTLB would touch nothing of ours.  Nothing is mapped up front:
+as QEMU does, each IOTLB MISS the back-end sends is answered with an
+``IOTLB_MSG`` UPDATE of the 4 KiB page around the address
+(:attr:`Session.iotlb_misses` counts them), and :meth:`Session.invalidate`
+withdraws translations.
+
 The rings themselves are the driver-side queues of :mod:`pyvdpa.virtio`,
 over the same memory the back-end maps; buffers come from a bump allocator
 in the shared region.
@@ -20,24 +37,42 @@ in the shared region.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
+import threading
 from dataclasses import dataclass
 
-from pyvdpa.errors import ConfigError, PyvdpaError
+from pyvdpa.errors import ConfigError, PyvdpaError, RemoteProtocolError, RingError
 from pyvdpa.memory import GuestMemory, MemoryRegion, SharedMemory, allocate_shared
 from pyvdpa.vhost_user import codec
+from pyvdpa.vhost_user.codec import Message
 from pyvdpa.vhost_user.frontend import Frontend
-from pyvdpa.vhost_user.protocol import ProtocolFeature
+from pyvdpa.vhost_user.protocol import BackendRequest, IotlbPerm, IotlbType, ProtocolFeature
 from pyvdpa.virtio.constants import VirtioFeature
 from pyvdpa.virtio.packed import PackedDriverQueue
 from pyvdpa.virtio.ring import DriverQueue
 from pyvdpa.virtio.split import SplitDriverQueue, SplitLayout
 
-__all__ = ["GPA_BASE", "DriverRing", "Session"]
+__all__ = [
+    "GPA_BASE",
+    "INBAND_PROTOCOL_FEATURES",
+    "IOMMU_PAGE_SIZE",
+    "IOVA_OFFSET",
+    "DriverRing",
+    "Session",
+]
+
+log = logging.getLogger(__name__)
 
 #: Guest-physical base of the shared region (not its virtual address).
 GPA_BASE = 0x4000_0000
+
+#: With an IOMMU, how far above its guest-physical address the device sees a byte.
+IOVA_OFFSET = 0x10_0000_0000
+
+#: Granule of the translations the front-end's IOMMU hands out (Linux maps pages).
+IOMMU_PAGE_SIZE = 0x1000
 
 #: Protocol features a session uses when the back-end offers them.
 WANTED_PROTOCOL_FEATURES = (
@@ -47,25 +82,41 @@ WANTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.CONFIGURE_MEM_SLOTS
 )
 
+#: What in-band notifications need: the feature, the back-end channel its
+#: calls arrive on and the acknowledgements that make each one synchronous.
+INBAND_PROTOCOL_FEATURES = (
+    ProtocolFeature.INBAND_NOTIFICATIONS | ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
+)
+
 
 @dataclass(eq=False)
 class DriverRing:
-    """One virtqueue as the driver sees it, with its eventfds."""
+    """One virtqueue as the driver sees it, with its eventfds.
+
+    With in-band notifications there are no eventfds: kicks are VRING_KICK
+    requests sent by ``inband``.
+    """
 
     index: int
     queue: DriverQueue
-    kick_fd: int
-    call_fd: int
+    kick_fd: int | None
+    call_fd: int | None
+    inband: Frontend | None = None
 
     def kick(self) -> None:
         """Notify the device if it asked for notifications."""
-        if self.queue.kick_needed():
+        if not self.queue.kick_needed():
+            return
+        if self.kick_fd is not None:
             os.eventfd_write(self.kick_fd, 1)
+        elif self.inband is not None:
+            self.inband.vring_kick(self.index)
 
     def clear_call(self) -> None:
         """Consume pending interrupts (non-blocking)."""
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.call_fd)
+        if self.call_fd is not None:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.call_fd)
 
 
 def feature_names(mask: int) -> str:
@@ -78,31 +129,53 @@ def feature_names(mask: int) -> str:
 
 
 class Session:
-    """A front-end with shared memory and rings, ready for a device driver."""
+    """A front-end with shared memory and rings, ready for a device driver.
+
+    ``inband`` uses in-band notifications instead of eventfds (the back-end
+    must offer :data:`INBAND_PROTOCOL_FEATURES`).
+    """
 
     def __init__(
         self,
         frontend: Frontend,
         *,
         memory_size: int = 64 << 20,
+        inband: bool = False,
+        iommu: bool = False,
     ) -> None:
         self.frontend = frontend
+        self.inband = inband
+        self.iommu = iommu
+        self._called = threading.Event()
+        self._ring_error: RingError | None = None
         self.shared: SharedMemory = allocate_shared(memory_size, "pyvdpa-drive")
         self.region = MemoryRegion(GPA_BASE, memory_size, self.shared.address, 0)
+        #: Where the device sees the region: its GPA, or its IOVA behind the IOMMU.
+        self.dma_base = GPA_BASE + (IOVA_OFFSET if iommu else 0)
+        # The driver's own view, addressed as the device addresses it.
         self.memory = GuestMemory()
-        self.memory.add_region(self.region, self.shared.fd)
-        self._next = GPA_BASE
+        self.memory.add_region(
+            MemoryRegion(self.dma_base, memory_size, self.shared.address, 0), self.shared.fd
+        )
+        self._next = self.dma_base
         self.features = 0
         self.rings: list[DriverRing] = []
         self.protocol_features = ProtocolFeature(0)
+        #: IOTLB misses answered with an UPDATE, and those that named no memory of ours.
+        self.iotlb_misses = 0
+        self.iotlb_faults = 0
+        self._iotlb_lock = threading.Lock()
 
     # ------------------------------------------------------------------ memory
 
     def alloc(self, size: int, align: int = 64) -> int:
-        """Reserve ``size`` bytes of shared memory; return their guest-physical address."""
+        """Reserve ``size`` bytes of shared memory; return their device address.
+
+        The device address is guest-physical, or an IOVA with ``iommu``.
+        """
         start = (self._next + align - 1) & ~(align - 1)
         end = start + size
-        if end > GPA_BASE + self.region.memory_size:
+        if end > self.dma_base + self.region.memory_size:
             raise ConfigError(
                 f"shared memory exhausted ({self.region.memory_size} bytes): "
                 "use fewer queues, smaller rings or smaller buffers"
@@ -113,6 +186,41 @@ class Session:
     def gpa_to_uva(self, gpa: int) -> int:
         """Front-end virtual address of a guest-physical address."""
         return gpa - GPA_BASE + self.shared.address
+
+    def ring_address(self, addr: int) -> int:
+        """What SET_VRING_ADDR carries for device address ``addr``: a UVA, or the IOVA itself."""
+        return addr if self.iommu else self.gpa_to_uva(addr)
+
+    # ------------------------------------------------------------------ IOMMU
+
+    def _serve_iotlb_miss(self, message: Message) -> int:
+        """Answer a back-end's IOTLB MISS with an UPDATE of the page around it."""
+        miss = message.payload
+        if not isinstance(miss, codec.IotlbMsg) or miss.type is not IotlbType.MISS:
+            return 1
+        page = miss.iova - miss.iova % IOMMU_PAGE_SIZE
+        offset = page - self.dma_base
+        if not 0 <= offset < self.region.memory_size:
+            # Like an IOMMU fault: no translation exists, the device gets none.
+            log.error("IOTLB miss at %#x outside the device's memory", miss.iova)
+            with self._iotlb_lock:
+                self.iotlb_faults += 1
+            return 1
+        update = codec.IotlbMsg(
+            page, IOMMU_PAGE_SIZE, self.shared.address + offset, IotlbPerm.RW, IotlbType.UPDATE
+        )
+        self.frontend.iotlb_msg(update)
+        with self._iotlb_lock:
+            self.iotlb_misses += 1
+        return 0
+
+    def invalidate(self, iova: int, size: int) -> None:
+        """Withdraw the device's translations of ``[iova, iova + size)`` (IOTLB INVALIDATE).
+
+        When this returns the back-end no longer uses them; it will miss
+        and be answered again on its next access.
+        """
+        self.frontend.iotlb_msg(codec.IotlbMsg(iova, size, 0, IotlbPerm.NONE, IotlbType.INVALIDATE))
 
     # ------------------------------------------------------------------ negotiation
 
@@ -131,13 +239,39 @@ class Session:
         """
         fe = self.frontend
         offered = fe.get_features()
+        if self.iommu:
+            required |= VirtioFeature.ACCESS_PLATFORM | VirtioFeature.PROTOCOL_FEATURES
+            protocol |= ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
         missing = required & ~offered
         if missing:
             raise ConfigError(f"back-end does not offer {feature_names(missing)}")
+        if self.inband:
+            protocol |= INBAND_PROTOCOL_FEATURES
         if offered & VirtioFeature.PROTOCOL_FEATURES:
             proto = fe.get_protocol_features() & protocol
+            if self.inband and INBAND_PROTOCOL_FEATURES & ~proto:
+                missing_proto = ProtocolFeature(INBAND_PROTOCOL_FEATURES & ~proto)
+                raise ConfigError(
+                    f"in-band notifications: back-end does not offer {missing_proto.name}"
+                )
             fe.set_protocol_features(proto)
             self.protocol_features = proto
+        elif self.inband:
+            raise ConfigError("in-band notifications: back-end has no protocol features")
+        if self.inband:
+            fe.backend_handlers[BackendRequest.VRING_CALL] = self._on_vring_call
+            fe.backend_handlers[BackendRequest.VRING_ERR] = self._on_vring_err
+        if self.iommu:
+            lacking = (
+                ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
+            ) & ~self.protocol_features
+            if lacking:
+                raise ConfigError(
+                    f"an IOMMU needs protocol features the back-end lacks: {lacking!r}"
+                )
+            fe.backend_handlers[BackendRequest.IOTLB_MSG] = self._serve_iotlb_miss
+        if self.inband or self.iommu:
+            fe.open_backend_channel()
         fe.set_owner()
         self.features = offered & (wanted | required)
         fe.set_features(self.features)
@@ -177,24 +311,31 @@ class Session:
                 self.memory, size, desc, avail, used,
                 event_idx=event_idx, indirect_addr=indirect_addr,
             )  # fmt: skip
-        kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        call_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        ring = DriverRing(index, queue, kick_fd, call_fd)
-        self.rings.append(ring)
         fe = self.frontend
-        fe.set_vring_call(index, call_fd)
+        if self.inband:
+            ring = DriverRing(index, queue, None, None, fe)
+        else:
+            ring = DriverRing(
+                index,
+                queue,
+                os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
+                os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
+            )
+        self.rings.append(ring)
+        fe.set_vring_call(index, ring.call_fd)
         fe.set_vring_num(index, size)
         fe.set_vring_base(index, 0x8000 if self.packed else 0)
         addr = codec.VringAddr(
             index,
             codec.VringAddrFlags(0),
-            self.gpa_to_uva(desc),
-            self.gpa_to_uva(used),
-            self.gpa_to_uva(avail),
+            self.ring_address(desc),
+            self.ring_address(used),
+            self.ring_address(avail),
             0,
         )
         fe.set_vring_addr(addr)
-        fe.set_vring_kick(index, kick_fd)
+        if ring.kick_fd is not None:
+            fe.set_vring_kick(index, ring.kick_fd)
         return ring
 
     def enable_rings(self) -> None:
@@ -204,13 +345,49 @@ class Session:
                 self.frontend.set_vring_enable(ring.index, True)
 
     def wait_call(self, timeout: float) -> bool:
-        """Block until any ring's call eventfd fires or ``timeout`` seconds pass."""
-        fds = [ring.call_fd for ring in self.rings]
+        """Block until any ring's call fires or ``timeout`` seconds pass.
+
+        With in-band notifications, raises the back-end channel's first
+        error (:attr:`Frontend.backend_error`) or a :class:`RingError` for a
+        ring the back-end reported broken with VRING_ERR.
+        """
+        if self.inband:
+            called = self._called.wait(timeout)
+            # A call landing between wait and clear is lost, not missed: the
+            # driver looks at its used rings after every wait.
+            self._called.clear()
+            if self.frontend.backend_error is not None:
+                raise self.frontend.backend_error
+            if self._ring_error is not None:
+                raise self._ring_error
+            return called
+        fds = [ring.call_fd for ring in self.rings if ring.call_fd is not None]
         ready, _, _ = select.select(fds, [], [], timeout)
         for fd in ready:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(fd)
         return bool(ready)
+
+    def _ring_of(self, message: codec.Message) -> DriverRing:
+        assert isinstance(message.payload, codec.VringState)
+        index = message.payload.index
+        for ring in self.rings:
+            if ring.index == index:
+                return ring
+        name = BackendRequest(message.request).name
+        raise RemoteProtocolError(f"{name} for vring {index}, which was not set up")
+
+    def _on_vring_call(self, message: codec.Message) -> int:
+        self._ring_of(message)
+        self._called.set()
+        return 0
+
+    def _on_vring_err(self, message: codec.Message) -> int:
+        ring = self._ring_of(message)
+        if self._ring_error is None:
+            self._ring_error = RingError(f"back-end reports vring {ring.index} broken (VRING_ERR)")
+        self._called.set()
+        return 0
 
     def stop(self) -> list[int]:
         """GET_VRING_BASE on every ring; return the bases (best effort on a dead peer)."""
@@ -226,8 +403,9 @@ class Session:
         """Close the connection, the eventfds and the shared memory."""
         self.frontend.close()
         for ring in self.rings:
-            os.close(ring.kick_fd)
-            os.close(ring.call_fd)
+            for fd in (ring.kick_fd, ring.call_fd):
+                if fd is not None:
+                    os.close(fd)
         self.rings.clear()
         self.memory.close()
         self.shared.close()

@@ -14,11 +14,35 @@ states", "REPLY_ACK"), in three layers as rust-vmm's ``vhost-user-backend``:
 3. A :class:`~pyvdpa.vhost_user.device.VhostUserDevice` is told when a ring
    starts and stops.
 
-Ring lifecycle is a table (:data:`RING_TRANSITIONS`): events move a ring
+Ring lifecycle is a table (:data:`RING_TRANSITIONS`): events (a kick fd, an
+in-band VRING_KICK, GET_VRING_BASE, SET_VRING_ENABLE) move a ring
 between started/stopped and enabled/disabled; a ring *runs* (the device
 processes it) exactly when it is started, enabled and configured.  Whenever
 something a running ring depends on changes (a new memory table, features,
-log base), the ring is stopped, its exact position saved, and restarted.
+log base, an IOTLB invalidation), the ring is stopped, its exact position
+saved, and restarted.
+
+IOMMU (vhost-user spec, "IOMMU support"): a device that can work behind one
+is offered with ``VIRTIO_F_ACCESS_PLATFORM`` (and only with the BACKEND_REQ
+and REPLY_ACK protocol features QEMU requires for it).  Once negotiated, ring
+addresses of SET_VRING_ADDR (the log address included) and descriptor
+addresses are IOVAs, translated by the connection's
+:class:`~pyvdpa.memory.Iotlb`, which ``IOTLB_MSG`` UPDATE and INVALIDATE
+fill and empty.  A ring whose areas have no translation yet does not fail:
+the back-end sends an IOTLB MISS on the back-end channel and starts the ring
+when an UPDATE makes them translatable, as DPDK's ``vring_translate`` does.
+Devices request the translations their buffers miss the same way
+(:meth:`~pyvdpa.vhost_user.device.Vring.request_translation`), one MISS per
+outstanding address.  An INVALIDATE stops every running ring before the
+entries go and restarts them after, so no ring uses a translation the
+front-end withdrew once the reply is sent.  ``IOTLB_MSG``'s reply is its
+status: a refused message is answered non-zero and the connection goes on.
+
+Back-end requests go out on the SET_BACKEND_REQ_FD channel through
+:meth:`BackendConnection.send_backend_request`, one request and its reply
+at a time; with in-band notifications ("In-band notifications", accepted
+only with BACKEND_REQ and REPLY_ACK) the device threads send VRING_CALL /
+VRING_ERR there, with NEED_REPLY, for rings without call (err) eventfds.
 
 fd ownership: every fd received is handed to :meth:`handle`, which passes
 the list to the handler; a handler *takes* the fds it keeps (pops them) and
@@ -33,37 +57,54 @@ import logging
 import os
 import socket
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyvdpa.errors import (
     GuestMemoryError,
+    IotlbMissError,
     ProtocolError,
     PyvdpaError,
     RemoteProtocolError,
     RingError,
 )
-from pyvdpa.memory import DirtyLog, GuestMemory, MemoryRegion
+from pyvdpa.memory import (
+    DirtyLog,
+    GuestMemory,
+    Iotlb,
+    IotlbAddressSpace,
+    IotlbDirtyLog,
+    MemoryRegion,
+)
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.codec import Message
 from pyvdpa.vhost_user.device import UnsupportedRequestError, VhostUserDevice, Vring
-from pyvdpa.vhost_user.inflight import InflightRegion
+from pyvdpa.vhost_user.inflight import (
+    InflightChain,
+    InflightRegion,
+    PackedInflightQueue,
+    SplitInflightQueue,
+)
 from pyvdpa.vhost_user.protocol import (
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     BackendRequest,
     HeaderFlags,
+    IotlbPerm,
+    IotlbType,
     ProtocolFeature,
     Request,
 )
 from pyvdpa.vhost_user.transport import Channel, Frame, close_fds
 from pyvdpa.virtio.constants import DeviceStatus, VirtioFeature
 from pyvdpa.virtio.packed import PackedDeviceQueue
-from pyvdpa.virtio.ring import DeviceQueue
+from pyvdpa.virtio.ring import AddressSpace, DeviceQueue
 from pyvdpa.virtio.split import SplitDeviceQueue, SplitLayout
 
 __all__ = [
     "IMPLEMENTED_PROTOCOL_FEATURES",
+    "IOMMU_PROTOCOL_FEATURES",
     "MAX_MEM_SLOTS",
     "RING_TRANSITIONS",
     "BackendConnection",
@@ -98,6 +139,15 @@ _BACKEND_FEATURES = VirtioFeature.PROTOCOL_FEATURES
 #: Feature bits that may change while rings run (migration toggles logging).
 _LIVE_FEATURES = VirtioFeature.LOG_ALL
 
+#: What in-band notifications need negotiated with them (vhost-user spec,
+#: "In-band notifications"): a channel to send VRING_CALL / VRING_ERR on, and
+#: REPLY_ACK to wait until the front-end processed each.
+_INBAND_NEEDS = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
+
+#: Protocol features an IOMMU needs: misses go on the back-end channel and
+#: QEMU refuses ACCESS_PLATFORM over vhost-user without REPLY_ACK.
+IOMMU_PROTOCOL_FEATURES = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
+
 
 class RingState(enum.Enum):
     """A vring's (started, enabled) pair."""
@@ -112,6 +162,7 @@ class RingEvent(enum.Enum):
     """What moves a vring between :class:`RingState` values."""
 
     KICK_FD = "SET_VRING_KICK"
+    KICK = "VRING_KICK"
     GET_BASE = "GET_VRING_BASE"
     ENABLE = "SET_VRING_ENABLE 1"
     DISABLE = "SET_VRING_ENABLE 0"
@@ -124,6 +175,7 @@ def _ring_table() -> dict[tuple[RingState, RingEvent], RingState]:
     for state in s:
         started, enabled = state.value
         table[(state, RingEvent.KICK_FD)] = s((True, enabled))
+        table[(state, RingEvent.KICK)] = s((True, enabled))
         table[(state, RingEvent.GET_BASE)] = s((False, enabled))
         table[(state, RingEvent.ENABLE)] = s((started, True))
         table[(state, RingEvent.DISABLE)] = s((started, False))
@@ -164,6 +216,13 @@ class BackendConnection:
         )
         if self.offered_features & VirtioFeature.LOG_ALL:
             self.offered_protocol_features |= int(ProtocolFeature.LOG_SHMFD)
+        iommu = int(IOMMU_PROTOCOL_FEATURES)
+        if device.access_platform and self.offered_protocol_features & iommu == iommu:
+            self.offered_features |= int(VirtioFeature.ACCESS_PLATFORM)
+        self.iotlb = Iotlb()
+        self.iotlb_space = IotlbAddressSpace(self.iotlb, self.memory)
+        self.iotlb_misses_sent = 0
+        self._misses: set[int] = set()
         self.features = 0
         self.features_set = False
         self.protocol_features = ProtocolFeature(0)
@@ -173,6 +232,9 @@ class BackendConnection:
         self.log_call_fd: int | None = None
         self.inflight: InflightRegion | None = None
         self.backend_channel: Channel | None = None
+        # One back-end request and its reply at a time: device threads send
+        # in-band notifications and IOTLB misses concurrently.
+        self._backend_lock = threading.Lock()
         self.closed = False
         self._addrs: dict[int, codec.VringAddr] = {}
         self._handlers: dict[Request, Callable[[Message, list[int]], object]] = {
@@ -228,27 +290,34 @@ class BackendConnection:
     def _refuse(
         self, request: int, flags: int, exc: Exception
     ) -> list[tuple[bytes, tuple[int, ...]]]:
-        name = Request(request).name if request in Request.__members__.values() else str(request)
-        log.error("%s: %s refused: %s", self.name, name, exc)
+        # A dropped connection is logged once, by whoever closes it.
         if isinstance(exc, ProtocolError) and exc.drop_connection:
             raise exc
         if request not in Request.__members__.values():
+            log.error("%s: request %d refused: %s", self.name, request, exc)
             return self._ack_failure(request, flags)
         req = Request(request)
+        if req is Request.IOTLB_MSG:
+            log.error("%s: %s refused: %s", self.name, req.name, exc)
+            # Its reply is its status (QEMU reads it like a REPLY_ACK).
+            body = codec.U64(1).encode()
+            header = codec.HEADER.pack(req, HeaderFlags.VERSION | HeaderFlags.REPLY, len(body))
+            return [(header + body, ())]
+        if codec.has_reply(req) and req is not Request.GET_CONFIG:
+            # The front-end waits for a reply we cannot give: close the connection.
+            raise RemoteProtocolError(
+                f"{req.name} refused, and it must be answered: {exc}", drop_connection=True
+            ) from exc
+        log.error("%s: %s refused: %s", self.name, req.name, exc)
         if req is Request.GET_CONFIG:
             # libvhost-user's convention: an empty payload tells QEMU it failed.
             return [(codec.HEADER.pack(req, HeaderFlags.VERSION | HeaderFlags.REPLY, 0), ())]
-        if codec.has_reply(req):
-            # The front-end waits for a reply we cannot give: close the connection.
-            raise RemoteProtocolError(str(exc), drop_connection=True) from exc
         return self._ack_failure(request, flags)
 
     def _ack_failure(self, request: int, flags: int) -> list[tuple[bytes, tuple[int, ...]]]:
         if not self._wants_ack(flags):
             return []
-        body = codec.U64(1).encode()
-        header = codec.HEADER.pack(request, HeaderFlags.VERSION | HeaderFlags.REPLY, len(body))
-        return [(header + body, ())]
+        return [(codec.encode_ack_failure(request), ())]
 
     # ------------------------------------------------------------------ helpers
 
@@ -267,6 +336,11 @@ class BackendConnection:
     def packed(self) -> bool:
         """Whether the packed ring layout was negotiated."""
         return bool(self.features & VirtioFeature.RING_PACKED)
+
+    @property
+    def iommu(self) -> bool:
+        """Whether VIRTIO_F_ACCESS_PLATFORM was negotiated: device addresses are IOVAs."""
+        return bool(self.features & VirtioFeature.ACCESS_PLATFORM)
 
     def _transition(self, vring: Vring, event: RingEvent) -> None:
         state = RingState((vring.started, vring.enabled))
@@ -297,6 +371,12 @@ class BackendConnection:
         try:
             vring.queue = self._build_queue(vring)
             self._attach_inflight(vring)
+        except IotlbMissError as miss:
+            # Not the driver's fault: ask, and start when the UPDATE comes.
+            vring.queue = None
+            log.info("%s: vring %d waits for a translation: %s", self.name, vring.index, miss)
+            self.request_translation(miss.iova, miss.write)
+            return
         except (RingError, GuestMemoryError, RemoteProtocolError) as exc:
             vring.queue = None
             log.error("%s: vring %d cannot start: %s", self.name, vring.index, exc)
@@ -306,19 +386,35 @@ class BackendConnection:
 
     def _attach_inflight(self, vring: Vring) -> None:
         """Track the ring in the inflight region; queue what a previous back-end left undone."""
-        vring.inflight, vring.resubmit = None, []
+        vring.track_inflight(None)
         region, queue = self.inflight, vring.queue
-        if region is None or region.packed or not isinstance(queue, SplitDeviceQueue):
+        if region is None or vring.index >= region.num_queues:
             return
-        if vring.index >= region.num_queues:
+        pending: list[int] | list[InflightChain]
+        tracker: SplitInflightQueue | PackedInflightQueue
+        if isinstance(queue, SplitDeviceQueue) and not region.packed:
+            tracker = region.split_queue(vring.index)
+            pending = tracker.recover(queue.used_idx)
+        elif isinstance(queue, PackedDeviceQueue) and region.packed:
+            tracker = region.packed_queue(vring.index)
+            pending = tracker.recover(queue.slot_used)
+            ids = [chain.descriptors[-1].id for chain in pending]
+            if len(set(ids)) != len(ids):
+                raise RemoteProtocolError("inflight buffer: two chains in flight share a buffer id")
+            if pending:
+                slots = sum(len(chain.descriptors) for chain in pending)
+                queue.resume_inflight(
+                    tracker.used_idx, tracker.used_wrap_counter, len(pending), slots
+                )
+            else:
+                tracker.restart_at(*queue.used_position)
+        else:
             return
-        tracker = region.split_queue(vring.index)
-        vring.resubmit = tracker.recover(queue.used_idx)
-        vring.inflight = tracker
-        if vring.resubmit:
+        vring.track_inflight(tracker, pending)
+        if pending:
             log.info(
                 "%s: vring %d resubmits %d in-flight requests",
-                self.name, vring.index, len(vring.resubmit),
+                self.name, vring.index, len(pending),
             )  # fmt: skip
 
     def _build_queue(self, vring: Vring) -> DeviceQueue:
@@ -327,7 +423,14 @@ class BackendConnection:
             raise RemoteProtocolError(f"vring {vring.index} started without SET_VRING_ADDR")
         if vring.num == 0:
             raise RemoteProtocolError(f"vring {vring.index} started without SET_VRING_NUM")
-        desc, driver, device = self._ring_gpas(vring.num, addr)
+        space: AddressSpace
+        if self.iommu:
+            # IOVAs: the queue's views go through the IOTLB, which checks them.
+            desc, driver, device = addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr
+            space = self.iotlb_space
+        else:
+            desc, driver, device = self._ring_gpas(vring.num, addr)
+            space = self.memory
         event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
         indirect = bool(self.features & VirtioFeature.RING_INDIRECT_DESC)
         dirty = self.dirty_log if self.features & VirtioFeature.LOG_ALL else None
@@ -335,20 +438,26 @@ class BackendConnection:
         if dirty is not None and log_addr is None:
             # Without a ring log address the used ring is logged where it lies.
             log_addr = device if not self.packed else desc
+        # Behind an IOMMU the log address is an IOVA too (DPDK and Linux vhost
+        # translate it): log through the IOTLB.
+        logger = IotlbDirtyLog(dirty, self.iotlb_space) if dirty and self.iommu else dirty
         vring.memory = self.memory
         vring.features = self.features
         vring.ring_addrs = (desc, driver, device)
         vring.dirty_log, vring.log_addr = dirty, log_addr
+        vring.iotlb = self.iotlb if self.iommu else None
+        vring.space = space
+        vring.translation_requester = self.request_translation
         if self.packed:
             return PackedDeviceQueue(
-                self.memory, vring.num, desc, driver, device,
+                space, vring.num, desc, driver, device,
                 event_idx=event_idx, indirect=indirect, base=vring.base,
-                log=dirty, log_addr=log_addr,
+                log=logger, log_addr=log_addr,
             )  # fmt: skip
         return SplitDeviceQueue(
-            self.memory, vring.num, desc, driver, device,
+            space, vring.num, desc, driver, device,
             event_idx=event_idx, indirect=indirect, base=vring.base,
-            log=dirty, log_addr=log_addr,
+            log=logger, log_addr=log_addr,
         )  # fmt: skip
 
     def _ring_gpas(self, num: int, addr: codec.VringAddr) -> tuple[int, int, int]:
@@ -431,6 +540,9 @@ class BackendConnection:
             vring.base = 0
             vring.broken = False
         self._addrs.clear()
+        self.iotlb.clear()
+        with self._backend_lock:
+            self._misses.clear()
         self.features = 0
         self.features_set = False
         self.status = 0
@@ -444,7 +556,16 @@ class BackendConnection:
         unknown = value & ~self.offered_protocol_features
         if unknown:
             raise RemoteProtocolError(f"SET_PROTOCOL_FEATURES: bits {unknown:#x} were not offered")
+        if value & ProtocolFeature.INBAND_NOTIFICATIONS and ~value & _INBAND_NEEDS:
+            # The spec's answer: the back-end has no other way to refuse it.
+            raise RemoteProtocolError(
+                "SET_PROTOCOL_FEATURES: INBAND_NOTIFICATIONS without BACKEND_REQ and REPLY_ACK",
+                drop_connection=True,
+            )
         self.protocol_features = ProtocolFeature(value)
+        inband = self._send_inband if value & ProtocolFeature.INBAND_NOTIFICATIONS else None
+        for vring in self.vrings:
+            vring.inband = inband
 
     def _on_get_queue_num(self, msg: Message, fds: list[int]) -> codec.Payload:
         return codec.U64(len(self.vrings))
@@ -488,9 +609,10 @@ class BackendConnection:
         assert isinstance(msg.payload, codec.VringAddr)
         addr = msg.payload
         vring = self._vring(addr.index)
-        if vring.num:
+        # IOVAs are checked when the ring starts, once translations exist.
+        if vring.num and not self.iommu:
             self._ring_gpas(vring.num, addr)
-        else:
+        elif not self.iommu:
             for uva in (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr):
                 try:
                     self.memory.uva_to_gpa(uva)
@@ -579,6 +701,9 @@ class BackendConnection:
     def _on_vring_kick(self, msg: Message, fds: list[int]) -> None:
         assert isinstance(msg.payload, codec.VringState)
         vring = self._vring(msg.payload.index)
+        # Like a kick on the kick fd, the first one starts the ring.
+        if not vring.started:
+            self._transition(vring, RingEvent.KICK)
         if vring.running:
             self.device.kick(vring)
 
@@ -601,9 +726,14 @@ class BackendConnection:
         if sock.family != socket.AF_UNIX:
             sock.close()
             raise RemoteProtocolError("SET_BACKEND_REQ_FD: fd is not a unix socket")
-        if self.backend_channel is not None:
-            self.backend_channel.close()
-        self.backend_channel = Channel(sock)
+        old = self.backend_channel
+        if old is not None:
+            # Wake a device thread waiting for a reply on the old channel.
+            old.shutdown()
+        with self._backend_lock:
+            self.backend_channel = Channel(sock)
+        if old is not None:
+            old.close()
 
     def _on_set_log_base(self, msg: Message, fds: list[int]) -> codec.Payload:
         assert isinstance(msg.payload, codec.LogArea)
@@ -680,15 +810,86 @@ class BackendConnection:
     def _on_get_status(self, msg: Message, fds: list[int]) -> codec.Payload:
         return codec.U64(self.status)
 
+    def _on_iotlb_msg(self, msg: Message, fds: list[int]) -> codec.Payload:
+        assert isinstance(msg.payload, codec.IotlbMsg)
+        entry = msg.payload
+        if not self.iommu:
+            raise RemoteProtocolError("IOTLB_MSG without VIRTIO_F_ACCESS_PLATFORM negotiated")
+        if entry.type is IotlbType.UPDATE:
+            try:
+                self.iotlb.update(entry.iova, entry.size, entry.uaddr, entry.perm)
+            except GuestMemoryError as exc:
+                raise RemoteProtocolError(f"IOTLB_MSG UPDATE: {exc}") from exc
+            with self._backend_lock:
+                self._misses = {iova for iova in self._misses if not self.iotlb.covers(iova)}
+            # Rings that waited for their areas start now.
+            for vring in self.vrings:
+                self._sync(vring)
+            self.device.iotlb_updated()
+        else:
+
+            def invalidate() -> None:
+                try:
+                    self.iotlb.invalidate(entry.iova, entry.size)
+                except GuestMemoryError as exc:
+                    raise RemoteProtocolError(f"IOTLB_MSG INVALIDATE: {exc}") from exc
+
+            self._restart_running(invalidate)
+        return codec.U64(0)
+
     # ------------------------------------------------------------------ back-end channel
 
-    def send_backend_request(self, request: BackendRequest, payload: codec.Payload) -> None:
-        """Send a back-end request (e.g. CONFIG_CHANGE_MSG) if the channel exists."""
-        channel = self.backend_channel
-        if channel is None:
-            raise ProtocolError("no back-end channel (SET_BACKEND_REQ_FD not received)")
-        data, fds = codec.encode(Message(request, payload))
-        channel.send(data, fds)
+    def send_backend_request(
+        self, request: BackendRequest, payload: codec.Payload, *, need_reply: bool = False
+    ) -> int:
+        """Send a back-end request (e.g. CONFIG_CHANGE_MSG) on the back-end channel.
+
+        With ``need_reply`` (REPLY_ACK negotiated) wait for the front-end's
+        u64 and return it (0: success); otherwise return 0 once sent.
+        Raises :class:`ProtocolError` without a channel, :class:`TransportError`
+        if it broke, :class:`RemoteProtocolError` for a malformed reply.
+        """
+        flags = HeaderFlags.VERSION | (HeaderFlags.NEED_REPLY if need_reply else 0)
+        data, fds = codec.encode(Message(request, payload, HeaderFlags(flags)))
+        with self._backend_lock:
+            channel = self.backend_channel
+            if channel is None:
+                raise ProtocolError("no back-end channel (SET_BACKEND_REQ_FD not received)")
+            channel.send(data, fds)
+            if not need_reply:
+                return 0
+            frame = channel.recv()
+        try:
+            reply = codec.decode_backend_reply(request, frame.header, frame.body, frame.fds)
+        finally:
+            close_fds(frame.fds)
+        assert isinstance(reply.payload, codec.U64)
+        return reply.payload.value
+
+    def _send_inband(self, request: BackendRequest, index: int) -> None:
+        """VRING_CALL / VRING_ERR for vring ``index``, blocking until the front-end processed it."""
+        result = self.send_backend_request(request, codec.VringState(index, 0), need_reply=True)
+        if result:
+            raise RemoteProtocolError(f"front-end answered {request.name} with {result}")
+
+    def request_translation(self, iova: int, write: bool) -> None:
+        """Send an IOTLB MISS for ``iova`` unless one is outstanding (thread-safe).
+
+        The front-end answers with an UPDATE on the main channel.  A missing
+        or broken back-end channel is logged: the ring then waits until the
+        front-end maps the address by itself.
+        """
+        with self._backend_lock:
+            if iova in self._misses or self.iotlb.covers(iova):
+                return
+            self._misses.add(iova)
+            self.iotlb_misses_sent += 1
+        perm = IotlbPerm.WO if write else IotlbPerm.RO
+        miss = codec.IotlbMsg(iova, 0, 0, perm, IotlbType.MISS)
+        try:
+            self.send_backend_request(BackendRequest.IOTLB_MSG, miss)
+        except PyvdpaError as exc:
+            log.error("%s: IOTLB miss at %#x not sent: %s", self.name, iova, exc)
 
     # ------------------------------------------------------------------ teardown
 
@@ -697,6 +898,9 @@ class BackendConnection:
         if self.closed:
             return
         self.closed = True
+        if self.backend_channel is not None:
+            # Device threads waiting for a front-end's reply give up before they are stopped.
+            self.backend_channel.shutdown()
         for vring in self.vrings:
             self._transition(vring, RingEvent.RESET)
             vring.close_fds()

@@ -33,8 +33,11 @@ Feature gates depend on connection state, so they are a separate step
 (:func:`check_gate`) that the back-end's dispatcher calls after decoding.
 
 Errors in the header or the body length desynchronise the stream and carry
-``drop_connection=True``; any later error leaves the framing intact, so the
-request can be refused (with a non-zero REPLY_ACK) and the connection go on.
+``drop_connection=True``, and so does the REPLY flag on a request: a peer
+that answers where it should ask has lost track of the conversation, and
+neither a reply to it nor silence would bring the two sides back in step.
+Any later error leaves the framing intact, so the request can be refused
+(with a non-zero REPLY_ACK) and the connection go on.
 A reply that does not match its request is fatal, as in QEMU.
 
 fd ownership: the codec never closes or duplicates an fd.  The ``fds``
@@ -138,6 +141,7 @@ __all__ = [
     "decode_reply_ack",
     "decode_request",
     "encode",
+    "encode_ack_failure",
     "encode_backend_reply",
     "encode_reply",
     "has_reply",
@@ -601,7 +605,7 @@ def _decode_request(
     spec = _spec(request)
     name = _name(request)
     if header.flags & HeaderFlags.REPLY:
-        raise RemoteProtocolError(f"{name}: REPLY flag set on a request")
+        raise RemoteProtocolError(f"{name}: REPLY flag set on a request", drop_connection=True)
     _check_fd_bounds(name, spec.fds, len(fds), RemoteProtocolError, False)
     payload = _decode_payload(name, spec.payloads, body, False)
     _check_coherence(name, spec.fds, payload, len(fds), RemoteProtocolError, False)
@@ -771,3 +775,13 @@ def encode_reply(request: Request | BackendRequest, payload: Payload) -> bytes:
 def encode_backend_reply(request: BackendRequest, value: int) -> bytes:
     """Encode the front-end's u64 acknowledgement of back-end request ``request``."""
     return encode_reply(request, U64(value))
+
+
+def encode_ack_failure(request: int) -> bytes:
+    """A REPLY_ACK of 1 (failure) for request code ``request``, known or not.
+
+    A refused request still owes the acknowledgement its sender waits for,
+    even when its code names no request this side knows.
+    """
+    body = U64(1).encode()
+    return HEADER.pack(request, _REPLY_FLAGS, len(body)) + body

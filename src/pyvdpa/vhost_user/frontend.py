@@ -14,8 +14,15 @@ sends, and for requests that answer, waits for and validates the reply
 every request without a reply of its own asks for an ack, so a refusal is
 reported as :class:`BackendRefusedError` at the request that caused it.
 
-Back-end requests (SET_BACKEND_REQ_FD) are served on a thread of their own;
-VRING_CALL / VRING_ERR / CONFIG_CHANGE_MSG are handed to callbacks.
+Back-end requests (SET_BACKEND_REQ_FD) are served on a thread of their own
+and checked like front-end requests (header, known request, payload,
+protocol-feature gate); VRING_CALL / VRING_ERR / CONFIG_CHANGE_MSG are handed
+to callbacks.  A request that fails any check, or whose callback raises, is
+answered with a non-zero REPLY_ACK when the back-end asked for one, and its
+error is kept in :attr:`Frontend.backend_error`; the channel goes on.  With
+in-band notifications (vhost-user spec, "In-band notifications") kicks are
+VRING_KICK requests and calls arrive as VRING_CALL, each acknowledged so that
+the sender waits until the other side processed it.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from pyvdpa.vhost_user.protocol import (
     ProtocolFeature,
     Request,
 )
-from pyvdpa.vhost_user.transport import Channel, Listener, close_fds, connect
+from pyvdpa.vhost_user.transport import Channel, Frame, Listener, close_fds, connect
 
 __all__ = ["BackendRefusedError", "Frontend"]
 
@@ -65,6 +72,10 @@ class Frontend:
         self._backend_channel: Channel | None = None
         self._backend_thread: threading.Thread | None = None
         self.backend_handlers: dict[BackendRequest, BackendHandler] = {}
+        #: The first error the back-end channel met: a request refused (malformed,
+        #: unknown, not negotiated, or failed by its callback) or the channel broken.
+        self.backend_error: PyvdpaError | None = None
+        self._closing = False
 
     @classmethod
     def connect(cls, path: str | os.PathLike[str], *, timeout: float = 10.0) -> Frontend:
@@ -219,8 +230,8 @@ class Frontend:
         self.request(Request.SET_VRING_ENABLE, codec.VringState(index, int(enable)))
 
     def vring_kick(self, index: int) -> None:
-        """VRING_KICK (in-band notification)."""
-        self.request(Request.VRING_KICK, codec.VringState(index, 0), ack=False)
+        """VRING_KICK (in-band notification; acknowledged with REPLY_ACK negotiated)."""
+        self.request(Request.VRING_KICK, codec.VringState(index, 0))
 
     def send_rarp(self, mac: bytes) -> None:
         """SEND_RARP."""
@@ -266,6 +277,19 @@ class Frontend:
         """SET_INFLIGHT_FD."""
         self.request(Request.SET_INFLIGHT_FD, inflight, [fd])
 
+    def iotlb_msg(self, msg: codec.IotlbMsg) -> None:
+        """IOTLB_MSG (UPDATE or INVALIDATE); its reply is the back-end's status.
+
+        Sent with NEED_REPLY, as QEMU does: DPDK answers only then.
+        """
+        reply = self.request(Request.IOTLB_MSG, msg, ack=True)
+        assert reply is not None and isinstance(reply.payload, codec.U64)
+        if reply.payload.value:
+            raise BackendRefusedError(
+                f"back-end refused IOTLB_MSG {msg.type.name} at {msg.iova:#x} "
+                f"(status {reply.payload.value})"
+            )
+
     def set_status(self, status: int) -> None:
         """SET_STATUS."""
         self.request(Request.SET_STATUS, codec.U64(status))
@@ -295,31 +319,42 @@ class Frontend:
         while True:
             try:
                 frame = channel.recv()
-            except (TransportError, RemoteProtocolError):
+            except (TransportError, RemoteProtocolError) as exc:
+                if not self._closing:
+                    self._backend_failed(exc)
                 return
             try:
-                message = codec.decode_backend_request(frame.header, frame.body, frame.fds)
-            except RemoteProtocolError as exc:
-                log.error("back-end request refused: %s", exc)
+                reply = self._backend_reply(frame)
+            except PyvdpaError as exc:
+                self._backend_failed(exc)
+                reply = codec.encode_ack_failure(frame.header.request)
+            finally:
                 close_fds(frame.fds)
-                continue
-            handler = self.backend_handlers.get(BackendRequest(message.request))
-            result = 1
-            if handler is not None:
-                try:
-                    result = handler(message)
-                except PyvdpaError as exc:
-                    log.error("back-end request %s failed: %s", message.request, exc)
-            close_fds(message.fds)
-            if message.flags & HeaderFlags.NEED_REPLY:
-                reply = codec.encode_backend_reply(BackendRequest(message.request), result)
+            if frame.header.flags & HeaderFlags.NEED_REPLY:
                 with contextlib.suppress(TransportError):
                     channel.send(reply)
+
+    def _backend_reply(self, frame: Frame) -> bytes:
+        """Check and serve one back-end request; return its acknowledgement."""
+        message = codec.decode_backend_request(frame.header, frame.body, frame.fds)
+        request = BackendRequest(message.request)
+        codec.check_gate(request, self.protocol_features)
+        handler = self.backend_handlers.get(request)
+        if handler is None:
+            log.warning("back-end request %s has no handler", request.name)
+            return codec.encode_ack_failure(request)
+        return codec.encode_backend_reply(request, handler(message))
+
+    def _backend_failed(self, exc: PyvdpaError) -> None:
+        log.error("back-end channel: %s", exc)
+        if self.backend_error is None:
+            self.backend_error = exc
 
     # ------------------------------------------------------------------ teardown
 
     def close(self) -> None:
         """Close the connection and the back-end channel."""
+        self._closing = True
         self.channel.close()
         if self._backend_channel is not None:
             self._backend_channel.shutdown()

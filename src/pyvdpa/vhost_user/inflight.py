@@ -180,7 +180,8 @@ class _QueueRegion:
             ),
             default=-1,
         )
-        self._counter = highest + 1
+        # A hostile buffer may hold the largest counter: wrap, as counting on would.
+        self._counter = (highest + 1) & 0xFFFF_FFFF_FFFF_FFFF
 
 
 class SplitInflightQueue(_QueueRegion):
@@ -414,6 +415,20 @@ class PackedInflightQueue(_QueueRegion):
             self._check_entry(head, "inflight entry")
             self._put(_U8, self._entry(head) + _PACKED_INFLIGHT, 0)
         self._commit()
+
+    def restart_at(self, used_idx: int, used_wrap_counter: int) -> None:
+        """Record the ring's used position when a ring starts with nothing in flight.
+
+        The front-end's SET_VRING_BASE, not this buffer, then says where the
+        ring is (a fresh buffer says slot 0, a ring may resume anywhere); the
+        next interrupted batch must be judged against that position.
+        """
+        self._check_entry(used_idx, "used position")
+        wrap = 1 if used_wrap_counter else 0
+        self._put(_U16, _PACKED_USED_IDX, used_idx)
+        self._put(_U8, _PACKED_USED_WRAP, wrap)
+        self._put(_U16, _PACKED_OLD_USED_IDX, used_idx)
+        self._put(_U8, _PACKED_OLD_USED_WRAP, wrap)
 
     def _commit(self) -> None:
         header = self._header()

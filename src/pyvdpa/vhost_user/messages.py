@@ -35,7 +35,13 @@ from typing import Any, ClassVar, Self, TypeVar
 from uuid import UUID
 
 from pyvdpa.memory import MemoryRegion
-from pyvdpa.vhost_user.protocol import MAX_MEM_REGIONS, VRING_IDX_MASK, VRING_NOFD_MASK
+from pyvdpa.vhost_user.protocol import (
+    MAX_MEM_REGIONS,
+    VRING_IDX_MASK,
+    VRING_NOFD_MASK,
+    IotlbPerm,
+    IotlbType,
+)
 
 __all__ = [
     "MAX_CONFIG_SIZE",
@@ -406,24 +412,6 @@ class LogArea(Payload):
         area = cls(*_unpack(cls.LAYOUT, data))
         area.validate()
         return area
-
-
-class IotlbType(IntEnum):
-    """Type of an IOTLB message (``VHOST_IOTLB_*``)."""
-
-    MISS = 1
-    UPDATE = 2
-    INVALIDATE = 3
-    ACCESS_FAIL = 4
-
-
-class IotlbPerm(IntEnum):
-    """Access permissions of an IOTLB message (``VHOST_ACCESS_*``)."""
-
-    NONE = 0
-    RO = 1
-    WO = 2
-    RW = 3
 
 
 @dataclass(frozen=True, slots=True)

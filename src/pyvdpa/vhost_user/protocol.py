@@ -18,6 +18,8 @@ __all__ = [
     "VRING_NOFD_MASK",
     "BackendRequest",
     "HeaderFlags",
+    "IotlbPerm",
+    "IotlbType",
     "ProtocolFeature",
     "Request",
 ]
@@ -118,3 +120,21 @@ class ProtocolFeature(IntFlag):
     XEN_MMAP = bit(17)
     SHARED_OBJECT = bit(18)
     DEVICE_STATE = bit(19)
+
+
+class IotlbType(IntEnum):
+    """Type of an IOTLB message (``VHOST_IOTLB_*``)."""
+
+    MISS = 1
+    UPDATE = 2
+    INVALIDATE = 3
+    ACCESS_FAIL = 4
+
+
+class IotlbPerm(IntEnum):
+    """Access permissions of an IOTLB message (``VHOST_ACCESS_*``)."""
+
+    NONE = 0
+    RO = 1
+    WO = 2
+    RW = 3

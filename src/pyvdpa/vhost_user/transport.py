@@ -114,18 +114,22 @@ class Channel:
                         f"message carried more than {MAX_FDS} fds", drop_connection=True
                     )
                 if len(data) < HEADER_SIZE:
-                    data += self._recv_exact(HEADER_SIZE - len(data), fds)
+                    data += self._recv_exact(HEADER_SIZE, fds, "header", len(data))
                 header = decode_header(data)
-                body = self._recv_exact(header.size, fds) if header.size else b""
+                what = f"request {header.request} payload"
+                body = self._recv_exact(header.size, fds, what) if header.size else b""
             except (TransportError, ProtocolError):
                 close_fds(fds)
                 raise
             return Frame(header, body, fds)
 
-    def _recv_exact(self, size: int, fds: list[int]) -> bytes:
-        """Read exactly ``size`` bytes; stray fds on later segments are kept for closing."""
+    def _recv_exact(self, size: int, fds: list[int], what: str, have: int = 0) -> bytes:
+        """Read the rest of ``what`` (``size`` bytes, ``have`` of them already read).
+
+        Stray fds on later segments are kept for closing.
+        """
         chunks: list[bytes] = []
-        remaining = size
+        remaining = size - have
         while remaining:
             try:
                 chunk, ancdata, _, _ = self._sock.recvmsg(remaining, _CMSG_SPACE)
@@ -134,7 +138,7 @@ class Channel:
             fds.extend(_fds_from_ancillary(ancdata))
             if not chunk:
                 raise TransportError(
-                    f"peer disconnected mid-message ({size - remaining} of {size} bytes)"
+                    f"peer disconnected mid-message: {size - remaining} of {size} {what} bytes"
                 )
             chunks.append(chunk)
             remaining -= len(chunk)

@@ -53,6 +53,7 @@ from pyvdpa.virtio.ring import (
     DescFlag,
     DescriptorChain,
     DescriptorIndexError,
+    DescriptorLoopError,
     DirtyLogger,
     QueueBrokenError,
     QueueFullError,
@@ -207,9 +208,11 @@ class PackedDeviceQueue:
             raise ValueError("dirty logging needs the descriptor ring's log_addr")
         self._mem = mem
         self._size = size
-        self._desc = mem.view(desc_addr, layout.desc_size)
-        self._driver_event = mem.view(driver_event_addr, layout.EVENT_SIZE)
-        self._device_event = mem.view(device_event_addr, layout.EVENT_SIZE)
+        # The device writes used descriptors into the ring and its own event
+        # area, and only reads the driver's.
+        self._desc = mem.view(desc_addr, layout.desc_size, write=True)
+        self._driver_event = mem.view(driver_event_addr, layout.EVENT_SIZE, write=False)
+        self._device_event = mem.view(device_event_addr, layout.EVENT_SIZE, write=True)
         self._event_idx = event_idx
         self._indirect = indirect
         self._log = log
@@ -258,7 +261,9 @@ class PackedDeviceQueue:
         """Return the next available chain, validated, or None when there is none.
 
         A :class:`~pyvdpa.errors.RingError` marks the queue broken and is
-        re-raised; nothing is consumed or written in that case.
+        re-raised; nothing is consumed or written in that case.  An
+        :class:`~pyvdpa.errors.IotlbMissError` leaves the queue as it was:
+        the next call walks the same chain again.
         """
         self._check_usable()
         try:
@@ -355,6 +360,98 @@ class PackedDeviceQueue:
             store_u16(self._device_event, _EVENT_FLAGS_OFFSET, _ENABLE)
         flags = _U16.unpack_from(self._desc, self._avail_idx * DESCRIPTOR_SIZE + _FLAGS_OFFSET)[0]
         return _is_avail(flags, self._avail_wrap)
+
+    # Inflight I/O tracking (vhost-user spec, "Inflight I/O tracking", packed
+    # virtqueue): the back-end copies the ring descriptors of every chain it
+    # takes, and a later back-end rebuilds the chains from those copies.
+
+    @property
+    def avail_position(self) -> int:
+        """The ring slot :meth:`pop` reads next."""
+        return self._avail_idx
+
+    @property
+    def used_position(self) -> tuple[int, int]:
+        """The ring slot the next used descriptor goes to, and the used wrap counter."""
+        return self._used_idx, self._used_wrap
+
+    def used_position_after(self, chain: DescriptorChain) -> tuple[int, int]:
+        """:attr:`used_position` once ``chain`` is pushed."""
+        return _advance(self._used_idx, self._used_wrap, chain.desc_count, self._size)
+
+    def ring_descriptors(self, first: int, count: int) -> list[tuple[int, int, int, int]]:
+        """``(addr, len, id, flags)`` of ``count`` ring slots from ``first``, wrapping.
+
+        Used right after :meth:`pop` on the chain's own slots, which the
+        driver may not reuse before the device returns them.
+        """
+        check_index(first, self._size, "ring slot")
+        if not 0 <= count <= self._size:
+            raise ValueError(f"{count} slots of a {self._size}-slot ring")
+        slots = ((first + i) % self._size for i in range(count))
+        return [DESCRIPTOR.unpack_from(self._desc, s * DESCRIPTOR_SIZE) for s in slots]
+
+    def slot_used(self, slot: int, wrap: int) -> bool:
+        """Whether ring ``slot`` holds a used descriptor the device wrote with ``wrap``."""
+        check_index(slot, self._size, "ring slot")
+        flags = _U16.unpack_from(self._desc, slot * DESCRIPTOR_SIZE + _FLAGS_OFFSET)[0]
+        return _is_used(flags, 1 if wrap else 0)
+
+    def resume_inflight(self, used_idx: int, used_wrap: int, chains: int, slots: int) -> None:
+        """Restart the used side where a previous device left it.
+
+        ``chains`` chains occupying ``slots`` ring slots were taken and never
+        completed; they lie between the used position (``used_idx``,
+        ``used_wrap``) and the available position of ``base``, which must be
+        exactly ``slots`` further on.
+        """
+        check_index(used_idx, self._size, "inflight used position")
+        if not 0 <= chains <= slots <= self._size:
+            raise AvailIndexError(
+                f"{chains} chains of {slots} slots cannot be in flight in a {self._size}-slot ring"
+            )
+        wrap = 1 if used_wrap else 0
+        distance = self._avail_idx - used_idx + (self._size if wrap != self._avail_wrap else 0)
+        if distance != slots:
+            raise AvailIndexError(
+                f"{slots} slots are in flight but the available position is {distance} slots "
+                "past the used one"
+            )
+        self._used_idx, self._used_wrap = used_idx, wrap
+        self._inflight, self._inflight_slots = chains, slots
+
+    def resubmit(self, descriptors: Sequence[tuple[int, int, int, int]]) -> DescriptorChain:
+        """Rebuild a chain from copies of its ring descriptors ``(addr, len, id, flags)``.
+
+        The chain was taken by a previous device and counted by
+        :meth:`resume_inflight`; it is validated as :meth:`pop` validates a
+        chain in the ring, and must end at its last descriptor.
+        """
+        self._check_usable()
+        try:
+            return self._resubmit(descriptors)
+        except RingError:
+            self._broken = True
+            raise
+
+    def _resubmit(self, descriptors: Sequence[tuple[int, int, int, int]]) -> DescriptorChain:
+        count = len(descriptors)
+        if not 1 <= count <= self._size:
+            raise AvailIndexError(f"chain of {count} slots in a {self._size}-slot ring")
+        # A scratch ring of the queue's size, so the walk applies the queue's limits.
+        table = bytearray(self._size * DESCRIPTOR_SIZE)
+        for i, desc in enumerate(descriptors):
+            DESCRIPTOR.pack_into(table, i * DESCRIPTOR_SIZE, *desc)
+        walk = walk_chain(
+            self._mem, memoryview(table), self._size, 0, packed=True, indirect=self._indirect
+        )
+        if walk.desc_count != count:
+            raise DescriptorLoopError(
+                f"resubmitted chain of {count} slots walks {walk.desc_count} descriptors"
+            )
+        buffer_id = descriptors[-1][2]
+        check_index(buffer_id, self._size, "buffer id")
+        return DescriptorChain(buffer_id, walk.readable, walk.writable, walk.desc_count)
 
 
 class PackedDriverQueue:

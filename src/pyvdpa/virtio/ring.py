@@ -22,8 +22,16 @@ place these rules live:
   bytes in total (:class:`ChainTooLongError`);
 * device-writable buffers come after device-readable ones
   (:class:`ChainLayoutError`);
-* every buffer and indirect table lies inside guest memory
-  (:class:`BufferAddressError`).
+* every buffer and indirect table lies inside guest memory, and the device
+  may access it as it means to: read the readable buffers and indirect
+  tables, write the writable buffers (:class:`BufferAddressError`).
+
+Behind an IOMMU (``VIRTIO_F_ACCESS_PLATFORM``) a buffer's address may have
+no translation yet: the address space raises
+:class:`~pyvdpa.errors.IotlbMissError`, which is not a broken rule.  It
+leaves the walk, and the queue's ``pop``, without consuming or writing
+anything, so a later ``pop`` retries the same chain from scratch once the
+translation arrived.
 
 The layouts differ only in how the next descriptor is found: a split ring
 follows ``next`` fields; a packed ring takes consecutive ring slots while
@@ -52,7 +60,7 @@ from dataclasses import dataclass
 from enum import IntFlag
 from typing import NamedTuple, Protocol
 
-from pyvdpa.errors import GuestMemoryError, PyvdpaError, RingError
+from pyvdpa.errors import GuestMemoryError, IotlbMissError, PyvdpaError, RingError
 
 __all__ = [
     "DESCRIPTOR",
@@ -120,13 +128,16 @@ _INDIRECT = int(DescFlag.INDIRECT)
 
 
 class AddressSpace(Protocol):
-    """Guest memory as the device reaches it."""
+    """Guest memory as the device reaches it (guest-physical addresses or IOVAs)."""
 
-    def view(self, addr: int, length: int) -> memoryview:
+    def view(self, addr: int, length: int, *, write: bool = True) -> memoryview:
         """Return a writable byte view of ``length`` bytes at device address ``addr``.
 
-        Raises :class:`~pyvdpa.errors.GuestMemoryError` unless the whole range
-        lies inside mapped guest memory.
+        ``write`` tells whether the device will write the range or only read
+        it, for address spaces that carry permissions (an IOMMU's).  Raises
+        :class:`~pyvdpa.errors.GuestMemoryError` unless the whole range lies
+        inside mapped guest memory and allows the access;
+        :class:`~pyvdpa.errors.IotlbMissError` when a translation is missing.
         """
         ...
 
@@ -137,9 +148,10 @@ class DirtyLogger(Protocol):
     def log_write(self, addr: int, length: int) -> None:
         """Mark ``length`` bytes at guest-physical address ``addr`` dirty.
 
-        Buffers are logged at their descriptor addresses, which are
-        guest-physical unless the platform puts an IOMMU in between; ring
-        writes are logged relative to the queue's ``log_addr``.
+        Buffers are logged at their descriptor addresses and ring writes
+        relative to the queue's ``log_addr``; behind an IOMMU both are IOVAs
+        and the logger translates them
+        (:class:`~pyvdpa.memory.IotlbDirtyLog`).
         """
         ...
 
@@ -303,10 +315,16 @@ def check_indirect(
         )
 
 
-def map_buffer(mem: AddressSpace, addr: int, length: int) -> memoryview:
-    """Return the view of a guest buffer, or raise :class:`BufferAddressError`."""
+def map_buffer(mem: AddressSpace, addr: int, length: int, *, write: bool) -> memoryview:
+    """Return the view of a guest buffer, or raise :class:`BufferAddressError`.
+
+    A missing IOTLB translation is not the driver's fault and propagates as
+    :class:`~pyvdpa.errors.IotlbMissError`.
+    """
     try:
-        return mem.view(addr, length)
+        return mem.view(addr, length, write=write)
+    except IotlbMissError:
+        raise
     except GuestMemoryError as exc:
         raise BufferAddressError(str(exc)) from exc
 
@@ -334,11 +352,13 @@ class _Walk:
         if self.total >= MAX_CHAIN_BYTES:
             raise ChainTooLongError(f"chain holds {self.total} bytes, 2**32 or more")
         if flags & _WRITE:
-            self.writable.append(Segment(addr, length, map_buffer(self.mem, addr, length)))
+            view = map_buffer(self.mem, addr, length, write=True)
+            self.writable.append(Segment(addr, length, view))
         elif self.writable:
             raise ChainLayoutError("device-readable descriptor after a device-writable one")
         else:
-            self.readable.append(Segment(addr, length, map_buffer(self.mem, addr, length)))
+            view = map_buffer(self.mem, addr, length, write=False)
+            self.readable.append(Segment(addr, length, view))
 
     def table(
         self, table: memoryview, entries: int, index: int, *, packed: bool, nested: bool
@@ -357,7 +377,7 @@ class _Walk:
                     nested=nested,
                     chained=packed and steps > 1,
                 )
-                sub = map_buffer(self.mem, addr, length)
+                sub = map_buffer(self.mem, addr, length, write=False)
                 self.table(sub, length // DESCRIPTOR_SIZE, 0, packed=packed, nested=True)
                 return steps, index
             self.add_buffer(addr, length, flags)
@@ -396,7 +416,8 @@ def walk_chain(
     (``queue_size`` entries); ``first`` must already be below ``queue_size``.
     ``indirect`` says whether ``VIRTIO_F_INDIRECT_DESC`` was negotiated.
     Raises a :class:`~pyvdpa.errors.RingError` subclass naming the first rule
-    broken; only reads guest memory.
+    broken, or :class:`~pyvdpa.errors.IotlbMissError` when an address has no
+    IOTLB translation yet; only reads guest memory.
     """
     walk = _Walk(mem, queue_size, indirect)
     desc_count, last = walk.table(table, queue_size, first, packed=packed, nested=False)
@@ -445,7 +466,11 @@ class DeviceQueue(Protocol):
         ...
 
     def pop(self) -> DescriptorChain | None:
-        """Return the next available chain, validated, or None when there is none."""
+        """Return the next available chain, validated, or None when there is none.
+
+        Raises :class:`~pyvdpa.errors.IotlbMissError`, consuming nothing,
+        when the chain needs a translation the IOTLB does not have yet.
+        """
         ...
 
     def push(self, chain: DescriptorChain, written: int) -> None:

@@ -183,9 +183,11 @@ class SplitDeviceQueue:
         self._layout = layout
         self._mem = mem
         self._size = size
-        self._desc = mem.view(desc_addr, layout.desc_size)
-        self._avail = mem.view(avail_addr, layout.avail_size)
-        self._used = mem.view(used_addr, layout.used_size)
+        # The device reads the descriptor table and the available ring and
+        # writes the used ring.
+        self._desc = mem.view(desc_addr, layout.desc_size, write=False)
+        self._avail = mem.view(avail_addr, layout.avail_size, write=False)
+        self._used = mem.view(used_addr, layout.used_size, write=True)
         self._event_idx = event_idx
         self._indirect = indirect
         self._log = log
@@ -228,7 +230,9 @@ class SplitDeviceQueue:
         """Return the next available chain, validated, or None when there is none.
 
         A :class:`~pyvdpa.errors.RingError` marks the queue broken and is
-        re-raised; nothing is consumed or written in that case.
+        re-raised; nothing is consumed or written in that case.  An
+        :class:`~pyvdpa.errors.IotlbMissError` leaves the queue as it was:
+        the next call walks the same chain again.
         """
         self._check_usable()
         try:
