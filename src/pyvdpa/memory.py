@@ -71,7 +71,6 @@ __all__ = [
     "DirtyLog",
     "FdMapping",
     "GuestMemory",
-    "HostRange",
     "Iotlb",
     "IotlbAddressSpace",
     "IotlbDirtyLog",
@@ -411,29 +410,6 @@ class GuestMemory:
         """Return a writable view of front-end virtual ``[uva, uva + length)``."""
         slot, offset = self._table.find_uva(uva, length)
         return slot.mapping.view(offset, length)
-
-    def uva_host_ranges(self, uva: int, length: int) -> list[tuple[int, int, int]]:
-        """Split front-end virtual ``[uva, uva + length)`` along the mapped regions.
-
-        Returns ``(offset, size, host_address)`` for every part that is
-        mapped, ``offset`` counted from ``uva`` and ``host_address`` the
-        part's address in this process (valid until the table changes);
-        unmapped parts are left out.
-        """
-        _check_range("front-end virtual address", uva, length)
-        table = self._table
-        end = uva + length
-        parts = []
-        i = max(bisect.bisect_right(table.uva_starts, uva) - 1, 0)
-        for slot in table.by_uva[i:]:
-            if slot.region.userspace_addr >= end:
-                break
-            start = max(uva, slot.region.userspace_addr)
-            stop = min(end, slot.uva_end)
-            if start < stop:
-                host = slot.mapping.address + start - slot.region.userspace_addr
-                parts.append((start - uva, stop - start, host))
-        return parts
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copy ``length`` bytes of guest memory at ``gpa``."""
@@ -866,16 +842,6 @@ class Iotlb:
         self._generation += 1
 
 
-@dataclass(frozen=True, slots=True)
-class HostRange:
-    """An IOVA range and where it lies in this process, for compiled data paths."""
-
-    iova: int
-    size: int
-    host_address: int
-    perm: IotlbPerm
-
-
 class IotlbAddressSpace:
     """Guest memory as a device behind an IOMMU sees it: IOVA, then IOTLB, then front-end memory.
 
@@ -898,21 +864,6 @@ class IotlbAddressSpace:
         """
         uaddr = self.iotlb.translate(addr, length, write=write)
         return self.memory.uva_view(uaddr, length)
-
-    def host_snapshot(self) -> tuple[HostRange, ...]:
-        """The IOTLB as ``(iova, size, host address, perm)`` rows over mapped memory.
-
-        Each coalesced entry is split where front-end memory regions end;
-        parts outside every region are left out (an access there fails).
-        Host addresses stay valid until the memory table changes, which
-        restarts every ring.  Take a new snapshot after
-        :meth:`~pyvdpa.vhost_user.device.VhostUserDevice.iotlb_updated`.
-        """
-        rows = []
-        for entry in self.iotlb.snapshot():
-            for offset, size, host in self.memory.uva_host_ranges(entry.uaddr, entry.size):
-                rows.append(HostRange(entry.iova + offset, size, host, entry.perm))
-        return tuple(rows)
 
 
 class IotlbDirtyLog:

@@ -75,6 +75,11 @@ class EngineBlkDevice(BlkControl, VhostUserDevice):
     :class:`~pyvdpa.devices.blk.BlkControl`.
     """
 
+    #: Behind an IOMMU the kernels translate IOVAs with a table of the IOTLB;
+    #: a queue that misses stalls until the engine's monitor brings it new
+    #: translations (see :meth:`pyvdpa.dataplane.engine.Engine.attend`).
+    access_platform = True
+
     def __init__(
         self,
         *,
@@ -99,6 +104,10 @@ class EngineBlkDevice(BlkControl, VhostUserDevice):
         self._counters = np.zeros((queues, k.NSTATS), dtype=np.int64)
         self._ports: list[Port | None] = [None] * queues
         self._lock = threading.Lock()
+
+    def iotlb_updated(self) -> None:
+        """New IOTLB entries: let the engine unstall the queues waiting for them."""
+        self.engine.attend()
 
     @property
     def stats(self) -> list[QueueCounters]:

@@ -189,7 +189,7 @@ class Port:
         self.engine._close_retired(entry.queue)
 
     def _check(self, retired: list[tuple[CompiledQueue, _Retired]]) -> None:
-        """Report broken rings, serve IOTLB misses, follow call eventfd changes (the monitor's pass)."""
+        """The monitor's pass: report broken rings, serve IOTLB misses, follow call eventfds."""
         for entry in self._queues.values():
             error = entry.queue.error
             if error is not None and not entry.reported:
@@ -207,7 +207,6 @@ class Port:
             row[k.Q_CALL_FD] = -1 if new is None else new
             if old >= 0:
                 retired.append((entry.queue, _Retired(old, self._worker, self._worker.epoch)))
-
 
     def _translate(self, entry: _Attached) -> None:
         """Unstall a queue that missed a translation, or ask the front-end for it.
@@ -566,7 +565,7 @@ class Engine:
                 self.check()
 
     def check(self) -> None:
-        """One monitor pass: report broken rings, serve IOTLB misses, follow call eventfd changes."""
+        """One monitor pass: report broken rings, serve IOTLB misses, follow call eventfds."""
         with self._lock:
             for worker in self._workers:
                 for port in worker.ports:

@@ -1781,6 +1781,19 @@ def _transmit(
                 result = _rx_deliver(
                     rxq, u, segs_r, held, zeros, segs_t, first, end, hdr, 0, frame_len
                 )
+                if result == _NO_BUFFER and rxq[Q_STALLED]:
+                    # Receive buffers wait for their IOTLB translation, which
+                    # is not a full ring: this frame and the rest of the burst
+                    # go back to the transmit ring for later, unread.
+                    stats[S_RECEIVED_DESC] -= 1
+                    stats[S_PACKETS] -= 1
+                    stats[S_BYTES] -= frame_len
+                    slots = 0
+                    for r in range(c, count):
+                        slots += chains[r, 1]
+                    _unpop(txq, count - c, slots)
+                    count = c
+                    break
                 if result == _NO_BUFFER:
                     _row(rxq[Q_STATS], NSTATS)[S_DROPPED] += 1
                 elif result == _BROKEN:

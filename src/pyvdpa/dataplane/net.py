@@ -238,6 +238,11 @@ class EngineNetDevice(NetControl, VhostUserDevice):
     ``%d`` template lets the kernel choose); :meth:`close` releases it.
     """
 
+    #: Behind an IOMMU the kernels translate IOVAs with a table of the IOTLB;
+    #: a queue that misses stalls until the engine's monitor brings it new
+    #: translations (see :meth:`pyvdpa.dataplane.engine.Engine.attend`).
+    access_platform = True
+
     def __init__(
         self,
         *,
@@ -289,6 +294,10 @@ class EngineNetDevice(NetControl, VhostUserDevice):
     def dropped(self) -> int:
         """Frames lost: refused by the receive filter, finding no receive buffer, or the TAP."""
         return int(self._counters[:, k.S_DROPPED].sum())
+
+    def iotlb_updated(self) -> None:
+        """New IOTLB entries: let the engine unstall the queues waiting for them."""
+        self.engine.attend()
 
     def set_features(self, features: int) -> None:
         """Remember the negotiated features (they size the header, allow merged buffers)."""

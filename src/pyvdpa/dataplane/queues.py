@@ -256,9 +256,7 @@ class CompiledQueue:
         areas = (desc_addr, driver_addr, device_addr)
         # The device reads the descriptors and the driver area, writes the device area.
         writes = (False, False, True)
-        views = [
-            space.view(a, n, write=w) for a, n, w in zip(areas, sizes, writes, strict=True)
-        ]
+        views = [space.view(a, n, write=w) for a, n, w in zip(areas, sizes, writes, strict=True)]
         self._views = views
         self.generation = 0
         self._regions = self._translations()
