@@ -213,6 +213,13 @@ def test_absent_optional_ops_are_reported_as_not_supported(op: str) -> None:
     assert not device.supports(op)
     calls: dict[str, Any] = {
         "migration_done": lambda: device.migration_done(None),  # type: ignore[arg-type]
+        "iotlb_updated": lambda: device.iotlb_updated(None),  # type: ignore[arg-type]
+        "iotlb_invalidate": lambda: device.iotlb_invalidate(
+            None,  # type: ignore[arg-type]
+            0,
+            4096,
+            lambda: None,
+        ),
         "get_notify_area": lambda: device.get_notify_area(None, 0),  # type: ignore[arg-type]
         "get_stats_names": device.get_stats_names,
         "get_stats": lambda: device.get_stats(0),

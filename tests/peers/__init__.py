@@ -60,17 +60,14 @@ class PeerPool:
         mem: str = "512M",
         smp: int = 1,
         append: str = "",
-        iommu: bool = False,
     ) -> Guest:
-        """Boot a guest that runs ``script`` with the given QEMU ``devices`` (and an IOMMU)."""
+        """Boot a guest that runs ``script`` with the given QEMU ``devices``."""
         if self._image is None:
             self._image = GuestImage.find()
         initramfs = build_initramfs(
             script, self.workdir / f"initramfs-{next(self._guests)}.gz", self._image
         )
-        return self.start(
-            Guest(self._image, initramfs, devices, mem=mem, smp=smp, append=append, iommu=iommu)
-        )
+        return self.start(Guest(self._image, initramfs, devices, mem=mem, smp=smp, append=append))
 
     def netns(self, name: str | None = None) -> NetNamespace:
         """Create a network namespace, named uniquely unless ``name`` is given."""

@@ -55,10 +55,6 @@ GUEST_MODULES: tuple[str, ...] = (
 )
 """Modules the guest loads, each after those it depends on; scripts/setup.sh caches them."""
 
-# The device's DMA goes through the guest's IOMMU, and the device may cache
-# translations (ATS), which is what a vhost-user back-end's IOTLB is.
-_IOMMU_PLATFORM = "iommu_platform=on,ats=on"
-
 END_MARKER = "pyvdpa-guest: end status="
 """Printed on the guest console, followed by the script's exit status."""
 
@@ -172,15 +168,12 @@ def vhost_user_net_args(
     server: bool = False,
     reconnect: int | None = None,
     name: str = "net0",
-    iommu: bool = False,
 ) -> list[str]:
     """QEMU arguments for a virtio-net-pci NIC backed by vhost-user at ``sock``.
 
     QEMU connects to ``sock`` unless ``server`` (then it listens without
     waiting); ``reconnect`` is the client's retry period in seconds. ``name``
-    tells several devices of one guest apart.  ``iommu`` puts the NIC behind
-    the guest's IOMMU (``VIRTIO_F_ACCESS_PLATFORM``; boot the guest with
-    ``iommu=True``).
+    tells several devices of one guest apart.
     """
     chardev = [f"socket,id=chr-{name},path={qemu_opt(check_socket_path(sock))}"]
     if server:
@@ -192,8 +185,6 @@ def vhost_user_net_args(
         device.append("mq=on")
     if packed:
         device.append("packed=on")
-    if iommu:
-        device.append(_IOMMU_PLATFORM)
     return [
         "-chardev",
         ",".join(chardev),
@@ -210,21 +201,21 @@ def vhost_user_blk_args(
     num_queues: int = 1,
     name: str = "blk0",
     server: bool = False,
-    iommu: bool = False,
 ) -> list[str]:
     """QEMU arguments for a vhost-user-blk-pci disk backed by vhost-user at ``sock``.
 
     QEMU connects to the back-end listening at ``sock`` unless ``server``
-    (then QEMU listens there and the back-end connects).  ``iommu`` as for
-    :func:`vhost_user_net_args`.
+    (then QEMU listens there and the back-end connects).
     """
     chardev = f"socket,id=chr-{name},path={qemu_opt(check_socket_path(sock))}"
     if server:
         chardev += ",server=on,wait=off"
-    device = f"vhost-user-blk-pci,id={name},chardev=chr-{name},num-queues={num_queues},vectors=0"
-    if iommu:
-        device += f",{_IOMMU_PLATFORM}"
-    return ["-chardev", chardev, "-device", device]
+    return [
+        "-chardev",
+        chardev,
+        "-device",
+        f"vhost-user-blk-pci,id={name},chardev=chr-{name},num-queues={num_queues},vectors=0",
+    ]
 
 
 class Guest(PeerProcess):
@@ -243,21 +234,14 @@ class Guest(PeerProcess):
         mem: str = "512M",
         smp: int = 1,
         append: str = "",
-        iommu: bool = False,
     ) -> None:
         """Describe the machine; :meth:`start` (or ``with``) runs it.
-
-        ``iommu`` gives the guest an emulated Intel IOMMU (a q35 machine, the
-        kernel told to use it): devices created with ``iommu=True`` then see
-        I/O virtual addresses the guest maps and unmaps as it goes.
 
         ``devices`` are extra QEMU arguments, such as those built by
         :func:`vhost_user_net_args` and :func:`vhost_user_blk_args`; ``append``
         adds to the kernel command line.
         """
-        platform = ["-machine", "q35", "-device", "intel-iommu,device-iotlb=on"] if iommu else []
-        kernel_args = ["console=ttyS0 quiet panic=-1", "intel_iommu=on" if iommu else "", append]
-        cmdline = " ".join(filter(None, kernel_args))
+        cmdline = " ".join(filter(None, ["console=ttyS0 quiet panic=-1", append]))
         argv = [
             "qemu-system-x86_64",
             "-accel",
@@ -284,7 +268,6 @@ class Guest(PeerProcess):
             f"memory-backend-memfd,id=mem,size={mem},share=on",
             "-numa",
             "node,memdev=mem",
-            *platform,
             *devices,
         ]
         super().__init__(argv, name=f"guest[{initramfs.name}]")

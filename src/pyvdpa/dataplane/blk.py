@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -108,6 +108,12 @@ class EngineBlkDevice(BlkControl, VhostUserDevice):
     def iotlb_updated(self) -> None:
         """New IOTLB entries: let the engine unstall the queues waiting for them."""
         self.engine.attend()
+
+    def iotlb_invalidate(self, iova: int, size: int, invalidate: Callable[[], None]) -> bool:
+        """Withdraw translations in place, the rings running on (see :meth:`Engine.invalidate`)."""
+        with self._lock:
+            ports = [port for port in self._ports if port is not None]
+        return self.engine.invalidate(ports, iova, size, invalidate)
 
     @property
     def stats(self) -> list[QueueCounters]:

@@ -535,6 +535,30 @@ class Engine:
                     worker.ports.remove(port)
                     worker.unwatch_port(port)
 
+    def invalidate(
+        self, ports: Sequence[Port], iova: int, size: int, change: Callable[[], None]
+    ) -> bool:
+        """Apply an IOTLB invalidation (``change``) under the queues of ``ports``, in place.
+
+        The workers serving them are held out of the kernel while ``change``
+        runs and every queue behind an IOMMU rebuilds its translation table,
+        so none uses a withdrawn translation afterwards.  Returns False, and
+        changes nothing, when the range holds a ring area (the rings must be
+        set up again).
+        """
+        with self._lock:
+            queues = [queue for port in ports for queue in port.queues.values()]
+            if any(q.iotlb is not None and q.uses_ring_areas(iova, size) for q in queues):
+                return False
+            with contextlib.ExitStack() as stack:
+                for worker in {port._worker for port in ports}:
+                    stack.enter_context(worker.paused())
+                change()
+                for queue in queues:
+                    if queue.iotlb is not None:
+                        queue.retranslate()
+        return True
+
     @property
     def ports(self) -> list[Port]:
         """Every port, whatever its worker."""

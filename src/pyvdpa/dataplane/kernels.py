@@ -102,7 +102,9 @@ from numba.core import cgutils as _cgutils
 from numba.extending import intrinsic
 
 __all__ = [
+    "ACCESS_ADJOINS",
     "ACCESS_CONTINUES",
+    "ACCESS_PERM_SHIFT",
     "ACCESS_READ",
     "ACCESS_WRITE",
     "CCOLS",
@@ -272,8 +274,14 @@ host address, access, guest-physical address), sorted by device address, disjoin
 
 ``access`` has bit ``ACCESS_READ`` when the device may read the range,
 ``ACCESS_WRITE`` when it may write it (guest memory allows both, an IOTLB
-entry what its permission says) and ``ACCESS_CONTINUES`` when the range goes
-on, contiguous in this process, from the end of the previous row.
+entry what its permission says, a range no region holds neither) and
+``ACCESS_CONTINUES`` when the range goes on, contiguous in this process, from
+the end of the previous row.  IOTLB rows also carry the entry's permission
+shifted by ``ACCESS_PERM_SHIFT``, with or without memory behind it, and
+``ACCESS_ADJOINS`` when the entry goes on from the previous row in front-end
+memory (set with ``ACCESS_CONTINUES``, and alone across a region boundary or
+outside memory): a miss after such rows is still a miss, as for
+:meth:`pyvdpa.memory.Iotlb.translate`.
 """
 Q_NREGS = 8
 Q_LOG = 9
@@ -415,6 +423,8 @@ MODE_ADAPTIVE = 2
 ACCESS_READ = 1
 ACCESS_WRITE = 2
 ACCESS_CONTINUES = 4
+ACCESS_ADJOINS = 8
+ACCESS_PERM_SHIFT = 4
 
 # Results of ring_pop.
 POPPED = 1
@@ -926,12 +936,16 @@ def _resolve(q: Any, gpa: Any, length: Any, access: Any) -> Any:
     """What ``_translate`` could not: a host address, or -1 (ring broken) or -2 (a miss).
 
     Without an IOTLB a range outside one row breaks the ring.  With one, the
-    rules of :meth:`pyvdpa.memory.Iotlb.translate`: a range may run over
-    rows that continue one another (``ACCESS_CONTINUES``), each allowing
-    ``access``; the first byte no row covers is a miss (the front-end has not
-    mapped it yet: the queue stalls until the control plane brings new
-    translations); a row without the access, or a neighbour that does not
-    continue its row, breaks the ring as memory outside the table does.
+    rules of :meth:`pyvdpa.memory.Iotlb.translate` and then
+    :meth:`pyvdpa.memory.GuestMemory.uva_view`: a range may run over entries
+    that go on from one another in front-end memory (``ACCESS_ADJOINS``),
+    each permitting ``access``; the first byte no row covers is a miss (the
+    front-end has not mapped it yet: the queue stalls until the control plane
+    brings new translations); an entry without the permission, or a neighbour
+    that does not adjoin its row, breaks the ring.  A range translated whole
+    must then be one view in this process (rows with memory that continue one
+    another, ``ACCESS_CONTINUES``), or it breaks the ring as memory outside
+    the table does.
     """
     if q[Q_IOTLB] == 0:
         _fail(q, E_BUFFER, gpa, length)
@@ -941,22 +955,29 @@ def _resolve(q: Any, gpa: Any, length: Any, access: Any) -> Any:
     end = addr + np.uint64(max(length, 1))
     r = _find(regs, addr)
     miss = addr
+    perm = access << ACCESS_PERM_SHIFT
     if r >= 0 and addr - regs[r, 0] < regs[r, 1]:
         host = np.int64(regs[r, 2] + (addr - regs[r, 0]))
+        # Whether the rows so far are one range of this process's memory.
+        here = regs[r, 3] & access == access
         while True:
-            if regs[r, 3] & access != access:
+            if regs[r, 3] & perm != perm:
                 _fail(q, E_BUFFER, gpa, length)
                 return np.int64(-1)
             stop = regs[r, 0] + regs[r, 1]
             if stop >= end:
+                if not here:
+                    _fail(q, E_BUFFER, gpa, length)
+                    return np.int64(-1)
                 return host
             r += 1
             if r == regs.shape[0] or regs[r, 0] != stop:
                 miss = stop
                 break
-            if regs[r, 3] & ACCESS_CONTINUES == 0:
+            if regs[r, 3] & ACCESS_ADJOINS == 0:
                 _fail(q, E_BUFFER, gpa, length)
                 return np.int64(-1)
+            here = here and regs[r, 3] & ACCESS_CONTINUES != 0
     q[Q_MISS_ADDR] = np.int64(miss)
     q[Q_MISS_ACCESS] = access
     q[Q_STALLED] = 1
@@ -1004,7 +1025,11 @@ def log_write(q: Any, addr: Any, length: Any) -> None:
     if r < 0:
         r = 0
     while at < end:
-        if r < regs.shape[0] and regs[r, 0] <= at < regs[r, 0] + regs[r, 1] and regs[r, 3] != 0:
+        if (
+            r < regs.shape[0]
+            and regs[r, 0] <= at < regs[r, 0] + regs[r, 1]
+            and regs[r, 3] & (ACCESS_READ | ACCESS_WRITE) != 0
+        ):
             stop = min(end, regs[r, 0] + regs[r, 1])
             _log_pages(q, np.int64(regs[r, 4] + (at - regs[r, 0])), np.int64(stop - at))
             at = stop

@@ -44,7 +44,7 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -298,6 +298,12 @@ class EngineNetDevice(NetControl, VhostUserDevice):
     def iotlb_updated(self) -> None:
         """New IOTLB entries: let the engine unstall the queues waiting for them."""
         self.engine.attend()
+
+    def iotlb_invalidate(self, iova: int, size: int, invalidate: Callable[[], None]) -> bool:
+        """Withdraw translations in place, the rings running on (see :meth:`Engine.invalidate`)."""
+        with self._lock:
+            ports = [port for port in self._ports if port is not None]
+        return self.engine.invalidate(ports, iova, size, invalidate)
 
     def set_features(self, features: int) -> None:
         """Remember the negotiated features (they size the header, allow merged buffers)."""

@@ -163,7 +163,10 @@ def iotlb_table(space: IotlbAddressSpace) -> npt.NDArray[np.uint64]:
     refuses it, instead of asking the front-end again for a translation it has
     already given.  A row continuing the previous one in the same region (two
     entries of different permissions, contiguous in both address spaces) is
-    marked ``ACCESS_CONTINUES``.
+    marked ``ACCESS_CONTINUES``.  Every row keeps its entry's permission
+    (``ACCESS_PERM_SHIFT``) and is marked ``ACCESS_ADJOINS`` when it goes on
+    from the previous row in front-end memory, so the kernels tell a range
+    the IOTLB translates whole from one running into a missing translation.
     """
     memory = space.memory
     regions = sorted(memory.regions, key=lambda r: r.userspace_addr)
@@ -173,7 +176,9 @@ def iotlb_table(space: IotlbAddressSpace) -> npt.NDArray[np.uint64]:
     for entry in space.iotlb.snapshot():
         iova, uva, end = entry.iova, entry.uaddr, entry.uaddr + entry.size
         access = int(entry.perm) & _ANY_ACCESS
+        perm = access << k.ACCESS_PERM_SHIFT
         while uva < end:
+            adjoins = k.ACCESS_ADJOINS if previous[1:] == (iova, uva) else 0
             region = next(
                 (r for r in regions if r.userspace_addr <= uva < r.userspace_addr + r.memory_size),
                 None,
@@ -181,12 +186,12 @@ def iotlb_table(space: IotlbAddressSpace) -> npt.NDArray[np.uint64]:
             if region is None:
                 later = [r.userspace_addr for r in regions if r.userspace_addr > uva]
                 step = min([end, *later]) - uva
-                rows.append((iova, step, 0, 0, 0))
+                rows.append((iova, step, 0, perm | adjoins, 0))
             else:
                 step = min(end, region.userspace_addr + region.memory_size) - uva
                 view = memory.uva_view(uva, step)
                 continues = previous == (region, iova, uva)
-                flags = access | (k.ACCESS_CONTINUES if continues else 0)
+                flags = access | perm | adjoins | (k.ACCESS_CONTINUES if continues else 0)
                 gpa = region.guest_phys_addr + uva - region.userspace_addr
                 rows.append((iova, step, host_address(view), flags, gpa))
                 view.release()
@@ -254,10 +259,12 @@ class CompiledQueue:
         self._space = space
         self.iotlb = space.iotlb if isinstance(space, IotlbAddressSpace) else None
         areas = (desc_addr, driver_addr, device_addr)
-        # The device reads the descriptors and the driver area, writes the device area.
-        writes = (False, False, True)
+        # The device writes the device area, and a packed ring's descriptors
+        # (used descriptors go back there); it only reads the rest.
+        writes = (packed, False, True)
         views = [space.view(a, n, write=w) for a, n, w in zip(areas, sizes, writes, strict=True)]
         self._views = views
+        self._areas = tuple(zip(areas, sizes, strict=True))
         self.generation = 0
         self._regions = self._translations()
         self._log = log
@@ -354,6 +361,14 @@ class CompiledQueue:
             return iotlb_table(space)
         assert isinstance(space, GuestMemory)
         return region_table(space)
+
+    def uses_ring_areas(self, iova: int, size: int) -> bool:
+        """Whether device range ``[iova, iova + size)`` overlaps one of the ring's areas.
+
+        The areas are translated once, when the queue is built: a change
+        there needs a new queue, not a new translation table.
+        """
+        return any(addr < iova + size and iova < addr + length for addr, length in self._areas)
 
     def retranslate(self) -> None:
         """Rebuild the translation table from the IOTLB and let a stalled queue go on.

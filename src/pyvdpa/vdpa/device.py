@@ -14,7 +14,15 @@ Seven are mandatory and let the vhost library drive the device:
 * ``dev_conf`` once the whole device is ready: the hardware takes the rings
   over; ``dev_close`` when it must let them go.
 
-The optional ones (``migration_done``, ``get_notify_area``,
+A device that can work behind an IOMMU reports ``VIRTIO_F_ACCESS_PLATFORM``
+in ``get_features`` (as DPDK's report ``VIRTIO_F_IOMMU_PLATFORM``); it is
+offered only when the connection can carry IOTLB messages, and the
+optional ``iotlb_updated(vhost)`` tells the device that new translations
+arrived, so that queues waiting for one retry, and the optional
+``iotlb_invalidate(vhost, iova, size, invalidate)`` lets it withdraw
+translations without its rings being stopped and set up again.
+
+The optional ones (``migration_done``, ``iotlb_updated``, ``get_notify_area``,
 ``get_stats_names``, ``get_stats``, ``reset_stats``, ``get_config``,
 ``set_config``, ``get_dev_type``, ``get_vfio_group_fd``,
 ``get_vfio_device_fd``) may be absent: calling one through
@@ -69,6 +77,8 @@ MANDATORY_OPS = (
 #: Operations a device may leave out.
 OPTIONAL_OPS = (
     "migration_done",
+    "iotlb_updated",
+    "iotlb_invalidate",
     "get_notify_area",
     "get_stats_names",
     "get_stats",
@@ -220,6 +230,19 @@ class VdpaDevice:
     def migration_done(self, vhost: VhostDevice) -> None:
         """Tell the device that live migration finished (SEND_RARP)."""
         self._op("migration_done")(vhost)
+
+    def iotlb_updated(self, vhost: VhostDevice) -> None:
+        """Tell the device that IOTLB entries were added (queues that missed retry)."""
+        self._op("iotlb_updated")(vhost)
+
+    def iotlb_invalidate(
+        self, vhost: VhostDevice, iova: int, size: int, invalidate: Callable[[], None]
+    ) -> bool:
+        """Let the device withdraw IOTLB translations in place; False if it cannot."""
+        done = self._op("iotlb_invalidate")(vhost, iova, size, invalidate)
+        if not isinstance(done, bool):
+            raise VdpaError(f"{self.name}: iotlb_invalidate returned {done!r}, not a bool")
+        return done
 
     def get_notify_area(self, vhost: VhostDevice, qid: int) -> tuple[int, int]:
         """The (offset, size) of queue ``qid``'s doorbell in the device fd's region."""

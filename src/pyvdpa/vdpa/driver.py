@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 from pyvdpa.dataplane.blk import EngineBlkDevice
@@ -87,8 +87,14 @@ class SimDeviceOps:
         return hw.queue_pairs if isinstance(hw, NetHardware) else hw.num_queues
 
     def get_features(self) -> int:
-        """The hardware's feature bits; vDPA devices always take protocol features."""
-        return int(self.hardware.features) | int(VirtioFeature.PROTOCOL_FEATURES)
+        """The hardware's feature bits; vDPA devices always take protocol features.
+
+        ``VIRTIO_F_ACCESS_PLATFORM`` when the hardware can work behind an IOMMU.
+        """
+        features = int(self.hardware.features) | int(VirtioFeature.PROTOCOL_FEATURES)
+        if self.hardware.access_platform:
+            features |= int(VirtioFeature.ACCESS_PLATFORM)
+        return features
 
     def get_protocol_features(self) -> ProtocolFeature:
         """The protocol features the hardware supports."""
@@ -131,6 +137,16 @@ class SimDeviceOps:
             vring = vhost.vring(qid)
             if self._configured and vring is not None:
                 self._start(vring)
+
+    def iotlb_updated(self, vhost: VhostDevice) -> None:
+        """New IOTLB entries: the hardware's queues waiting for one retry."""
+        self.hardware.iotlb_updated()
+
+    def iotlb_invalidate(
+        self, vhost: VhostDevice, iova: int, size: int, invalidate: Callable[[], None]
+    ) -> bool:
+        """Withdraw translations in the hardware's own queues, if it can."""
+        return self.hardware.iotlb_invalidate(iova, size, invalidate)
 
     def migration_done(self, vhost: VhostDevice) -> None:
         """Announce the guest's MAC after live migration (net devices)."""

@@ -18,6 +18,9 @@ GET_VRING_BASE, RESET_OWNER / RESET_DEVICE,    ``dev_close`` (if configured), th
 disconnect, a ring re-set-up while running     ``set_vring_state(qid, False)``
 (new memory table, dirty log, address, kick)
 SEND_RARP                                      ``migration_done``
+IOTLB_MSG UPDATE                               ``iotlb_updated``
+IOTLB_MSG INVALIDATE                           ``iotlb_invalidate`` (in place), or
+                                               as a ring re-set-up
 ============================================  ==================================
 
 The device is *ready* when, for a net device, queues 0 and 1 are ready (the
@@ -49,7 +52,7 @@ from pyvdpa.errors import PyvdpaError
 from pyvdpa.vdpa.device import VdpaDevice
 from pyvdpa.vhost_user.device import VhostUserDevice, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
-from pyvdpa.virtio.constants import DeviceId
+from pyvdpa.virtio.constants import DeviceId, VirtioFeature
 
 if TYPE_CHECKING:
     from pyvdpa.vdpa.port import VdpaPort
@@ -87,7 +90,11 @@ class VhostDevice(VhostUserDevice):
         self.num_queues = (
             2 * self.queue_num if device.device_type is DeviceId.NET else self.queue_num
         )
-        self.features = caps.features if port.features is None else caps.features & port.features
+        features = caps.features if port.features is None else caps.features & port.features
+        # The back-end connection offers ACCESS_PLATFORM itself, and only when
+        # the protocol features let IOTLB messages through.
+        self.access_platform = bool(features & VirtioFeature.ACCESS_PLATFORM)
+        self.features = features & ~VirtioFeature.ACCESS_PLATFORM
         self.protocol_features = (
             caps.protocol_features & port.protocol_features & ~UNSUPPORTED_PROTOCOL_FEATURES
         )
@@ -164,6 +171,21 @@ class VhostDevice(VhostUserDevice):
         self.rarp_mac = mac
         if self.device.supports("migration_done"):
             self._call("migration_done", self.device.migration_done, self)
+
+    def iotlb_updated(self) -> None:
+        """IOTLB entries were added: ``iotlb_updated`` if the device has it."""
+        if self.device.supports("iotlb_updated"):
+            self._call("iotlb_updated", self.device.iotlb_updated, self)
+
+    def iotlb_invalidate(self, iova: int, size: int, invalidate: Callable[[], None]) -> bool:
+        """IOTLB INVALIDATE in place through the device's ``iotlb_invalidate``, if it has it.
+
+        Otherwise the back-end restarts the rings, which closes the device
+        (``dev_close``) and configures it again.
+        """
+        if not self.device.supports("iotlb_invalidate"):
+            return False
+        return self.device.iotlb_invalidate(self, iova, size, invalidate)
 
     def set_mtu(self, mtu: int) -> None:
         """NET_SET_MTU: recorded for the driver (read it in ``dev_conf``)."""

@@ -834,7 +834,8 @@ class BackendConnection:
                 except GuestMemoryError as exc:
                     raise RemoteProtocolError(f"IOTLB_MSG INVALIDATE: {exc}") from exc
 
-            self._restart_running(invalidate)
+            if not self.device.iotlb_invalidate(entry.iova, entry.size, invalidate):
+                self._restart_running(invalidate)
         return codec.U64(0)
 
     # ------------------------------------------------------------------ back-end channel

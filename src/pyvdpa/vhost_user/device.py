@@ -342,6 +342,16 @@ class VhostUserDevice(abc.ABC):
         rings that were waiting for them have started.
         """
 
+    def iotlb_invalidate(self, iova: int, size: int, invalidate: Callable[[], None]) -> bool:
+        """Apply an IOTLB INVALIDATE of ``[iova, iova + size)`` without restarting rings.
+
+        A device whose data path can drop translations in place calls
+        ``invalidate`` once none of its queues can be using them, rebuilds
+        what it holds, and returns True.  The default returns False: the
+        back-end then stops the running rings, invalidates and restarts them.
+        """
+        return False
+
     def get_config(self, offset: int, size: int) -> bytes:
         """Read ``size`` bytes of the device config space at ``offset``."""
         raise UnsupportedRequestError("device has no config space")
