@@ -1,7 +1,8 @@
-"""Shared fixtures: short socket directories and third-party peer launchers."""
+"""Shared fixtures: short socket directories, the fd leak check and third-party peer launchers."""
 
 from __future__ import annotations
 
+import gc
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -9,10 +10,27 @@ from pathlib import Path
 
 import pytest
 
+from fds import fd_count, settled_fd_count
 from peers import PeerPool
 from peers.guest import GuestImage
 
-__all__ = ["guest_image", "peers", "sock_dir"]
+__all__ = ["guest_image", "no_fd_leak", "peers", "sock_dir"]
+
+#: Seconds a test's fds may take to close after it (threads close theirs late).
+FD_SETTLE = 1.0
+
+
+@pytest.fixture
+def no_fd_leak() -> Iterator[None]:
+    """Fail the test if it leaves more or fewer fds open than it found.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("no_fd_leak")``.
+    """
+    gc.collect()
+    before = fd_count()
+    yield
+    gc.collect()
+    assert settled_fd_count(before, FD_SETTLE) == before
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from fds import fd_count
 from pyvdpa.devices.net import NetDevice
 from pyvdpa.drive.session import WANTED_PROTOCOL_FEATURES, Session
 from pyvdpa.memory import MemoryRegion
@@ -43,10 +44,6 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, NetDevice, BackendServer]]:
     device = NetDevice(mode="loopback", status_feature=True)
     with BackendServer(path, lambda: device) as server:
         yield path, device, server
-
-
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def _wait(condition: object, what: str) -> None:
@@ -143,12 +140,12 @@ def test_reset_device_stops_rings_closes_fds_forgets_features(
     with Session(Frontend.connect(path), memory_size=4 << 20) as session:
         session.negotiate(FEATURES, 0, protocol=PROTOCOL)
         conn = server.connections[0]
-        before = _fd_count()
+        before = fd_count()
         rings = [session.setup_ring(i, 16) for i in range(2)]
         session.enable_rings()
         assert all(conn.vrings[i].running for i in range(2))
         # Each ring: the front-end's kick and call eventfds, the back-end's copies.
-        assert _fd_count() >= before + 4 * len(rings)
+        assert fd_count() >= before + 4 * len(rings)
         session.frontend.reset_device()
         for vring in conn.vrings:
             assert not vring.running and not vring.started and not vring.enabled
@@ -156,7 +153,7 @@ def test_reset_device_stops_rings_closes_fds_forgets_features(
             assert vring.num == vring.base == 0
         assert conn.features == 0 and not conn.features_set
         # Only the front-end's own eventfds remain.
-        _wait(lambda: _fd_count() == before + 2 * len(rings), "fds back after RESET_DEVICE")
+        _wait(lambda: fd_count() == before + 2 * len(rings), "fds back after RESET_DEVICE")
         # The connection is ready to be set up again.
         session.rings.clear()
         for ring in rings:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from fds import fd_count, settled_fd_count
 from pyvdpa.devices.net import NetDevice
 from pyvdpa.drive.net import NetResult, run_net
 from pyvdpa.drive.session import GPA_BASE, Session
@@ -34,10 +35,6 @@ from pyvdpa.virtio.ring import DescFlag
 from pyvdpa.virtio.split import SplitLayout
 
 NEED_ACK = HeaderFlags.VERSION | HeaderFlags.NEED_REPLY
-
-
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture
@@ -121,10 +118,7 @@ def _still_serving(path: Path) -> None:
 def _settle(before: int) -> int:
     # Connection threads close their fds asynchronously; on a loaded 2-core
     # machine that can take seconds.  The count must still come back exactly.
-    deadline = time.monotonic() + 15
-    while _fd_count() > before and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return _fd_count()
+    return settled_fd_count(before, 15)
 
 
 def _problem_logged(caplog: pytest.LogCaptureFixture, level: int, text: str) -> None:
@@ -198,7 +192,7 @@ def test_stream_breaking_input_drops_the_connection(
 ) -> None:
     path, _, _ = served
     caplog.set_level(logging.INFO, logger="pyvdpa")
-    before = _fd_count()
+    before = fd_count()
     _feed(path, case)
     _, level, text = DROPPING[case]
     _problem_logged(caplog, level, text)
@@ -383,7 +377,7 @@ def test_bad_request_is_refused_and_connection_kept(
     path, _, _ = served
     r, w = os.pipe()
     fds = [os.eventfd(0), _memfd(1 << 20), _memfd(1 << 20), r]
-    before = _fd_count()
+    before = fd_count()
     peer = RawPeer(path)
     peer.negotiate()
     send, text = REFUSED[case]
@@ -406,7 +400,7 @@ def test_too_many_fds_drop_the_connection(
 ) -> None:
     path, _, _ = served
     fds = [os.eventfd(0) for _ in range(12)]
-    before = _fd_count()
+    before = fd_count()
     peer = RawPeer(path)
     peer.request(Request.SET_VRING_CALL, struct.pack("<Q", 0), fds=fds)
     assert peer.closed_by_peer()
@@ -422,7 +416,7 @@ def test_disconnect_mid_message_and_mid_session(
     served: tuple[Path, NetDevice, BackendServer],
 ) -> None:
     path, _, server = served
-    before = _fd_count()
+    before = fd_count()
     for _ in range(5):
         peer = RawPeer(path)
         peer.negotiate()
@@ -441,7 +435,7 @@ def test_random_garbage_never_kills_the_server(
 ) -> None:
     path, _, _ = served
     rng = random.Random(1234)
-    before = _fd_count()
+    before = fd_count()
     for _ in range(40):
         peer = RawPeer(path)
         request = rng.choice([*range(0, 50), 0xFFFFFFFF])

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from fds import fd_count
 from pyvdpa.dataplane import engine as engine_module
 from pyvdpa.dataplane.engine import WORKER_THREAD_PREFIX, Engine, EngineMode
 from pyvdpa.dataplane.net import DEFAULT_MAC, EngineNetDevice, generated_frame
@@ -514,7 +515,7 @@ def test_workers_are_pinned_to_their_cpus() -> None:
 
 
 def test_a_cpu_that_cannot_be_used_is_a_config_error() -> None:
-    before = len(os.listdir("/proc/self/fd"))
+    before = fd_count()
     others = set(_workers())
     missing = os.cpu_count() or 1
     engine = Engine(EngineMode.EVENT, workers=2, cpus=[0, missing])
@@ -523,4 +524,4 @@ def test_a_cpu_that_cannot_be_used_is_a_config_error() -> None:
     # The worker that did start was stopped (its system thread ends just
     # after the join returns), and nothing leaked.
     assert _until(lambda: set(_workers()) <= others)
-    assert len(os.listdir("/proc/self/fd")) == before
+    assert fd_count() == before

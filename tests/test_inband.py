@@ -8,13 +8,10 @@ count returns to where it was.
 
 from __future__ import annotations
 
-import gc
 import json
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,21 +35,7 @@ PF = ProtocolFeature
 NET_FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
 
 
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    gc.collect()
-    before = _fd_count()
-    yield
-    gc.collect()
-    for _ in range(100):
-        if _fd_count() == before:
-            break
-        time.sleep(0.01)
-    assert _fd_count() == before
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 
 @pytest.fixture

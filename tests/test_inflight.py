@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,17 +24,7 @@ PACKED_HEADER = struct.Struct("=QHHHHHHBB7x")
 PACKED_DESC = struct.Struct("=BxHHHQHHIQ")
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    gc.collect()
-    before = fd_count()
-    yield
-    gc.collect()
-    assert fd_count() == before
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 
 def reopen(region: InflightRegion) -> InflightRegion:

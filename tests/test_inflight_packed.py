@@ -9,12 +9,11 @@ connection serving.
 
 from __future__ import annotations
 
-import gc
 import os
 import select
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,21 +44,7 @@ ENTRY, ENTRY_SIZE = 32, 32
 NEXT, NUM, COUNTER, ID, ADDR = 2, 6, 8, 16, 24
 
 
-def _fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    gc.collect()
-    before = _fd_count()
-    yield
-    gc.collect()
-    for _ in range(100):
-        if _fd_count() == before:
-            break
-        time.sleep(0.01)
-    assert _fd_count() == before
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 
 class StallingBlkDevice(BlkDevice):

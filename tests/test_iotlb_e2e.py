@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from fds import fd_count, settled_fd_count
 from pyvdpa.dataplane.blk import EngineBlkDevice
 from pyvdpa.dataplane.net import EngineNetDevice
 from pyvdpa.devices.blk import BlkDevice
@@ -22,10 +22,6 @@ from pyvdpa.vhost_user.frontend import BackendRefusedError, Frontend
 from pyvdpa.vhost_user.protocol import HeaderFlags, IotlbPerm, IotlbType, ProtocolFeature, Request
 from pyvdpa.vhost_user.server import BackendServer
 from pyvdpa.virtio.constants import VirtioFeature
-
-
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 def _session(sock: Path, *, iommu: bool = True) -> Session:
@@ -186,10 +182,7 @@ def test_hostile_iotlb_messages_get_typed_refusals(sock: Path) -> None:
             assert fe.get_features()
             # A good message still works.
             assert _raw_iotlb(fe, layout.pack(iova, 4096, uaddr, 3, IotlbType.UPDATE)) == 0
-        deadline = time.monotonic() + 5
-        while fd_count() != before and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert fd_count() == before
+        assert settled_fd_count(before, 5) == before
 
 
 @pytest.mark.parametrize("kind", KINDS)

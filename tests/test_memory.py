@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import gc
 import mmap
 import os
 import socket
@@ -16,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fds import fd_count
 from pyvdpa.errors import GuestMemoryError
 from pyvdpa.memory import (
     LOG_PAGE_SIZE,
@@ -31,17 +31,7 @@ from pyvdpa.vhost_user.protocol import MAX_MEM_REGIONS
 PAGE = 4096
 
 
-def fd_count() -> int:
-    return len(os.listdir("/proc/self/fd"))
-
-
-@pytest.fixture(autouse=True)
-def no_fd_leak() -> Iterator[None]:
-    gc.collect()
-    before = fd_count()
-    yield
-    gc.collect()
-    assert fd_count() == before
+pytestmark = pytest.mark.usefixtures("no_fd_leak")
 
 
 def memfd(size: int, fill: bytes = b"") -> int:
