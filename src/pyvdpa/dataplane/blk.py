@@ -37,12 +37,12 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from pyvdpa.dataplane import kernels as k
-from pyvdpa.dataplane.engine import TX, Engine, EngineMode, Port
+from pyvdpa.dataplane.engine import TX, Engine, EngineIommu, EngineMode, Port
 from pyvdpa.dataplane.net import ENGINE_EXCLUDED_PROTOCOL_FEATURES, QueueCounters, shared_engine
 from pyvdpa.dataplane.queues import queue_from_vring
 from pyvdpa.devices.blk import (
@@ -67,18 +67,13 @@ ZERO_CHUNK = 1 << 16
 """Bytes of zeros the worker writes at a time where a file system cannot zero a range."""
 
 
-class EngineBlkDevice(BlkControl, VhostUserDevice):
+class EngineBlkDevice(EngineIommu, BlkControl, VhostUserDevice):
     """A virtio-blk disk on a file or in memory whose queues run on an :class:`Engine`.
 
     ``engine`` defaults to the process-wide engine of ``engine_mode`` on
     ``cpus``.  The other arguments are those of
     :class:`~pyvdpa.devices.blk.BlkControl`.
     """
-
-    #: Behind an IOMMU the kernels translate IOVAs with a table of the IOTLB;
-    #: a queue that misses stalls until the engine's monitor brings it new
-    #: translations (see :meth:`pyvdpa.dataplane.engine.Engine.attend`).
-    access_platform = True
 
     def __init__(
         self,
@@ -104,16 +99,6 @@ class EngineBlkDevice(BlkControl, VhostUserDevice):
         self._counters = np.zeros((queues, k.NSTATS), dtype=np.int64)
         self._ports: list[Port | None] = [None] * queues
         self._lock = threading.Lock()
-
-    def iotlb_updated(self) -> None:
-        """New IOTLB entries: let the engine unstall the queues waiting for them."""
-        self.engine.attend()
-
-    def iotlb_invalidate(self, iova: int, size: int, invalidate: Callable[[], None]) -> bool:
-        """Withdraw translations in place, the rings running on (see :meth:`Engine.invalidate`)."""
-        with self._lock:
-            ports = [port for port in self._ports if port is not None]
-        return self.engine.invalidate(ports, iova, size, invalidate)
 
     @property
     def stats(self) -> list[QueueCounters]:

@@ -62,7 +62,16 @@ from pyvdpa.dataplane.queues import CompiledQueue, Int64Array
 from pyvdpa.errors import ConfigError
 from pyvdpa.vhost_user.device import Vring
 
-__all__ = ["EVENT_SPIN_US", "RX", "TX", "WORKER_THREAD_PREFIX", "Engine", "EngineMode", "Port"]
+__all__ = [
+    "EVENT_SPIN_US",
+    "RX",
+    "TX",
+    "WORKER_THREAD_PREFIX",
+    "Engine",
+    "EngineIommu",
+    "EngineMode",
+    "Port",
+]
 
 RX = 0
 """Port role of the receive queue."""
@@ -612,6 +621,32 @@ class Engine:
             else:
                 keep.append((owner, retired))
         self._retired = keep
+
+
+class EngineIommu:
+    """What a device whose queues run on an :class:`Engine` does behind an IOMMU.
+
+    Mixed into the engine devices, before their vhost-user base: the kernels
+    translate IOVAs with a table of the IOTLB, a queue that misses stalls
+    until the engine's monitor brings it new translations, and
+    invalidations are applied in place (:meth:`Engine.invalidate`).  The
+    device keeps its ports in ``_ports`` under ``_lock``.
+    """
+
+    access_platform = True
+    engine: Engine
+    _lock: threading.Lock
+    _ports: list[Port | None]
+
+    def iotlb_updated(self) -> None:
+        """New IOTLB entries: let the engine unstall the queues waiting for them."""
+        self.engine.attend()
+
+    def iotlb_invalidate(self, iova: int, size: int, invalidate: Callable[[], None]) -> bool:
+        """Withdraw translations in place, the rings running on."""
+        with self._lock:
+            ports = [port for port in self._ports if port is not None]
+        return self.engine.invalidate(ports, iova, size, invalidate)
 
 
 #: Seconds a kernel load may take before ``warm_up`` reports that it is compiling.

@@ -44,13 +44,13 @@ import logging
 import os
 import struct
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
 
 from pyvdpa.dataplane import kernels as k
-from pyvdpa.dataplane.engine import RX, TX, Engine, EngineMode, Port
+from pyvdpa.dataplane.engine import RX, TX, Engine, EngineIommu, EngineMode, Port
 from pyvdpa.dataplane.queues import Int64Array, queue_from_vring
 from pyvdpa.devices.net import DEFAULT_MAC, NetControl, rarp_frame
 from pyvdpa.devices.tap import DEFAULT_TAP_NAME, TAP_FRAME_MAX, Tap
@@ -228,7 +228,7 @@ def _discard(fd: int) -> int:
     return count
 
 
-class EngineNetDevice(NetControl, VhostUserDevice):
+class EngineNetDevice(EngineIommu, NetControl, VhostUserDevice):
     """A virtio-net device (loopback, drop, gen or tap) whose queues run on an :class:`Engine`.
 
     ``engine`` defaults to the process-wide engine of ``engine_mode`` whose
@@ -237,11 +237,6 @@ class EngineNetDevice(NetControl, VhostUserDevice):
     header included, no FCS).  ``ifname`` names the TAP in ``tap`` mode (a
     ``%d`` template lets the kernel choose); :meth:`close` releases it.
     """
-
-    #: Behind an IOMMU the kernels translate IOVAs with a table of the IOTLB;
-    #: a queue that misses stalls until the engine's monitor brings it new
-    #: translations (see :meth:`pyvdpa.dataplane.engine.Engine.attend`).
-    access_platform = True
 
     def __init__(
         self,
@@ -294,16 +289,6 @@ class EngineNetDevice(NetControl, VhostUserDevice):
     def dropped(self) -> int:
         """Frames lost: refused by the receive filter, finding no receive buffer, or the TAP."""
         return int(self._counters[:, k.S_DROPPED].sum())
-
-    def iotlb_updated(self) -> None:
-        """New IOTLB entries: let the engine unstall the queues waiting for them."""
-        self.engine.attend()
-
-    def iotlb_invalidate(self, iova: int, size: int, invalidate: Callable[[], None]) -> bool:
-        """Withdraw translations in place, the rings running on (see :meth:`Engine.invalidate`)."""
-        with self._lock:
-            ports = [port for port in self._ports if port is not None]
-        return self.engine.invalidate(ports, iova, size, invalidate)
 
     def set_features(self, features: int) -> None:
         """Remember the negotiated features (they size the header, allow merged buffers)."""
