@@ -48,7 +48,13 @@ from pyvdpa.memory import GuestMemory, MemoryRegion, SharedMemory, allocate_shar
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.codec import Message
 from pyvdpa.vhost_user.frontend import Frontend
-from pyvdpa.vhost_user.protocol import BackendRequest, IotlbPerm, IotlbType, ProtocolFeature
+from pyvdpa.vhost_user.protocol import (
+    ACKED_BACKEND_CHANNEL,
+    BackendRequest,
+    IotlbPerm,
+    IotlbType,
+    ProtocolFeature,
+)
 from pyvdpa.virtio.constants import VirtioFeature
 from pyvdpa.virtio.packed import PackedDriverQueue
 from pyvdpa.virtio.ring import DriverQueue
@@ -84,9 +90,7 @@ WANTED_PROTOCOL_FEATURES = (
 
 #: What in-band notifications need: the feature, the back-end channel its
 #: calls arrive on and the acknowledgements that make each one synchronous.
-INBAND_PROTOCOL_FEATURES = (
-    ProtocolFeature.INBAND_NOTIFICATIONS | ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
-)
+INBAND_PROTOCOL_FEATURES = ProtocolFeature.INBAND_NOTIFICATIONS | ACKED_BACKEND_CHANNEL
 
 
 @dataclass(eq=False)
@@ -241,7 +245,7 @@ class Session:
         offered = fe.get_features()
         if self.iommu:
             required |= VirtioFeature.ACCESS_PLATFORM | VirtioFeature.PROTOCOL_FEATURES
-            protocol |= ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
+            protocol |= ACKED_BACKEND_CHANNEL
         missing = required & ~offered
         if missing:
             raise ConfigError(f"back-end does not offer {feature_names(missing)}")
@@ -262,9 +266,7 @@ class Session:
             fe.backend_handlers[BackendRequest.VRING_CALL] = self._on_vring_call
             fe.backend_handlers[BackendRequest.VRING_ERR] = self._on_vring_err
         if self.iommu:
-            lacking = (
-                ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
-            ) & ~self.protocol_features
+            lacking = ACKED_BACKEND_CHANNEL & ~self.protocol_features
             if lacking:
                 raise ConfigError(
                     f"an IOMMU needs protocol features the back-end lacks: {lacking!r}"

@@ -87,6 +87,7 @@ from pyvdpa.vhost_user.inflight import (
     SplitInflightQueue,
 )
 from pyvdpa.vhost_user.protocol import (
+    ACKED_BACKEND_CHANNEL,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     BackendRequest,
@@ -104,7 +105,6 @@ from pyvdpa.virtio.split import SplitDeviceQueue, SplitLayout
 
 __all__ = [
     "IMPLEMENTED_PROTOCOL_FEATURES",
-    "IOMMU_PROTOCOL_FEATURES",
     "MAX_MEM_SLOTS",
     "RING_TRANSITIONS",
     "BackendConnection",
@@ -138,15 +138,6 @@ _BACKEND_FEATURES = VirtioFeature.PROTOCOL_FEATURES
 
 #: Feature bits that may change while rings run (migration toggles logging).
 _LIVE_FEATURES = VirtioFeature.LOG_ALL
-
-#: What in-band notifications need negotiated with them (vhost-user spec,
-#: "In-band notifications"): a channel to send VRING_CALL / VRING_ERR on, and
-#: REPLY_ACK to wait until the front-end processed each.
-_INBAND_NEEDS = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
-
-#: Protocol features an IOMMU needs: misses go on the back-end channel and
-#: QEMU refuses ACCESS_PLATFORM over vhost-user without REPLY_ACK.
-IOMMU_PROTOCOL_FEATURES = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
 
 
 class RingState(enum.Enum):
@@ -216,7 +207,7 @@ class BackendConnection:
         )
         if self.offered_features & VirtioFeature.LOG_ALL:
             self.offered_protocol_features |= int(ProtocolFeature.LOG_SHMFD)
-        iommu = int(IOMMU_PROTOCOL_FEATURES)
+        iommu = int(ACKED_BACKEND_CHANNEL)
         if device.access_platform and self.offered_protocol_features & iommu == iommu:
             self.offered_features |= int(VirtioFeature.ACCESS_PLATFORM)
         self.iotlb = Iotlb()
@@ -556,7 +547,7 @@ class BackendConnection:
         unknown = value & ~self.offered_protocol_features
         if unknown:
             raise RemoteProtocolError(f"SET_PROTOCOL_FEATURES: bits {unknown:#x} were not offered")
-        if value & ProtocolFeature.INBAND_NOTIFICATIONS and ~value & _INBAND_NEEDS:
+        if value & ProtocolFeature.INBAND_NOTIFICATIONS and ~value & ACKED_BACKEND_CHANNEL:
             # The spec's answer: the back-end has no other way to refuse it.
             raise RemoteProtocolError(
                 "SET_PROTOCOL_FEATURES: INBAND_NOTIFICATIONS without BACKEND_REQ and REPLY_ACK",

@@ -11,6 +11,7 @@ from enum import IntEnum, IntFlag
 from pyvdpa.virtio.constants import bit
 
 __all__ = [
+    "ACKED_BACKEND_CHANNEL",
     "HEADER_SIZE",
     "MAX_MEM_REGIONS",
     "MAX_PAYLOAD_SIZE",
@@ -120,6 +121,15 @@ class ProtocolFeature(IntFlag):
     XEN_MMAP = bit(17)
     SHARED_OBJECT = bit(18)
     DEVICE_STATE = bit(19)
+
+
+ACKED_BACKEND_CHANNEL = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
+"""What in-band notifications and an IOMMU both need negotiated with them.
+
+The back-end channel carries the back-end's VRING_CALL / VRING_ERR or IOTLB
+misses, and REPLY_ACK lets each side wait until the other processed a
+request (QEMU refuses ACCESS_PLATFORM over vhost-user without it).
+"""
 
 
 class IotlbType(IntEnum):
