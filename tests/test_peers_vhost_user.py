@@ -106,6 +106,32 @@ def _drive(peers: PeerPool, *args: str, timeout: float = 30.0) -> tuple[int, dic
     return status, drive.figures()
 
 
+def _drive_txonly(
+    peers: PeerPool, backend: Testpmd, sock: Path, *options: str
+) -> tuple[int, dict[str, Any], PortStats]:
+    """``drive net --mode txonly`` into a forwarding ``backend``.
+
+    Returns the exit status, the figures and the back-end's port once it
+    has counted every frame sent.
+    """
+    backend.start_forwarding()
+    status, result = _drive(
+        peers,
+        "net",
+        "--socket",
+        str(sock),
+        "--mode",
+        "txonly",
+        "--frame-size",
+        str(FRAME_SIZE),
+        "--duration",
+        DRIVE_SECONDS,
+        *options,
+    )
+    _until(lambda: backend.port_stats()[0].rx_packets >= result["tx_packets"])
+    return status, result, backend.port_stats()[0]
+
+
 def _no_errors(stats: PortStats) -> bool:
     return stats.rx_errors == stats.tx_errors == stats.rx_missed == stats.rx_nombuf == 0
 
@@ -204,25 +230,9 @@ def test_virtio_user_forwards_through_sim_net(
 def test_drive_txonly_counted_by_net_vhost(peers: PeerPool, packed: bool, queues: int) -> None:
     sock = peers.sock_dir / "net-vhost.sock"
     backend = peers.start(net_vhost(sock, queues=queues, mode="rxonly"))
-    backend.start_forwarding()
-
-    status, result = _drive(
-        peers,
-        "net",
-        "--socket",
-        str(sock),
-        "--mode",
-        "txonly",
-        "--queues",
-        str(queues),
-        "--frame-size",
-        str(FRAME_SIZE),
-        "--duration",
-        DRIVE_SECONDS,
-        *(["--packed"] if packed else []),
+    status, result, port = _drive_txonly(
+        peers, backend, sock, "--queues", str(queues), *(["--packed"] if packed else [])
     )
-    _until(lambda: backend.port_stats()[0].rx_packets >= result["tx_packets"])
-    port = backend.port_stats()[0]
 
     assert status == 0, result
     assert result["errors"] == 0
@@ -236,23 +246,7 @@ def test_drive_iommu_into_net_vhost_with_iotlb(peers: PeerPool) -> None:
     """DPDK's IOTLB asks for every page it touches; drive answers and the frames arrive."""
     sock = peers.sock_dir / "net-vhost-iommu.sock"
     backend = peers.start(net_vhost(sock, mode="rxonly", iommu=True))
-    backend.start_forwarding()
-
-    status, result = _drive(
-        peers,
-        "net",
-        "--socket",
-        str(sock),
-        "--iommu",
-        "--mode",
-        "txonly",
-        "--frame-size",
-        str(FRAME_SIZE),
-        "--duration",
-        DRIVE_SECONDS,
-    )
-    _until(lambda: backend.port_stats()[0].rx_packets >= result["tx_packets"])
-    port = backend.port_stats()[0]
+    status, result, port = _drive_txonly(peers, backend, sock, "--iommu")
 
     assert status == 0, result
     assert result["errors"] == 0
@@ -417,23 +411,7 @@ def test_drive_server_with_net_vhost_client(peers: PeerPool) -> None:
     sock = peers.sock_dir / "drive.sock"
     # net_vhost keeps trying to connect until drive listens.
     backend = peers.start(net_vhost(sock, client=True, mode="rxonly"))
-    backend.start_forwarding()
-
-    status, result = _drive(
-        peers,
-        "net",
-        "--server",
-        "--socket",
-        str(sock),
-        "--mode",
-        "txonly",
-        "--frame-size",
-        str(FRAME_SIZE),
-        "--duration",
-        DRIVE_SECONDS,
-    )
-    _until(lambda: backend.port_stats()[0].rx_packets >= result["tx_packets"])
-    port = backend.port_stats()[0]
+    status, result, port = _drive_txonly(peers, backend, sock, "--server")
 
     assert status == 0, result
     assert result["errors"] == 0
