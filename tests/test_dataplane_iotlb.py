@@ -33,7 +33,7 @@ from pyvdpa.memory import (
     SharedMemory,
     allocate_shared,
 )
-from pyvdpa.vhost_user.protocol import IotlbPerm
+from pyvdpa.vhost_user.protocol import MAX_MEM_REGIONS, IotlbPerm
 from pyvdpa.virtio.packed import PackedDeviceQueue, PackedDriverQueue
 from pyvdpa.virtio.ring import (
     AddressSpace,
@@ -76,7 +76,7 @@ class IommuGuest:
 
     def __init__(self, boundary: int = FRAMES) -> None:
         self.shared: SharedMemory = allocate_shared(FRAMES * PAGE, "iotlb-dataplane")
-        self.memory = GuestMemory()
+        self.memory = GuestMemory(MAX_MEM_REGIONS)
         address, fd = self.shared.address, self.shared.fd
         self.memory.add_region(MemoryRegion(GPA, boundary * PAGE, address, 0), fd)
         if boundary < FRAMES:
@@ -86,7 +86,7 @@ class IommuGuest:
                 fd,
             )
         # The driver addresses page f at IOVA + f * PAGE, whatever the IOTLB says.
-        self.driver_memory = GuestMemory()
+        self.driver_memory = GuestMemory(MAX_MEM_REGIONS)
         self.driver_memory.add_region(
             MemoryRegion(IOVA, FRAMES * PAGE, self.shared.address, 0), self.shared.fd
         )

@@ -25,6 +25,7 @@ from pyvdpa.dataplane import kernels as k
 from pyvdpa.dataplane.queues import CompiledQueue, ring_error
 from pyvdpa.errors import RingError
 from pyvdpa.memory import DirtyLog, GuestMemory, MemoryRegion, SharedMemory, allocate_shared
+from pyvdpa.vhost_user.protocol import MAX_MEM_REGIONS
 from pyvdpa.virtio.packed import PackedDeviceQueue, PackedDriverQueue
 from pyvdpa.virtio.ring import (
     ChainTooLongError,
@@ -54,7 +55,7 @@ class SharedGuest:
         self.base = base
         self.size = size
         self.shared: SharedMemory = allocate_shared(size, "dataplane-test")
-        self.memory = GuestMemory()
+        self.memory = GuestMemory(MAX_MEM_REGIONS)
         self.memory.add_region(MemoryRegion(base, size, self.shared.address, 0), self.shared.fd)
 
     @property

@@ -23,7 +23,7 @@ from pyvdpa.memory import (
     allocate_shared,
 )
 from pyvdpa.vhost_user.device import Vring
-from pyvdpa.vhost_user.protocol import IotlbPerm
+from pyvdpa.vhost_user.protocol import MAX_MEM_REGIONS, IotlbPerm
 from pyvdpa.virtio.packed import PackedDeviceQueue, PackedDriverQueue
 from pyvdpa.virtio.ring import BufferAddressError, DeviceQueue, DriverQueue
 from pyvdpa.virtio.split import SplitDeviceQueue, SplitDriverQueue
@@ -163,7 +163,7 @@ def shared() -> Iterator[SharedMemory]:
 @pytest.fixture
 def device_memory(shared: SharedMemory) -> Iterator[GuestMemory]:
     """The back-end's table: one region at GPA."""
-    with GuestMemory() as memory:
+    with GuestMemory(MAX_MEM_REGIONS) as memory:
         memory.add_region(MemoryRegion(GPA, SIZE, shared.address, 0), shared.fd)
         yield memory
 
@@ -171,7 +171,7 @@ def device_memory(shared: SharedMemory) -> Iterator[GuestMemory]:
 @pytest.fixture
 def driver_memory(shared: SharedMemory) -> Iterator[GuestMemory]:
     """The driver's view, addressed by IOVA."""
-    with GuestMemory() as memory:
+    with GuestMemory(MAX_MEM_REGIONS) as memory:
         memory.add_region(MemoryRegion(IOVA, SIZE, shared.address, 0), shared.fd)
         yield memory
 

@@ -66,7 +66,7 @@ class TestTranslation:
             MemoryRegion(0x10_0000, 0x800, 0x7F00_0010_0000, 3),
             MemoryRegion(0x20_0000, PAGE, 0x7F00_0020_0000, 3),
         ]
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.add_region(regions[0], shared)
             mem.add_region(regions[1], shared)
             mem.add_region(regions[2], other)
@@ -82,7 +82,7 @@ class TestTranslation:
     def test_views_are_writable_and_shared(self, fds: list[int]) -> None:
         fd = memfd(2 * PAGE)
         fds.append(fd)
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.add_region(MemoryRegion(0x1000, 2 * PAGE, 0x5000, 0), fd)
             view = mem.view(0x1800, 4)
             view[:] = b"\x01\x02\x03\x04"
@@ -92,7 +92,7 @@ class TestTranslation:
     def test_uva_translation(self, fds: list[int]) -> None:
         fd = memfd(3 * PAGE)
         fds.append(fd)
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.add_region(MemoryRegion(0x4000_0000, PAGE, 0x7000_0000, 0), fd)
             mem.add_region(MemoryRegion(0x1000, PAGE, 0x7000_1000, PAGE), fd)
             assert mem.uva_to_gpa(0x7000_0000) == 0x4000_0000
@@ -112,7 +112,7 @@ class TestTranslation:
     def test_dpdk_style_identity_mapping(self, fds: list[int]) -> None:
         fd = memfd(PAGE)
         fds.append(fd)
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.add_region(MemoryRegion(0x7F12_3456_0000, PAGE, 0x7F12_3456_0000, 0), fd)
             assert mem.uva_to_gpa(0x7F12_3456_0100) == 0x7F12_3456_0100
 
@@ -122,7 +122,7 @@ class TestBounds:
     def mem(self, fds: list[int]) -> Iterator[GuestMemory]:
         fd = memfd(2 * PAGE)
         fds.append(fd)
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             # Two regions adjacent in GPA space.
             mem.add_region(MemoryRegion(0x1000, PAGE, 0x10000, 0), fd)
             mem.add_region(MemoryRegion(0x2000, PAGE, 0x20000, PAGE), fd)
@@ -157,7 +157,10 @@ class TestBounds:
             mem.view(addr, length)
 
     def test_empty_table(self) -> None:
-        with GuestMemory() as mem, pytest.raises(GuestMemoryError, match="not inside"):
+        with (
+            GuestMemory(MAX_MEM_REGIONS) as mem,
+            pytest.raises(GuestMemoryError, match="not inside"),
+        ):
             mem.view(0, 0)
 
 
@@ -180,7 +183,7 @@ def test_view_matches_model(layout: list[tuple[int, int]], accesses: list[tuple[
     total = sum(size for _, size in layout)
     fd = memfd(total)
     try:
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             offset = 0
             for gpa, size in layout:
                 mem.add_region(MemoryRegion(gpa, size, 0x1_0000_0000 + gpa, offset), fd)
@@ -214,7 +217,7 @@ class TestRegionValidation:
     def test_bad_region(self, region: MemoryRegion, fds: list[int]) -> None:
         fd = memfd(PAGE)
         fds.append(fd)
-        with GuestMemory() as mem, pytest.raises(GuestMemoryError):
+        with GuestMemory(MAX_MEM_REGIONS) as mem, pytest.raises(GuestMemoryError):
             mem.add_region(region, fd)
 
     @pytest.mark.parametrize(
@@ -231,7 +234,7 @@ class TestRegionValidation:
         fd = memfd(2 * PAGE)
         fds.append(fd)
         first = MemoryRegion(0x1000, PAGE, 0x10000, 0)
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.add_region(first, fd)
             with pytest.raises(GuestMemoryError, match="overlaps"):
                 mem.add_region(second, fd)
@@ -240,7 +243,7 @@ class TestRegionValidation:
     def test_adjacent_regions_accepted(self, fds: list[int]) -> None:
         fd = memfd(2 * PAGE)
         fds.append(fd)
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.add_region(MemoryRegion(0x1000, PAGE, 0x10000, 0), fd)
             mem.add_region(MemoryRegion(0x2000, PAGE, 0x11000, PAGE), fd)
             mem.add_region(MemoryRegion(0x0, PAGE, 0xF000, 0), fd)
@@ -249,7 +252,7 @@ class TestRegionValidation:
     def test_too_many_regions(self, fds: list[int]) -> None:
         fd = memfd(PAGE)
         fds.append(fd)
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             assert mem.max_regions == MAX_MEM_REGIONS
             for i in range(MAX_MEM_REGIONS):
                 mem.add_region(MemoryRegion(i * PAGE, PAGE, i * PAGE, 0), fd)
@@ -279,7 +282,7 @@ class TestUnmappableFds:
     REGION = MemoryRegion(0x0, PAGE, 0x10000, 0)
 
     def check(self, fd: int) -> None:
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             with pytest.raises(GuestMemoryError):
                 mem.add_region(self.REGION, fd)
             assert mem.regions == ()
@@ -311,7 +314,7 @@ class TestUnmappableFds:
         fd = memfd(PAGE - 1)
         fds.append(fd)
         self.check(fd)
-        with GuestMemory() as mem, pytest.raises(GuestMemoryError, match="holds"):
+        with GuestMemory(MAX_MEM_REGIONS) as mem, pytest.raises(GuestMemoryError, match="holds"):
             mem.add_region(MemoryRegion(0x0, 0x10, 0x0, PAGE - 0x8), fd)
 
     def test_read_only_file(self, tmp_path: Path) -> None:
@@ -335,7 +338,7 @@ class TestUnmappableFds:
         path.write_bytes(pattern(3 * PAGE, 5))
         fd = os.open(path, os.O_RDWR)
         try:
-            with GuestMemory() as mem:
+            with GuestMemory(MAX_MEM_REGIONS) as mem:
                 mem.add_region(MemoryRegion(0x0, PAGE, 0x0, PAGE + 1), fd)
                 assert mem.read(0, PAGE) == pattern(3 * PAGE, 5)[PAGE + 1 : 2 * PAGE + 1]
         finally:
@@ -345,7 +348,7 @@ class TestUnmappableFds:
 class TestTableChanges:
     def test_caller_keeps_fd(self) -> None:
         fd = memfd(PAGE, b"kept")
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.add_region(MemoryRegion(0, PAGE, 0, 0), fd)
             os.close(fd)
             assert mem.read(0, 4) == b"kept"
@@ -353,7 +356,7 @@ class TestTableChanges:
     def test_set_table_replaces(self, fds: list[int]) -> None:
         a, b = memfd(PAGE, b"old"), memfd(PAGE, b"new")
         fds += [a, b]
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.set_table([(MemoryRegion(0, PAGE, 0, 0), a)])
             generation = mem.generation
             mem.set_table([(MemoryRegion(0x1000, PAGE, 0x1000, 0), b)])
@@ -378,7 +381,7 @@ class TestTableChanges:
             "too_small": (MemoryRegion(0x30000, PAGE, 0x30000, 2 * PAGE), new_fd),
             "zero_size": (MemoryRegion(0x30000, 0, 0x30000, 0), new_fd),
         }[failure]
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.set_table([(old, old_fd)])
             generation = mem.generation
             before = fd_count()
@@ -417,7 +420,7 @@ class TestTableChanges:
     def test_clear_and_close(self, fds: list[int]) -> None:
         fd = memfd(PAGE)
         fds.append(fd)
-        mem = GuestMemory()
+        mem = GuestMemory(MAX_MEM_REGIONS)
         mem.add_region(MemoryRegion(0, PAGE, 0, 0), fd)
         mem.clear()
         assert mem.regions == ()
@@ -438,7 +441,7 @@ class TestRemapWithLiveViews:
         fd = memfd(PAGE)
         fds.append(fd)
         region = MemoryRegion(0x1000, PAGE, 0x1000, 0)
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.add_region(region, fd)
             view = mem.view(0x1000, 16)
             uva = mem.uva_view(0x1000, 16)
@@ -456,7 +459,7 @@ class TestRemapWithLiveViews:
         fd = memfd(PAGE, b"\x2a")
         fds.append(fd)
         region = MemoryRegion(0x1000, PAGE, 0x1000, 0)
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.add_region(region, fd)
             array = np.frombuffer(mem.view(0x1000, 16), dtype=np.uint8)
             mem.set_table([(MemoryRegion(0x8000, PAGE, 0x8000, 0), fd)])
@@ -472,7 +475,7 @@ class TestRemapWithLiveViews:
     def test_exported_view_at_close(self, fds: list[int]) -> None:
         fd = memfd(PAGE)
         fds.append(fd)
-        mem = GuestMemory()
+        mem = GuestMemory(MAX_MEM_REGIONS)
         mem.add_region(MemoryRegion(0, PAGE, 0, 0), fd)
         array = np.frombuffer(mem.view(0, 16), dtype=np.uint8)
         mem.close()
@@ -484,7 +487,7 @@ class TestRemapWithLiveViews:
     def test_untracked_views_die_quietly(self, fds: list[int]) -> None:
         fd = memfd(PAGE)
         fds.append(fd)
-        with GuestMemory() as mem:
+        with GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.add_region(MemoryRegion(0, PAGE, 0, 0), fd)
             for i in range(1000):
                 mem.write(i, b"\x01")
@@ -527,7 +530,7 @@ class TestSharedMemory:
         shm.close()
 
     def test_front_end_and_back_end_share(self) -> None:
-        with allocate_shared(2 * PAGE) as shm, GuestMemory() as mem:
+        with allocate_shared(2 * PAGE) as shm, GuestMemory(MAX_MEM_REGIONS) as mem:
             mem.add_region(MemoryRegion(0x4000_0000, shm.size, shm.address, 0), shm.fd)
             gpa = mem.uva_to_gpa(shm.address + 0x123)
             assert gpa == 0x4000_0123
@@ -706,7 +709,7 @@ def test_hugetlbfs_region_with_an_offset(huge_pages: Path) -> None:
         with mmap.mmap(fd, 3 * _HUGE) as file_view:
             file_view[offset + 0x1234 : offset + 0x1238] = b"huge"
             file_view[3 * _HUGE - 4 :] = b"tail"
-            memory = GuestMemory()
+            memory = GuestMemory(MAX_MEM_REGIONS)
             try:
                 memory.add_region(MemoryRegion(gpa, size, uva, offset), fd)
                 assert memory.uva_to_gpa(uva + 0x1234) == gpa + 0x1234

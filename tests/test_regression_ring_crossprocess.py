@@ -14,6 +14,7 @@ import time
 import pytest
 
 from pyvdpa.memory import GuestMemory, MemoryRegion, allocate_shared
+from pyvdpa.vhost_user.protocol import MAX_MEM_REGIONS
 from pyvdpa.virtio.packed import PackedDeviceQueue, PackedDriverQueue
 from pyvdpa.virtio.split import SplitDeviceQueue, SplitDriverQueue, SplitLayout
 
@@ -34,7 +35,7 @@ def _layout(packed: bool) -> tuple[int, int, int, int]:
 
 
 def _device(fd: int, packed: bool, result: multiprocessing.SimpleQueue[str]) -> None:
-    mem = GuestMemory()
+    mem = GuestMemory(MAX_MEM_REGIONS)
     mem.add_region(MemoryRegion(GPA, MEM, 0, 0), fd)
     desc, avail, used, _ = _layout(packed)
     cls = PackedDeviceQueue if packed else SplitDeviceQueue
@@ -62,7 +63,7 @@ def test_regression_ring_fields_published_atomically(packed: bool) -> None:
     result: multiprocessing.SimpleQueue[str] = ctx.SimpleQueue()
     child = ctx.Process(target=_device, args=(shared.fd, packed, result))
     child.start()
-    mem = GuestMemory()
+    mem = GuestMemory(MAX_MEM_REGIONS)
     mem.add_region(MemoryRegion(GPA, MEM, 0, 0), shared.fd)
     desc, avail, used, buffers = _layout(packed)
     cls = PackedDriverQueue if packed else SplitDriverQueue

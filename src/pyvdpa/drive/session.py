@@ -50,6 +50,7 @@ from pyvdpa.vhost_user.codec import Message
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.vhost_user.protocol import (
     ACKED_BACKEND_CHANNEL,
+    MAX_MEM_REGIONS,
     BackendRequest,
     IotlbPerm,
     IotlbType,
@@ -157,7 +158,7 @@ class Session:
         #: Where the device sees the region: its GPA, or its IOVA behind the IOMMU.
         self.dma_base = GPA_BASE + (IOVA_OFFSET if iommu else 0)
         # The driver's own view, addressed as the device addresses it.
-        self.memory = GuestMemory()
+        self.memory = GuestMemory(MAX_MEM_REGIONS)
         self.memory.add_region(
             MemoryRegion(self.dma_base, memory_size, self.shared.address, 0), self.shared.fd
         )

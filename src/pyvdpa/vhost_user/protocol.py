@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from enum import IntEnum, IntFlag
 
+# IOTLB_MSG carries the permission guest memory defines (shared with vhost-vdpa and VDUSE).
+from pyvdpa.memory.iotlb import IotlbPerm
 from pyvdpa.virtio.constants import bit
 
 __all__ = [
@@ -139,12 +141,3 @@ class IotlbType(IntEnum):
     UPDATE = 2
     INVALIDATE = 3
     ACCESS_FAIL = 4
-
-
-class IotlbPerm(IntEnum):
-    """Access permissions of an IOTLB message (``VHOST_ACCESS_*``)."""
-
-    NONE = 0
-    RO = 1
-    WO = 2
-    RW = 3
