@@ -4,8 +4,10 @@
 # Installs the third-party peers the tests drive (DPDK testpmd, QEMU,
 # qemu-storage-daemon, busybox for the guest initramfs, iproute2 for network
 # namespaces), installs the project with its test extras, and caches the guest
-# kernel and virtio modules used by the QEMU guest tests; compiles the
-# data-path kernels once, so that no later start waits for the compiler.
+# kernel and virtio modules used by the QEMU guest tests, and the VDUSE guest
+# (Debian trixie's kernel, with the vDPA bus, and its initramfs; see
+# scripts/vduse-guest/prepare.sh); compiles the data-path kernels once, so
+# that no later start waits for the compiler.
 #
 # Idempotent: a re-run installs nothing that is already there and reuses the
 # cached guest kernel. The cache lives in $PYVDPA_CACHE, else
@@ -17,6 +19,7 @@ trap 'echo "setup: FAILED (exit $?) at line $LINENO: $BASH_COMMAND" >&2' ERR
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache_dir=${PYVDPA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pyvdpa}
 guest_dir=$cache_dir/guest
+vduse_guest_dir=$cache_dir/vduse-guest
 python=${PYTHON:-python3}
 
 packages=(dpdk-dev qemu-system-x86 qemu-system-common busybox-static cpio iproute2)
@@ -96,6 +99,15 @@ else
     rm -rf "$guest_dir"
     mv "$staged" "$guest_dir"
     echo "setup: guest kernel $kernel_pkg cached in $guest_dir"
+fi
+
+prepare_vduse_guest=("$repo_root/scripts/vduse-guest/prepare.sh")
+if "${prepare_vduse_guest[@]}" --check "$vduse_guest_dir"; then
+    echo "setup: VDUSE guest already cached ($(cat "$vduse_guest_dir/kernel-package")) in $vduse_guest_dir"
+else
+    echo "setup: preparing the VDUSE guest (trixie's kernel, apt pinned at priority 50)…"
+    PYTHON=$python "${prepare_vduse_guest[@]}" "$vduse_guest_dir"
+    echo "setup: VDUSE guest $(cat "$vduse_guest_dir/kernel-package") cached in $vduse_guest_dir"
 fi
 
 echo "setup: loading the data-path kernels (compiled and cached on disk the first time)…"
