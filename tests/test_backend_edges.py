@@ -149,7 +149,8 @@ def test_reset_device_stops_rings_closes_fds_forgets_features(
         session.frontend.reset_device()
         for vring in conn.vrings:
             assert not vring.running and not vring.started and not vring.enabled
-            assert vring.kick_fd is vring.call_fd is vring.err_fd is None
+            n = vring.notifiers
+            assert n.kick_fd is n.call_fd is n.err_fd is None
             assert vring.num == vring.base == 0
         assert conn.features == 0 and not conn.features_set
         # Only the front-end's own eventfds remain.

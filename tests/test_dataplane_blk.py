@@ -28,12 +28,12 @@ from hypothesis import strategies as st
 from pyvdpa.dataplane import kernels
 from pyvdpa.dataplane.blk import EngineBlkDevice
 from pyvdpa.dataplane.engine import Engine
+from pyvdpa.device import Device
 from pyvdpa.devices import blk as reference_blk
 from pyvdpa.devices.blk import MAX_DISCARD_SECTORS, BlkDevice
 from pyvdpa.devices.stats import STAT_NAMES
 from pyvdpa.drive.session import Session
 from pyvdpa.memory import allocate_shared
-from pyvdpa.vhost_user.device import VhostUserDevice
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.vhost_user.server import BackendServer
@@ -210,7 +210,7 @@ class Disk:
         self.device = device
         stack.callback(device.close)
 
-        def factory() -> VhostUserDevice:
+        def factory() -> Device:
             return device
 
         stack.enter_context(BackendServer(socket, factory))

@@ -23,7 +23,7 @@ from peers import PeerPool
 from peers.dpdk import Testpmd
 from pyvdpa.dataplane.engine import Engine
 from pyvdpa.dataplane.net import DEFAULT_MAC, EngineNetDevice
-from pyvdpa.vhost_user.device import VhostUserDevice
+from pyvdpa.device import Device
 from pyvdpa.vhost_user.server import BackendServer
 
 pytestmark = pytest.mark.peers
@@ -115,7 +115,7 @@ def test_frames_round_trip_through_the_engine_intact(
     device = EngineNetDevice(mode="loopback", engine=engine_for(mode))
     path = peers.sock_dir / "net.sock"
 
-    def factory() -> VhostUserDevice:
+    def factory() -> Device:
         return device
 
     with BackendServer(path, factory):

@@ -27,10 +27,10 @@ from fds import fd_count
 from pyvdpa.dataplane import engine as engine_module
 from pyvdpa.dataplane.engine import WORKER_THREAD_PREFIX, Engine, EngineMode
 from pyvdpa.dataplane.net import DEFAULT_MAC, EngineNetDevice, generated_frame
+from pyvdpa.device import Device
 from pyvdpa.drive.session import DriverRing, Session
 from pyvdpa.errors import ConfigError
 from pyvdpa.memory import allocate_shared
-from pyvdpa.vhost_user.device import VhostUserDevice
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.vhost_user.server import BackendServer
@@ -139,7 +139,7 @@ def serve(sock_dir: Path) -> Iterator[Callable[..., Served]]:
         )
         path = sock_dir / f"net{next(count)}.sock"
 
-        def factory() -> VhostUserDevice:
+        def factory() -> Device:
             return device
 
         stack.enter_context(BackendServer(path, factory))

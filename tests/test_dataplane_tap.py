@@ -28,10 +28,10 @@ import pytest
 from peers.netns import NetNamespace
 from pyvdpa.dataplane.engine import Engine
 from pyvdpa.dataplane.net import EngineNetDevice
+from pyvdpa.device import Device
 from pyvdpa.drive.net import build_frame
 from pyvdpa.drive.session import Session
 from pyvdpa.memory import allocate_shared
-from pyvdpa.vhost_user.device import VhostUserDevice
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.vhost_user.server import BackendServer
@@ -170,7 +170,7 @@ def wire(sock_dir: Path) -> Iterator[Callable[..., Wired]]:
         sender = stack.enter_context(in_netns(netns, lambda: open_socket(0)))
         path = sock_dir / f"{uuid.uuid4().hex[:8]}.sock"
 
-        def factory() -> VhostUserDevice:
+        def factory() -> Device:
             return device
 
         stack.enter_context(BackendServer(path, factory))

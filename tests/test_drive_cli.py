@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from pyvdpa.device import Virtqueue
 from pyvdpa.devices.blk import BlkDevice
 from pyvdpa.devices.net import NetDevice
-from pyvdpa.vhost_user.device import Vring
 from pyvdpa.vhost_user.server import BackendServer
 from pyvdpa.virtio.constants import NetFeature
 from pyvdpa.virtio.net import net_header_size
@@ -63,11 +63,11 @@ class LyingNetDevice(NetDevice):
         super().__init__(mode="loopback")
         self.lie = lie
 
-    def start_queue(self, vring: Vring) -> None:
-        if vring.index % 2 == 0 and vring.queue is not None:
+    def ring_starting(self, ring: Virtqueue) -> None:
+        if ring.index % 2 == 0:
             header = net_header_size(self.negotiated)
-            vring.queue = _LyingRxQueue(vring.queue, self.lie, header)  # type: ignore[assignment]
-        super().start_queue(vring)
+            ring.queue = _LyingRxQueue(ring.queue, self.lie, header)  # type: ignore[assignment]
+        super().ring_starting(ring)
 
 
 @pytest.mark.parametrize(("lie", "counter"), [("corrupt", "rx_bad"), ("length", "errors")])

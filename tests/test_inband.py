@@ -57,7 +57,8 @@ def _no_eventfds(session: Session, conn: BackendConnection) -> None:
     for ring in session.rings:
         assert ring.kick_fd is None and ring.call_fd is None
     for vring in conn.vrings:
-        assert (vring.kick_fd, vring.call_fd, vring.err_fd) == (None, None, None)
+        n = vring.notifiers
+        assert (n.kick_fd, n.call_fd, n.err_fd) == (None, None, None)
 
 
 def _served(server: BackendServer) -> BackendConnection:

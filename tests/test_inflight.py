@@ -10,13 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvdpa.errors import GuestMemoryError, RemoteProtocolError, RingError
-from pyvdpa.vhost_user.inflight import (
+from pyvdpa.device.inflight import (
     INFLIGHT_VERSION,
     InflightChain,
     InflightDescriptor,
     InflightRegion,
 )
+from pyvdpa.errors import GuestMemoryError, RemoteProtocolError, RingError
 
 SPLIT_HEADER = struct.Struct("=QHHHH")
 SPLIT_DESC = struct.Struct("=B5xHQ")

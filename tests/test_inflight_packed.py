@@ -18,13 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from pyvdpa.device import Virtqueue
+from pyvdpa.device.inflight import InflightDescriptor, InflightRegion
 from pyvdpa.devices.blk import BlkDevice
 from pyvdpa.drive.session import Session
 from pyvdpa.memory import MemoryRegion
 from pyvdpa.vhost_user import codec
-from pyvdpa.vhost_user.device import Vring
 from pyvdpa.vhost_user.frontend import Frontend
-from pyvdpa.vhost_user.inflight import InflightDescriptor, InflightRegion
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.vhost_user.server import BackendServer
 from pyvdpa.virtio.blk import BlkRequestHeader
@@ -50,7 +50,7 @@ pytestmark = pytest.mark.usefixtures("no_fd_leak")
 class StallingBlkDevice(BlkDevice):
     """A back-end about to die: it takes every request and completes none."""
 
-    def process(self, vring: Vring) -> None:
+    def process(self, vring: Virtqueue) -> None:
         while vring.pop() is not None:
             pass
 

@@ -383,7 +383,7 @@ def test_inflight_request_is_resubmitted_after_restart(sock: Path) -> None:
     region back (SET_INFLIGHT_FD) with one head marked in flight and the
     avail index already past it (SET_VRING_BASE).
     """
-    from pyvdpa.vhost_user.inflight import InflightRegion
+    from pyvdpa.device.inflight import InflightRegion
     from pyvdpa.virtio.blk import BlkRequestHeader
     from pyvdpa.virtio.constants import BlkType
 

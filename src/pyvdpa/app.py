@@ -45,7 +45,7 @@ from pyvdpa.vdpa import (
     VdpaError,
     VdpaPort,
     VdpaRegistry,
-    VhostDevice,
+    VhostAdapter,
 )
 
 __all__ = ["PROMPT", "QUEUE_ALL", "Console", "VdpaApp", "add_run_arguments", "parse_cpus", "run"]
@@ -182,10 +182,10 @@ class VdpaApp:
             if owner is not None:
                 owner.remove(device, self.registry)
 
-    def _new_device(self, vhost: VhostDevice) -> None:
+    def _new_device(self, vhost: VhostAdapter) -> None:
         self.say(f"\nnew port {vhost.ifname}, device : {vhost.device.name}")
 
-    def _destroy_device(self, vhost: VhostDevice) -> None:
+    def _destroy_device(self, vhost: VhostAdapter) -> None:
         self.say(f"\ndestroy port {vhost.ifname}, device: {vhost.device.name}")
 
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyvdpa.dataplane.blk import EngineBlkDevice
 from pyvdpa.dataplane.engine import EngineMode
-from pyvdpa.dataplane.net import ENGINE_NET_MODES, EngineNetDevice
-from pyvdpa.devices.net import DEFAULT_MAC
+from pyvdpa.dataplane.net import ENGINE_NET_MODES
 from pyvdpa.errors import ConfigError
-from pyvdpa.virtio.net import parse_mac
 
-__all__ = ["SIM_NET_MODES", "VDEV_KEYS", "VdevSpec", "parse_size", "parse_vdev"]
+__all__ = [
+    "SIM_NET_MODES",
+    "VDEV_KEYS",
+    "VdevSpec",
+    "parse_bool",
+    "parse_int",
+    "parse_size",
+    "parse_vdev",
+]
 
 VDEV_KEYS: dict[str, frozenset[str]] = {
     "sim-net": frozenset({"name", "mode", "ifname", "mac", "mtu", "queues", "frame-size"}),
@@ -44,7 +49,8 @@ def parse_size(text: str) -> int:
     return result
 
 
-def _int(spec: str, key: str, text: str, low: int, high: int) -> int:
+def parse_int(spec: str, key: str, text: str, low: int, high: int) -> int:
+    """``key=text`` of ``--vdev spec`` as an integer in ``low..high``."""
     try:
         value = int(text, 0)
     except ValueError:
@@ -54,7 +60,8 @@ def _int(spec: str, key: str, text: str, low: int, high: int) -> int:
     return value
 
 
-def _bool(spec: str, key: str, text: str) -> bool:
+def parse_bool(spec: str, key: str, text: str) -> bool:
+    """``key=text`` of ``--vdev spec`` as on/off."""
     lowered = text.lower()
     if lowered in ("on", "1", "yes", "true"):
         return True
@@ -75,40 +82,6 @@ class VdevSpec:
     engine: EngineMode = EngineMode.ADAPTIVE
     #: CPUs the data path's workers are pinned to, one worker each (``pyvdpa run --cpus``).
     cpus: tuple[int, ...] | None = None
-
-    def create(self) -> EngineNetDevice | EngineBlkDevice:
-        """Build the device the spec describes (in ``tap`` mode, its TAP too).
-
-        Every device runs on the compiled engine.
-        """
-        o, t = self.options, self.text
-        if self.kind == "sim-net":
-            mode = o.get("mode", "loopback")
-            if mode not in SIM_NET_MODES:
-                raise ConfigError(f"unknown sim-net mode {mode!r} ({', '.join(SIM_NET_MODES)})")
-            if "ifname" in o and mode != "tap":
-                raise ConfigError(f"ifname={o['ifname']} needs mode=tap")
-            if "frame-size" in o and mode != "gen":
-                raise ConfigError(f"--vdev {t!r}: frame-size= needs mode=gen")
-            return EngineNetDevice(
-                mode=mode,
-                ifname=o.get("ifname"),
-                mac=parse_mac(o["mac"]) if "mac" in o else DEFAULT_MAC,
-                mtu=_int(t, "mtu", o.get("mtu", "1500"), 68, 65535),
-                queue_pairs=_int(t, "queues", o.get("queues", "1"), 1, 128),
-                frame_size=_int(t, "frame-size", o.get("frame-size", "64"), 60, 9000),
-                engine_mode=self.engine,
-                cpus=self.cpus,
-            )
-        return EngineBlkDevice(
-            path=o.get("path"),
-            size=parse_size(o["size"]) if "size" in o else None,
-            readonly=_bool(t, "readonly", o.get("readonly", "off")),
-            serial=o.get("serial", self.name),
-            queues=_int(t, "queues", o.get("queues", "1"), 1, 64),
-            engine_mode=self.engine,
-            cpus=self.cpus,
-        )
 
 
 def parse_vdev(text: str, index: int = 0) -> VdevSpec:

@@ -25,7 +25,6 @@ from pyvdpa.dataplane.queues import (
     CompiledPackedQueue,
     CompiledQueue,
     CompiledSplitQueue,
-    queue_from_vring,
 )
 
 __all__ = [
@@ -38,6 +37,5 @@ __all__ = [
     "EngineNetDevice",
     "Port",
     "QueueCounters",
-    "queue_from_vring",
     "shared_engine",
 ]

@@ -8,11 +8,10 @@ run Python.  Each virtqueue becomes one :class:`~pyvdpa.dataplane.engine.Port`
 running the kernels' ``blk`` program, its queue in the ``TX`` role (requests
 flow from the driver):
 
-* :meth:`EngineBlkDevice.start_queue` builds the queue's compiled state,
-  installs it as ``vring.queue`` so that the back-end reads its exact
-  position when the ring stops, and attaches it to the queue's port;
-* :meth:`EngineBlkDevice.stop_queue` detaches it: when it returns the
-  worker no longer touches the ring.
+* :meth:`EngineBlkDevice.start_queue` builds the queue's compiled state from
+  the ring description and attaches it to the queue's port;
+* :meth:`EngineBlkDevice.stop_queue` detaches it and returns the ring's
+  exact position: when it returns the worker no longer touches the ring.
 
 The worker reads and writes the backing file synchronously, straight
 between the file and the guest's buffers (``preadv``/``pwritev``), as
@@ -44,14 +43,14 @@ import numpy as np
 from pyvdpa.dataplane import kernels as k
 from pyvdpa.dataplane.engine import TX, Engine, EngineIommu, EngineMode, Port
 from pyvdpa.dataplane.net import ENGINE_EXCLUDED_PROTOCOL_FEATURES, QueueCounters, shared_engine
-from pyvdpa.dataplane.queues import queue_from_vring
+from pyvdpa.dataplane.queues import CompiledQueue
+from pyvdpa.device import Device, QueueNotRunningError, RingPosition, RingSpec
 from pyvdpa.devices.blk import (
     BLK_PROTOCOL_FEATURES,
     MAX_DISCARD_SECTORS,
     MAX_DISCARD_SEG,
     BlkControl,
 )
-from pyvdpa.vhost_user.device import VhostUserDevice, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.blk import BLK_ID_BYTES
 
@@ -67,7 +66,7 @@ ZERO_CHUNK = 1 << 16
 """Bytes of zeros the worker writes at a time where a file system cannot zero a range."""
 
 
-class EngineBlkDevice(EngineIommu, BlkControl, VhostUserDevice):
+class EngineBlkDevice(EngineIommu, BlkControl, Device):
     """A virtio-blk disk on a file or in memory whose queues run on an :class:`Engine`.
 
     ``engine`` defaults to the process-wide engine of ``engine_mode`` on
@@ -124,21 +123,22 @@ class EngineBlkDevice(EngineIommu, BlkControl, VhostUserDevice):
             self._ports[index] = port
         return port
 
-    def start_queue(self, vring: Vring) -> None:
-        """Build the ring's compiled state, make it ``vring.queue``, hand it to the engine."""
-        queue = queue_from_vring(vring, stats=self._counters[vring.index])
-        vring.queue = queue
+    def start_queue(self, spec: RingSpec) -> None:
+        """Build the ring's compiled queue and hand it to the engine."""
+        queue = CompiledQueue.from_spec(spec, stats=self._counters[spec.index])
         with self._lock:
-            self._port(vring.index).attach(TX, queue, vring, armed=True)
+            self._port(spec.index).attach(TX, queue, spec.notifiers, armed=True)
 
-    def stop_queue(self, vring: Vring) -> None:
-        """Take the ring back from the engine; its queue then holds the exact position."""
+    def stop_queue(self, index: int) -> RingPosition:
+        """Take the ring back from the engine and say where it stands."""
         with self._lock:
-            port = self._ports[vring.index]
-            if port is None:
-                return
+            port = self._ports[index]
+            queue = None if port is None else port.detach(TX)
+            if port is None or queue is None:
+                raise QueueNotRunningError(f"ring {index} is not running")
             self.engine.remove_port(port)
-            self._ports[vring.index] = None
+            self._ports[index] = None
+        return queue.position
 
     def close(self) -> None:
         """Take every remaining ring back from the engine, then close the backing store."""

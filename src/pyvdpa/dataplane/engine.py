@@ -38,7 +38,7 @@ The front-end may replace a call eventfd while the ring runs
 one in the queue row, and closes the old duplicate once the worker has made
 two passes since (or is out of the kernel).  The monitor also reports a
 ring the kernels broke: it logs the error and signals the ring's error
-eventfd through :meth:`~pyvdpa.vhost_user.device.Vring.fail`.
+eventfd through :meth:`~pyvdpa.device.RingNotifiers.fail`.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ import numpy as np
 
 from pyvdpa.dataplane import kernels as k
 from pyvdpa.dataplane.queues import CompiledQueue, Int64Array
+from pyvdpa.device import RingNotifiers
 from pyvdpa.errors import ConfigError
-from pyvdpa.vhost_user.device import Vring
 
 __all__ = [
     "EVENT_SPIN_US",
@@ -112,11 +112,11 @@ _MODE_CODES = {
 class _Attached:
     """A queue attached to a port, with the eventfd duplicates the worker uses."""
 
-    vring: Vring
+    notifiers: RingNotifiers
     queue: CompiledQueue
     armed: bool
     kick: int | None
-    call_source: int | None
+    call_generation: int
     reported: bool = False
 
 
@@ -148,8 +148,10 @@ class Port:
         """The attached queues by role (RX, TX)."""
         return {role: entry.queue for role, entry in self._queues.items()}
 
-    def attach(self, role: int, queue: CompiledQueue, vring: Vring, *, armed: bool) -> None:
-        """Start serving ``queue`` (the ring of ``vring``) in ``role``.
+    def attach(
+        self, role: int, queue: CompiledQueue, notifiers: RingNotifiers, *, armed: bool
+    ) -> None:
+        """Start serving ``queue`` (the ring ``notifiers`` belong to) in ``role``.
 
         ``armed`` queues are the ones whose new buffers are work: the worker
         waits for their kicks before it sleeps.  Replaces any queue already
@@ -161,13 +163,12 @@ class Port:
             raise ValueError(f"queue of {queue.size} descriptors exceeds {k.SEG_CAP}")
         with self.engine._lock, self._worker.paused():
             self._remove(role)
-            kick = None if vring.kick_fd is None else os.dup(vring.kick_fd)
-            call_source = vring.call_fd
-            call = vring.dup_call_fd()
+            kick = None if notifiers.kick_fd is None else os.dup(notifiers.kick_fd)
+            generation, call = notifiers.dup_call_fd()
             queue.row[k.Q_CALL_FD] = -1 if call is None else call
             queue.row[k.Q_ARM] = armed
             queue.row[k.Q_ATTN_FD] = self.engine._attention
-            entry = _Attached(vring, queue, armed, kick, call_source)
+            entry = _Attached(notifiers, queue, armed, kick, generation)
             self._queues[role] = entry
             self.unit[_ROLE_COLUMNS[role]] = queue.row.ctypes.data
             self._worker.watch(entry)
@@ -203,14 +204,12 @@ class Port:
             error = entry.queue.error
             if error is not None and not entry.reported:
                 entry.reported = True
-                entry.vring.fail(error)
+                entry.notifiers.fail(error)
             if entry.queue.stalled is not None:
                 self._translate(entry)
-            source = entry.vring.call_fd
-            if source == entry.call_source:
+            if entry.notifiers.call_generation == entry.call_generation:
                 continue
-            entry.call_source = source
-            new = entry.vring.dup_call_fd()
+            entry.call_generation, new = entry.notifiers.dup_call_fd()
             row = entry.queue.row
             old = int(row[k.Q_CALL_FD])
             row[k.Q_CALL_FD] = -1 if new is None else new
@@ -234,7 +233,7 @@ class Port:
             with self._worker.paused():
                 queue.retranslate()
             return
-        entry.vring.request_translation(*miss)
+        entry.notifiers.request_translation(*miss)
 
 
 class _Worker:

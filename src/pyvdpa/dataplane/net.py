@@ -9,11 +9,11 @@ of an :class:`~pyvdpa.dataplane.engine.Engine`, and the control plane only
 hands the engine ring addresses, memory and eventfds:
 
 * :meth:`EngineNetDevice.start_queue` builds the queue's compiled state
-  (:func:`~pyvdpa.dataplane.queues.queue_from_vring`), installs it as
-  ``vring.queue`` so that the back-end reads its exact position when the
-  ring stops, and attaches it to the pair's port;
-* :meth:`EngineNetDevice.stop_queue` detaches it: when it returns the
-  worker no longer touches the ring.
+  from the ring description
+  (:meth:`~pyvdpa.dataplane.queues.CompiledQueue.from_spec`) and attaches
+  it to the pair's port;
+* :meth:`EngineNetDevice.stop_queue` detaches it and returns the ring's
+  exact position: when it returns the worker no longer touches the ring.
 
 Programs: ``loopback`` (transmitted frames accepted by vdpa_sim_net's filter
 are received on the same pair; a frame finding no room in the receive ring
@@ -51,11 +51,11 @@ import numpy.typing as npt
 
 from pyvdpa.dataplane import kernels as k
 from pyvdpa.dataplane.engine import RX, TX, Engine, EngineIommu, EngineMode, Port
-from pyvdpa.dataplane.queues import Int64Array, queue_from_vring
+from pyvdpa.dataplane.queues import CompiledQueue, Int64Array
+from pyvdpa.device import Device, QueueNotRunningError, RingPosition, RingSpec
 from pyvdpa.devices.net import DEFAULT_MAC, NetControl, rarp_frame
 from pyvdpa.devices.tap import DEFAULT_TAP_NAME, TAP_FRAME_MAX, Tap
 from pyvdpa.errors import ConfigError
-from pyvdpa.vhost_user.device import VhostUserDevice, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import NetFeature
 from pyvdpa.virtio.net import net_header_size
@@ -228,7 +228,7 @@ def _discard(fd: int) -> int:
     return count
 
 
-class EngineNetDevice(EngineIommu, NetControl, VhostUserDevice):
+class EngineNetDevice(EngineIommu, NetControl, Device):
     """A virtio-net device (loopback, drop, gen or tap) whose queues run on an :class:`Engine`.
 
     ``engine`` defaults to the process-wide engine of ``engine_mode`` whose
@@ -335,31 +335,31 @@ class EngineNetDevice(EngineIommu, NetControl, VhostUserDevice):
         if self.tap is not None and pair > 0:
             self.tap.set_queue_attached(pair, receiving)
 
-    def start_queue(self, vring: Vring) -> None:
-        """Build the ring's compiled state, make it ``vring.queue``, hand it to the engine."""
-        pair, role = divmod(vring.index, 2)
+    def start_queue(self, spec: RingSpec) -> None:
+        """Build the ring's compiled queue and hand it to the engine."""
+        pair, role = divmod(spec.index, 2)
         role = RX if role == 0 else TX
-        queue = queue_from_vring(vring, stats=self._counters[vring.index])
-        vring.queue = queue
+        queue = CompiledQueue.from_spec(spec, stats=self._counters[spec.index])
         with self._lock:
-            self._port(pair).attach(role, queue, vring, armed=role in _ARMED[self.mode])
+            self._port(pair).attach(role, queue, spec.notifiers, armed=role in _ARMED[self.mode])
             if role == RX:
                 self._steer(pair, True)
 
-    def stop_queue(self, vring: Vring) -> None:
-        """Take the ring back from the engine; its queue then holds the exact position."""
-        pair, role = divmod(vring.index, 2)
+    def stop_queue(self, index: int) -> RingPosition:
+        """Take the ring back from the engine and say where it stands."""
+        pair, role = divmod(index, 2)
         role = RX if role == 0 else TX
         with self._lock:
             port = self._ports[pair]
-            if port is None:
-                return
-            port.detach(role)
+            queue = None if port is None else port.detach(role)
+            if port is None or queue is None:
+                raise QueueNotRunningError(f"ring {index} is not running")
             if role == RX:
                 self._steer(pair, False)
             if not port.queues:
                 self.engine.remove_port(port)
                 self._ports[pair] = None
+        return queue.position
 
     def reset(self) -> None:
         """Drop the frames a TAP queue holds for a pair whose rings are all stopped.

@@ -34,11 +34,10 @@ import numpy as np
 import numpy.typing as npt
 
 from pyvdpa.dataplane import kernels as k
+from pyvdpa.device import RingPosition, RingSpec
 from pyvdpa.errors import IotlbMissError, RingError
 from pyvdpa.memory import DirtyLog, GuestMemory, IotlbAddressSpace, MemoryRegion
-from pyvdpa.vhost_user.device import Vring
-from pyvdpa.virtio.constants import VirtioFeature
-from pyvdpa.virtio.packed import PackedLayout
+from pyvdpa.virtio.packed import PackedLayout, check_packed_base
 from pyvdpa.virtio.ring import (
     AddressSpace,
     AvailIndexError,
@@ -50,10 +49,11 @@ from pyvdpa.virtio.ring import (
     DescriptorLoopError,
     IndirectDescriptorError,
     QueueBrokenError,
+    RingAreas,
     Segment,
     check_written,
 )
-from pyvdpa.virtio.split import SplitLayout
+from pyvdpa.virtio.split import SplitLayout, check_split_base
 
 __all__ = [
     "CompiledPackedQueue",
@@ -62,7 +62,6 @@ __all__ = [
     "Int64Array",
     "host_address",
     "iotlb_table",
-    "queue_from_vring",
     "region_table",
     "ring_error",
 ]
@@ -234,37 +233,59 @@ class CompiledQueue:
         stats: Int64Array | None = None,
         space: AddressSpace | None = None,
     ) -> None:
+        if space is None:
+            space = mem
+        if packed:
+            check_packed_base(base, size)
+            areas = PackedLayout(size).map(space, desc_addr, driver_addr, device_addr)
+        else:
+            check_split_base(base)
+            areas = SplitLayout(size).map(space, desc_addr, driver_addr, device_addr)
+        self._setup(
+            space, areas, size, packed=packed, event_idx=event_idx, indirect=indirect,
+            base=base, log=log, log_addr=log_addr, stats=stats, owns_areas=True,
+        )  # fmt: skip
+
+    @classmethod
+    def from_spec(cls, spec: RingSpec, stats: Int64Array | None = None) -> CompiledQueue:
+        """The compiled queue of the ring ``spec`` describes, over its mapped areas.
+
+        The spec's owner releases the areas; :meth:`release` leaves them alone.
+        """
+        queue = cls.__new__(cls)
+        queue._setup(
+            spec.space, spec.areas, spec.size, packed=spec.packed, event_idx=spec.event_idx,
+            indirect=spec.indirect, base=spec.base, log=spec.dirty_log, log_addr=spec.log_addr,
+            stats=stats, owns_areas=False,
+        )  # fmt: skip
+        return queue
+
+    def _setup(
+        self,
+        space: AddressSpace,
+        areas: RingAreas,
+        size: int,
+        *,
+        packed: bool,
+        event_idx: bool,
+        indirect: bool,
+        base: int,
+        log: DirtyLog | None,
+        log_addr: int | None,
+        stats: Int64Array | None,
+        owns_areas: bool,
+    ) -> None:
         if log is not None and log_addr is None:
             raise ValueError("dirty logging needs the ring's log_addr")
-        if packed:
-            packed_layout = PackedLayout(size)
-            packed_layout.check_addresses(desc_addr, driver_addr, device_addr)
-            sizes = (packed_layout.desc_size, PackedLayout.EVENT_SIZE, PackedLayout.EVENT_SIZE)
-            if not 0 <= base <= 0xFFFFFFFF:
-                raise ValueError(f"packed ring base {base:#x} is not a 32-bit value")
-            if base & 0x7FFF >= size:
-                raise ValueError(f"packed ring base {base:#x} names a slot beyond {size}")
-        else:
-            split_layout = SplitLayout(size)
-            split_layout.check_addresses(desc_addr, driver_addr, device_addr)
-            sizes = (split_layout.desc_size, split_layout.avail_size, split_layout.used_size)
-            if not 0 <= base <= 0xFFFF:
-                raise ValueError(f"split ring base {base} is not a 16-bit index")
         if stats is None:
             stats = np.zeros(k.NSTATS, dtype=np.int64)
         if stats.shape != (k.NSTATS,) or stats.dtype != np.int64 or not stats.flags.c_contiguous:
             raise ValueError(f"stats must be a contiguous int64[{k.NSTATS}] array")
-        if space is None:
-            space = mem
         self._space = space
         self.iotlb = space.iotlb if isinstance(space, IotlbAddressSpace) else None
-        areas = (desc_addr, driver_addr, device_addr)
-        # The device writes the device area, and a packed ring's descriptors
-        # (used descriptors go back there); it only reads the rest.
-        writes = (packed, False, True)
-        views = [space.view(a, n, write=w) for a, n, w in zip(areas, sizes, writes, strict=True)]
-        self._views = views
-        self._areas = tuple(zip(areas, sizes, strict=True))
+        self._ring_areas: RingAreas | None = areas if owns_areas else None
+        self._areas = areas
+        views = [areas.desc.view, areas.driver.view, areas.device.view]
         self.generation = 0
         self._regions = self._translations()
         self._log = log
@@ -368,7 +389,12 @@ class CompiledQueue:
         The areas are translated once, when the queue is built: a change
         there needs a new queue, not a new translation table.
         """
-        return any(addr < iova + size and iova < addr + length for addr, length in self._areas)
+        return self._areas.overlaps(iova, size)
+
+    @property
+    def position(self) -> RingPosition:
+        """Where the ring stands, as :attr:`base` encodes it."""
+        return RingPosition.decode(self.base, packed=self.packed)
 
     def retranslate(self) -> None:
         """Rebuild the translation table from the IOTLB and let a stalled queue go on.
@@ -457,10 +483,10 @@ class CompiledQueue:
         return bool(k.enable_notification(self.row))
 
     def release(self) -> None:
-        """Release the views of the ring areas (the back-end calls this once stopped)."""
-        for view in self._views:
-            view.release()
-        self._views = []
+        """Release the ring areas this queue mapped itself (not a spec's)."""
+        if self._ring_areas is not None:
+            self._ring_areas.release()
+            self._ring_areas = None
 
 
 class CompiledSplitQueue(CompiledQueue):
@@ -511,23 +537,3 @@ class CompiledPackedQueue(CompiledQueue):
             packed=True, event_idx=event_idx, indirect=indirect, base=base,
             log=log, log_addr=log_addr, stats=stats,
         )  # fmt: skip
-
-
-def queue_from_vring(vring: Vring, stats: Int64Array | None = None) -> CompiledQueue:
-    """Build the compiled queue of a running vring from what the back-end recorded.
-
-    Raises ValueError when the vring carries no guest memory.
-    """
-    mem = vring.memory
-    if mem is None:
-        raise ValueError(f"vring {vring.index} has no guest memory")
-    desc, driver, device = vring.ring_addrs
-    features = vring.features
-    return CompiledQueue(
-        mem, vring.num, desc, driver, device,
-        packed=bool(features & VirtioFeature.RING_PACKED),
-        event_idx=bool(features & VirtioFeature.RING_EVENT_IDX),
-        indirect=bool(features & VirtioFeature.RING_INDIRECT_DESC),
-        base=vring.base, log=vring.dirty_log, log_addr=vring.log_addr, stats=stats,
-        space=vring.space,
-    )  # fmt: skip

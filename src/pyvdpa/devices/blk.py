@@ -26,10 +26,10 @@ import ctypes.util
 import os
 from pathlib import Path
 
+from pyvdpa.device import ThreadedDevice, UnsupportedRequestError, Virtqueue
 from pyvdpa.devices.net import count_ring_error
 from pyvdpa.devices.stats import QueueStats
 from pyvdpa.errors import ConfigError, IotlbMissError, RingError
-from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequestError, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.blk import (
     BLK_ID_BYTES,
@@ -207,10 +207,8 @@ class BlkDevice(BlkControl, ThreadedDevice):
 
     # ------------------------------------------------------------------ data path
 
-    def process(self, vring: Vring) -> None:
+    def process(self, vring: Virtqueue) -> None:
         """Serve every available request of ``vring``."""
-        queue = vring.queue
-        assert queue is not None
         stats = self.stats[vring.index]
         pushed = False
         while True:

@@ -36,9 +36,9 @@ import struct
 import threading
 from collections import deque
 
+from pyvdpa.device import RingPosition, ThreadedDevice, UnsupportedRequestError, Virtqueue
 from pyvdpa.devices.stats import QueueStats
 from pyvdpa.errors import ConfigError, IotlbMissError, RingError
-from pyvdpa.vhost_user.device import ThreadedDevice, UnsupportedRequestError, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import NetFeature, NetStatus, VirtioFeature
 from pyvdpa.virtio.net import NetConfig, NetHeader, net_header_size
@@ -186,7 +186,7 @@ class NetDevice(NetControl, ThreadedDevice):
         self.mode = mode
         self.stats = [QueueStats() for _ in range(self.num_queues)]
         self.dropped = 0
-        self._vrings: dict[int, Vring] = {}
+        self._vrings: dict[int, Virtqueue] = {}
         self._backlog: list[deque[bytes]] = [deque() for _ in range(queue_pairs)]
         self._pair_locks = [threading.Lock() for _ in range(queue_pairs)]
 
@@ -202,17 +202,16 @@ class NetDevice(NetControl, ThreadedDevice):
     def send_rarp(self, mac: bytes) -> None:
         """Nothing to announce to: a simulated device has no upstream switch."""
 
-    def start_queue(self, vring: Vring) -> None:
-        """Track the ring, then start its worker."""
-        with self._pair_locks[vring.index // 2]:
-            self._vrings[vring.index] = vring
-        super().start_queue(vring)
+    def ring_starting(self, ring: Virtqueue) -> None:
+        """Let the pair deliver into the ring before its worker starts."""
+        with self._pair_locks[ring.index // 2]:
+            self._vrings[ring.index] = ring
 
-    def stop_queue(self, vring: Vring) -> None:
+    def stop_queue(self, index: int) -> RingPosition:
         """Forget the ring (under its pair's lock), then stop its worker."""
-        with self._pair_locks[vring.index // 2]:
-            self._vrings.pop(vring.index, None)
-        super().stop_queue(vring)
+        with self._pair_locks[index // 2]:
+            self._vrings.pop(index, None)
+        return super().stop_queue(index)
 
     def reset(self) -> None:
         """Drop pending frames."""
@@ -221,7 +220,7 @@ class NetDevice(NetControl, ThreadedDevice):
 
     # ------------------------------------------------------------------ data path
 
-    def process(self, vring: Vring) -> None:
+    def process(self, vring: Virtqueue) -> None:
         """Drain a TX ring, or deliver waiting frames into a newly refilled RX ring."""
         pair = vring.index // 2
         with self._pair_locks[pair]:
@@ -234,9 +233,8 @@ class NetDevice(NetControl, ThreadedDevice):
         dst = frame[:6]
         return len(frame) >= 14 and (dst[0] & 1 == 1 or dst == self.mac)
 
-    def _transmit(self, vring: Vring, pair: int) -> None:
+    def _transmit(self, vring: Virtqueue, pair: int) -> None:
         queue = vring.queue
-        assert queue is not None
         stats = self.stats[vring.index]
         hdr = net_header_size(self.negotiated)
         backlog = self._backlog[pair]
@@ -275,7 +273,7 @@ class NetDevice(NetControl, ThreadedDevice):
     def _deliver(self, pair: int) -> None:
         rx = self._vrings.get(2 * pair)
         backlog = self._backlog[pair]
-        if rx is None or rx.queue is None or rx.broken or not backlog:
+        if rx is None or rx.broken or not backlog:
             return
         stats = self.stats[rx.index]
         delivered = False
@@ -295,7 +293,7 @@ class NetDevice(NetControl, ThreadedDevice):
         if delivered:
             rx.notify()
 
-    def _receive_one(self, rx: Vring, frame: bytes, stats: QueueStats) -> bool:
+    def _receive_one(self, rx: Virtqueue, frame: bytes, stats: QueueStats) -> bool:
         """Write one frame into receive chains; False when no buffer is available."""
         queue = rx.queue
         assert queue is not None

@@ -5,7 +5,7 @@ Theory of operation: DPDK's vDPA framework (``lib/vhost/vdpa.c``,
 device and registers it, with its :class:`VdpaDeviceOps`, in a bounded
 :class:`VdpaRegistry`; an application attaches a registered
 :class:`VdpaDevice` to a :class:`VdpaPort` (a vhost-user socket) and starts
-it; every front-end that connects gets a :class:`VhostDevice` that turns
+it; every front-end that connects gets a :class:`VhostAdapter` that turns
 vhost-user requests into the device's operations.  The device's data path
 runs on the guest's rings; the control path stays here.
 """
@@ -18,6 +18,7 @@ from pyvdpa.vdpa.device import (
     VdpaDevice,
     VdpaDeviceOps,
     VdpaError,
+    VhostDevice,
 )
 from pyvdpa.vdpa.driver import (
     DRIVERS,
@@ -28,7 +29,7 @@ from pyvdpa.vdpa.driver import (
 )
 from pyvdpa.vdpa.port import VdpaPort
 from pyvdpa.vdpa.registry import MAX_VDPA_DEVICES, VdpaRegistry
-from pyvdpa.vdpa.vhost import VhostDevice
+from pyvdpa.vdpa.vhost import VhostAdapter
 
 __all__ = [
     "DRIVERS",
@@ -46,5 +47,6 @@ __all__ = [
     "VdpaError",
     "VdpaPort",
     "VdpaRegistry",
+    "VhostAdapter",
     "VhostDevice",
 ]

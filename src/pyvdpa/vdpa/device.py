@@ -29,7 +29,7 @@ The optional ones (``migration_done``, ``iotlb_updated``, ``get_notify_area``,
 :class:`VdpaDevice` then raises :class:`OpNotSupportedError`, which names it.
 A device without ``get_dev_type`` is a net device, as in DPDK.
 
-Per-connection operations receive the :class:`~pyvdpa.vdpa.vhost.VhostDevice`
+Per-connection operations receive the :class:`VhostDevice`
 bound to the device (DPDK passes its ``vid``): the negotiated features, the
 ready vrings, the MTU.  Device-wide ones (capabilities, statistics) take no
 connection.  Everything a driver returns is checked here, so a faulty driver
@@ -48,18 +48,19 @@ from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import DeviceId
 
 if TYPE_CHECKING:
-    from pyvdpa.vdpa.port import VdpaPort
-    from pyvdpa.vdpa.vhost import VhostDevice
+    from pyvdpa.device import RingPosition, RingSpec
 
 __all__ = [
     "MANDATORY_OPS",
     "OPTIONAL_OPS",
     "SUPPORTED_DEVICE_TYPES",
+    "Attachment",
     "OpNotSupportedError",
     "VdpaCapabilities",
     "VdpaDevice",
     "VdpaDeviceOps",
     "VdpaError",
+    "VhostDevice",
     "device_type_of",
 ]
 
@@ -92,6 +93,41 @@ OPTIONAL_OPS = (
 
 #: Device types the vhost-user side can serve (DPDK: net and blk).
 SUPPORTED_DEVICE_TYPES = (DeviceId.NET, DeviceId.BLOCK)
+
+
+class Attachment(Protocol):
+    """Where a device is attached (a :class:`~pyvdpa.vdpa.port.VdpaPort`)."""
+
+    @property
+    def path(self) -> str:
+        """The socket path."""
+        ...
+
+
+class VhostDevice(Protocol):
+    """What per-connection operations receive: one front-end's view of the device.
+
+    :class:`~pyvdpa.vdpa.vhost.VhostAdapter` is the implementation (DPDK
+    passes its ``vid``).
+    """
+
+    vid: int
+    ifname: str
+    negotiated_features: int
+    mtu: int | None
+    rarp_mac: bytes | None
+
+    def vring(self, qid: int) -> RingSpec | None:
+        """Ring ``qid`` if it is ready."""
+        ...
+
+    def ready_vrings(self) -> list[RingSpec]:
+        """The ready rings, by index."""
+        ...
+
+    def ring_stopped(self, qid: int, position: RingPosition) -> None:
+        """The hardware stopped ring ``qid`` at ``position``."""
+        ...
 
 
 class VdpaError(PyvdpaError):
@@ -168,7 +204,7 @@ class VdpaDevice:
         self.ops = ops
         self.device_type = device_type
         self.registered = False
-        self._port: VdpaPort | None = None
+        self._port: Attachment | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -206,11 +242,11 @@ class VdpaDevice:
     # ------------------------------------------------------------------ attachment
 
     @property
-    def port(self) -> VdpaPort | None:
+    def port(self) -> Attachment | None:
         """The port the device is attached to, if any."""
         return self._port
 
-    def claim(self, port: VdpaPort) -> None:
+    def claim(self, port: Attachment) -> None:
         """Attach to ``port``; refused if the device is attached elsewhere or unregistered."""
         with self._lock:
             if not self.registered:
@@ -219,7 +255,7 @@ class VdpaDevice:
                 raise VdpaError(f"{self.name}: already attached to {self._port.path}")
             self._port = port
 
-    def release(self, port: VdpaPort) -> None:
+    def release(self, port: Attachment) -> None:
         """Detach from ``port`` (nothing happens if attached elsewhere)."""
         with self._lock:
             if self._port is port:

@@ -28,17 +28,17 @@ from typing import ClassVar
 
 from pyvdpa.dataplane.blk import EngineBlkDevice
 from pyvdpa.dataplane.net import EngineNetDevice
+from pyvdpa.device import RingSpec
 from pyvdpa.devices.blk import BlkDevice
-from pyvdpa.devices.net import NetDevice
+from pyvdpa.devices.net import DEFAULT_MAC, NetDevice
 from pyvdpa.devices.stats import STAT_NAMES
 from pyvdpa.errors import ConfigError
-from pyvdpa.vdev import VdevSpec
-from pyvdpa.vdpa.device import VdpaDevice, VdpaError
+from pyvdpa.vdev import SIM_NET_MODES, VdevSpec, parse_bool, parse_int, parse_size
+from pyvdpa.vdpa.device import VdpaDevice, VdpaError, VhostDevice
 from pyvdpa.vdpa.registry import VdpaRegistry
-from pyvdpa.vdpa.vhost import VhostDevice
-from pyvdpa.vhost_user.device import Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import DeviceId, VirtioFeature
+from pyvdpa.virtio.net import parse_mac
 
 __all__ = [
     "BLK_STAT_NAMES",
@@ -76,7 +76,7 @@ class SimDeviceOps:
             self.device_type = DeviceId.BLOCK
             self.stat_names = BLK_STAT_NAMES
         self._configured = False
-        self._running: dict[int, Vring] = {}
+        self._running: dict[int, RingSpec] = {}
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ capabilities
@@ -117,26 +117,26 @@ class SimDeviceOps:
             if vhost.mtu is not None and isinstance(hw, NetHardware):
                 hw.set_mtu(vhost.mtu)
             self._configured = True
-            for vring in vhost.ready_vrings():
-                self._start(vring)
+            for spec in vhost.ready_vrings():
+                self._start(spec)
 
     def dev_close(self, vhost: VhostDevice) -> None:
         """Take every ring back from the hardware and reset it."""
         with self._lock:
             self._configured = False
             for qid in list(self._running):
-                self._stop(qid)
+                self._stop(vhost, qid)
             self.hardware.reset()
 
     def set_vring_state(self, vhost: VhostDevice, qid: int, enable: bool) -> None:
         """While configured, start or stop the hardware queue of ring ``qid``."""
         with self._lock:
             if not enable:
-                self._stop(qid)
+                self._stop(vhost, qid)
                 return
-            vring = vhost.vring(qid)
-            if self._configured and vring is not None:
-                self._start(vring)
+            spec = vhost.vring(qid)
+            if self._configured and spec is not None:
+                self._start(spec)
 
     def iotlb_updated(self, vhost: VhostDevice) -> None:
         """New IOTLB entries: the hardware's queues waiting for one retry."""
@@ -183,15 +183,14 @@ class SimDeviceOps:
         """Release the hardware (TAP, disk); the device must be closed already."""
         self.hardware.close()
 
-    def _start(self, vring: Vring) -> None:
-        if vring.index not in self._running:
-            self._running[vring.index] = vring
-            self.hardware.start_queue(vring)
+    def _start(self, spec: RingSpec) -> None:
+        if spec.index not in self._running:
+            self.hardware.start_queue(spec)
+            self._running[spec.index] = spec
 
-    def _stop(self, qid: int) -> None:
-        vring = self._running.pop(qid, None)
-        if vring is not None:
-            self.hardware.stop_queue(vring)
+    def _stop(self, vhost: VhostDevice, qid: int) -> None:
+        if self._running.pop(qid, None) is not None:
+            vhost.ring_stopped(qid, self.hardware.stop_queue(qid))
 
 
 class VdpaDriver(abc.ABC):
@@ -222,7 +221,7 @@ class SimDriver(VdpaDriver):
             raise ConfigError(f"{self.kind} driver cannot probe a {spec.kind} device")
         if spec.name in registry:
             raise VdpaError(f"{spec.name}: cannot register: a device of that name exists")
-        ops = SimDeviceOps(spec.create())
+        ops = SimDeviceOps(self.build(spec))
         try:
             device = registry.register(spec.name, ops)
         except BaseException:
@@ -242,17 +241,55 @@ class SimDriver(VdpaDriver):
             del self._ops[device.name]
         ops.close()
 
+    @abc.abstractmethod
+    def build(self, spec: VdevSpec) -> NetHardware | BlkHardware:
+        """Bring up the simulated hardware ``spec`` describes (on the compiled engine)."""
+
 
 class SimNetDriver(SimDriver):
     """Simulated virtio-net devices (like Linux ``vdpa_sim_net``)."""
 
     kind = "sim-net"
 
+    def build(self, spec: VdevSpec) -> EngineNetDevice:
+        """An engine net device; in ``tap`` mode with its TAP interface."""
+        o, t = spec.options, spec.text
+        mode = o.get("mode", "loopback")
+        if mode not in SIM_NET_MODES:
+            raise ConfigError(f"unknown sim-net mode {mode!r} ({', '.join(SIM_NET_MODES)})")
+        if "ifname" in o and mode != "tap":
+            raise ConfigError(f"ifname={o['ifname']} needs mode=tap")
+        if "frame-size" in o and mode != "gen":
+            raise ConfigError(f"--vdev {t!r}: frame-size= needs mode=gen")
+        return EngineNetDevice(
+            mode=mode,
+            ifname=o.get("ifname"),
+            mac=parse_mac(o["mac"]) if "mac" in o else DEFAULT_MAC,
+            mtu=parse_int(t, "mtu", o.get("mtu", "1500"), 68, 65535),
+            queue_pairs=parse_int(t, "queues", o.get("queues", "1"), 1, 128),
+            frame_size=parse_int(t, "frame-size", o.get("frame-size", "64"), 60, 9000),
+            engine_mode=spec.engine,
+            cpus=spec.cpus,
+        )
+
 
 class SimBlkDriver(SimDriver):
     """Simulated virtio-blk devices (like Linux ``vdpa_sim_blk``)."""
 
     kind = "sim-blk"
+
+    def build(self, spec: VdevSpec) -> EngineBlkDevice:
+        """An engine blk device on a file or a RAM disk."""
+        o, t = spec.options, spec.text
+        return EngineBlkDevice(
+            path=o.get("path"),
+            size=parse_size(o["size"]) if "size" in o else None,
+            readonly=parse_bool(t, "readonly", o.get("readonly", "off")),
+            serial=o.get("serial", spec.name),
+            queues=parse_int(t, "queues", o.get("queues", "1"), 1, 64),
+            engine_mode=spec.engine,
+            cpus=spec.cpus,
+        )
 
 
 #: The drivers ``--vdev`` kinds name.

@@ -6,7 +6,7 @@ Theory of operation (DPDK ``rte_vhost_driver_register``,
 ``rte_vhost_driver_unregister``; the ``vdpa`` example's ``start_vdpa``): an
 application makes a :class:`VdpaPort` for a socket path, in server or client
 role, attaches one registered device to it and starts it.  Each front-end
-that connects gets a fresh :class:`~pyvdpa.vdpa.vhost.VhostDevice` bound to
+that connects gets a fresh :class:`~pyvdpa.vdpa.vhost.VhostAdapter` bound to
 the device, through which the back-end calls the device's operations.
 
 Rules:
@@ -31,7 +31,7 @@ import time
 from types import TracebackType
 
 from pyvdpa.vdpa.device import VdpaDevice, VdpaError
-from pyvdpa.vdpa.vhost import DeviceCallback, VhostDevice
+from pyvdpa.vdpa.vhost import DeviceCallback, VhostAdapter
 from pyvdpa.vhost_user.backend import IMPLEMENTED_PROTOCOL_FEATURES, BackendConnection
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.vhost_user.server import BackendServer
@@ -75,7 +75,7 @@ class VdpaPort:
         self.handover_timeout = handover_timeout
         self._device: VdpaDevice | None = None
         self._server: BackendServer | None = None
-        self._vhost: VhostDevice | None = None
+        self._vhost: VhostAdapter | None = None
         self._stopping = False
         self._cond = threading.Condition()
 
@@ -89,7 +89,7 @@ class VdpaPort:
         return self._device
 
     @property
-    def vhost(self) -> VhostDevice | None:
+    def vhost(self) -> VhostAdapter | None:
         """The vhost device of the connected front-end, if one is connected."""
         return self._vhost
 
@@ -165,7 +165,7 @@ class VdpaPort:
     ) -> None:
         self.close()
 
-    def _new_vhost(self) -> VhostDevice:
+    def _new_vhost(self) -> VhostAdapter:
         """Device factory of the back-end server: one vhost device per front-end."""
         with self._cond:
             deadline = time.monotonic() + self.handover_timeout
@@ -180,7 +180,7 @@ class VdpaPort:
                 raise VdpaError(f"{self.path}: port is stopping")
             if self._device is None:
                 raise VdpaError(f"{self.path}: no vDPA device attached")
-            vhost = VhostDevice(self._device, self)
+            vhost = VhostAdapter(self._device, self)
             self._vhost = vhost
             return vhost
 

@@ -2,9 +2,9 @@
 
 Theory of operation (DPDK ``lib/vhost/vhost_user.c``, ``vhost_user_msg_handler``
 and ``vhost_destroy_device_notify``): every front-end connection on a port
-gets a :class:`VhostDevice`.  The back-end connection
+gets a :class:`VhostAdapter`.  The back-end connection
 (:class:`~pyvdpa.vhost_user.backend.BackendConnection`) drives it through the
-:class:`~pyvdpa.vhost_user.device.VhostUserDevice` interface, and it turns
+:class:`~pyvdpa.vhost_user.device.Device` interface, and it turns
 those calls into the vDPA device's operations with DPDK's semantics:
 
 ============================================  ==================================
@@ -46,18 +46,20 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from pyvdpa.device import Device, QueueNotRunningError, RingPosition, RingSpec
 from pyvdpa.errors import PyvdpaError
 from pyvdpa.vdpa.device import VdpaDevice
-from pyvdpa.vhost_user.device import VhostUserDevice, Vring
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import DeviceId, VirtioFeature
 
-if TYPE_CHECKING:
-    from pyvdpa.vdpa.port import VdpaPort
-
-__all__ = ["UNSUPPORTED_PROTOCOL_FEATURES", "DeviceCallback", "VhostDevice"]
+__all__ = [
+    "UNSUPPORTED_PROTOCOL_FEATURES",
+    "DeviceCallback",
+    "PortSettings",
+    "VhostAdapter",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +67,23 @@ log = logging.getLogger(__name__)
 UNSUPPORTED_PROTOCOL_FEATURES = ProtocolFeature.INBAND_NOTIFICATIONS
 
 #: An application callback on a vhost device (``new_device``, ``destroy_device``).
-DeviceCallback = Callable[["VhostDevice"], None]
+DeviceCallback = Callable[["VhostAdapter"], None]
 
 _vids = itertools.count()
 
 
-class VhostDevice(VhostUserDevice):
+class PortSettings(Protocol):
+    """What a connection takes from its port (a :class:`~pyvdpa.vdpa.port.VdpaPort`)."""
+
+    path: str
+    queue_num: int | None
+    features: int | None
+    protocol_features: ProtocolFeature
+    new_device: DeviceCallback | None
+    destroy_device: DeviceCallback | None
+
+
+class VhostAdapter(Device):
     """One front-end's vhost device, bound to :attr:`device` through ``port``.
 
     Drivers read the connection's state from it: :attr:`vid`,
@@ -79,7 +92,7 @@ class VhostDevice(VhostUserDevice):
     :meth:`ready_vrings`).
     """
 
-    def __init__(self, device: VdpaDevice, port: VdpaPort) -> None:
+    def __init__(self, device: VdpaDevice, port: PortSettings) -> None:
         caps = device.capabilities()
         self.device = device
         self.vid = next(_vids)
@@ -107,63 +120,79 @@ class VhostDevice(VhostUserDevice):
         self.running = False
         self._new_device = port.new_device
         self._destroy_device = port.destroy_device
-        self._ready: dict[int, Vring] = {}
-        self._known: dict[int, Vring] = {}
+        self._ready: dict[int, RingSpec] = {}
+        self._enabled: dict[int, bool] = {}
+        # Where the hardware left rings it stopped while the connection kept them.
+        self._positions: dict[int, RingPosition] = {}
 
     def __repr__(self) -> str:
-        return f"VhostDevice(vid={self.vid}, {self.ifname!r}, device={self.device.name!r})"
+        return f"VhostAdapter(vid={self.vid}, {self.ifname!r}, device={self.device.name!r})"
 
     # ------------------------------------------------------------------ for drivers
 
-    def vring(self, qid: int) -> Vring | None:
-        """Ring ``qid`` if it is ready, else ``None``."""
-        return self._ready.get(qid)
+    def vring(self, qid: int) -> RingSpec | None:
+        """Ring ``qid`` if it is ready (resuming where the hardware last left it), else ``None``."""
+        spec = self._ready.get(qid)
+        position = self._positions.get(qid)
+        if spec is None or position is None:
+            return spec
+        return spec.resumed_at(position)
 
-    def ready_vrings(self) -> list[Vring]:
+    def ready_vrings(self) -> list[RingSpec]:
         """The ready rings, by index."""
-        return [self._ready[qid] for qid in sorted(self._ready)]
+        rings = (self.vring(qid) for qid in sorted(self._ready))
+        return [ring for ring in rings if ring is not None]
+
+    def ring_stopped(self, qid: int, position: RingPosition) -> None:
+        """The hardware stopped ring ``qid`` at ``position`` (drivers call this)."""
+        if qid in self._ready:
+            self._positions[qid] = position
 
     def is_ready(self) -> bool:
         """Whether the device as a whole is ready for ``dev_conf``."""
         if self.device.device_type is DeviceId.NET:
             return 0 in self._ready and 1 in self._ready
         return bool(self._ready) and all(
-            qid in self._ready for qid, vring in self._known.items() if vring.enabled
+            qid in self._ready for qid, enabled in self._enabled.items() if enabled
         )
 
-    # ------------------------------------------------------------------ VhostUserDevice
+    # ------------------------------------------------------------------ Device
 
     def set_features(self, features: int) -> None:
         """SET_FEATURES: record them and tell the device."""
         self.negotiated_features = features
         self._call("set_features", self.device.ops.set_features, self)
 
-    def vring_state_changed(self, vring: Vring, enabled: bool) -> None:
+    def vring_state_changed(self, index: int, enabled: bool) -> None:
         """An enable change may complete (or hold back) the device's readiness."""
-        self._known[vring.index] = vring
+        self._enabled[index] = enabled
         self._maybe_configure()
 
-    def start_queue(self, vring: Vring) -> None:
+    def start_queue(self, spec: RingSpec) -> None:
         """The ring is ready: ``set_vring_state(qid, True)``, then ``dev_conf`` if due."""
-        self._known[vring.index] = vring
-        self._ready[vring.index] = vring
-        self._call("set_vring_state", self.device.ops.set_vring_state, self, vring.index, True)
+        self._enabled[spec.index] = True
+        self._ready[spec.index] = spec
+        self._positions.pop(spec.index, None)
+        self._call("set_vring_state", self.device.ops.set_vring_state, self, spec.index, True)
         self._maybe_configure()
 
-    def stop_queue(self, vring: Vring) -> None:
+    def stop_queue(self, index: int) -> RingPosition:
         """The ring stops being ready; unless merely disabled, the device is closed first."""
-        if self._ready.pop(vring.index, None) is None:
-            return
-        disabled_only = vring.started and not vring.enabled
-        if not disabled_only:
+        spec = self._ready.get(index)
+        if spec is None:
+            raise QueueNotRunningError(f"ring {index} is not running")
+        if self._enabled.get(index, False):
             self._close_device()
-        self._call("set_vring_state", self.device.ops.set_vring_state, self, vring.index, False)
+        self._call("set_vring_state", self.device.ops.set_vring_state, self, index, False)
+        del self._ready[index]
+        return self._positions.pop(index, spec.position)
 
     def reset(self) -> None:
         """RESET_OWNER, RESET_DEVICE or disconnect: close the device, forget the rings."""
         self._close_device()
         self._ready.clear()
-        self._known.clear()
+        self._enabled.clear()
+        self._positions.clear()
         self.negotiated_features = 0
 
     def send_rarp(self, mac: bytes) -> None:

@@ -11,8 +11,9 @@ states", "REPLY_ACK"), in three layers as rust-vmm's ``vhost-user-backend``:
    replies out; the runtime in :mod:`pyvdpa.vhost_user.server` moves bytes.
 2. One ``_on_<REQUEST>`` method per request applies it to the connection
    state (features, memory table, vrings, log, inflight region).
-3. A :class:`~pyvdpa.vhost_user.device.VhostUserDevice` is told when a ring
-   starts and stops.
+3. A :class:`~pyvdpa.device.Device` is told when a ring starts (with a
+   :class:`~pyvdpa.device.RingSpec` built and checked here, once) and
+   stops (handing back the exact :class:`~pyvdpa.device.RingPosition`).
 
 Ring lifecycle is a table (:data:`RING_TRANSITIONS`): events (a kick fd, an
 in-band VRING_KICK, GET_VRING_BASE, SET_VRING_ENABLE) move a ring
@@ -32,7 +33,7 @@ fill and empty.  A ring whose areas have no translation yet does not fail:
 the back-end sends an IOTLB MISS on the back-end channel and starts the ring
 when an UPDATE makes them translatable, as DPDK's ``vring_translate`` does.
 Devices request the translations their buffers miss the same way
-(:meth:`~pyvdpa.vhost_user.device.Vring.request_translation`), one MISS per
+(:meth:`~pyvdpa.device.RingNotifiers.request_translation`), one MISS per
 outstanding address.  An INVALIDATE stops every running ring before the
 entries go and restarts them after, so no ring uses a translation the
 front-end withdrew once the reply is sent.  ``IOTLB_MSG``'s reply is its
@@ -59,8 +60,20 @@ import socket
 import struct
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from pyvdpa.device import (
+    Device,
+    QueueNotRunningError,
+    RingNotifiers,
+    RingPosition,
+    RingSpec,
+    Signal,
+    UnsupportedRequestError,
+    describe_ring,
+)
+from pyvdpa.device.inflight import InflightRegion, PackedInflightQueue, SplitInflightQueue
+from pyvdpa.device.ring import check_ring_size
 from pyvdpa.errors import (
     GuestMemoryError,
     IotlbMissError,
@@ -70,22 +83,15 @@ from pyvdpa.errors import (
     RingError,
 )
 from pyvdpa.memory import (
+    MAX_MEM_SLOTS,
     DirtyLog,
     GuestMemory,
     Iotlb,
     IotlbAddressSpace,
-    IotlbDirtyLog,
     MemoryRegion,
 )
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.codec import Message
-from pyvdpa.vhost_user.device import UnsupportedRequestError, VhostUserDevice, Vring
-from pyvdpa.vhost_user.inflight import (
-    InflightChain,
-    InflightRegion,
-    PackedInflightQueue,
-    SplitInflightQueue,
-)
 from pyvdpa.vhost_user.protocol import (
     ACKED_BACKEND_CHANNEL,
     VRING_IDX_MASK,
@@ -99,9 +105,9 @@ from pyvdpa.vhost_user.protocol import (
 )
 from pyvdpa.vhost_user.transport import Channel, Frame, close_fds
 from pyvdpa.virtio.constants import DeviceStatus, VirtioFeature
-from pyvdpa.virtio.packed import PackedDeviceQueue
-from pyvdpa.virtio.ring import AddressSpace, DeviceQueue
-from pyvdpa.virtio.split import SplitDeviceQueue, SplitLayout
+from pyvdpa.virtio.packed import PackedLayout
+from pyvdpa.virtio.ring import MAX_QUEUE_SIZE, AddressSpace
+from pyvdpa.virtio.split import SplitLayout
 
 __all__ = [
     "IMPLEMENTED_PROTOCOL_FEATURES",
@@ -110,12 +116,11 @@ __all__ = [
     "BackendConnection",
     "RingEvent",
     "RingState",
+    "Vring",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Memory slots offered with CONFIGURE_MEM_SLOTS (QEMU's and DPDK's limit).
-MAX_MEM_SLOTS = 509
 
 #: Protocol features this back-end implements; a device's wishes are masked by it.
 IMPLEMENTED_PROTOCOL_FEATURES = (
@@ -180,6 +185,43 @@ def _ring_table() -> dict[tuple[RingState, RingEvent], RingState]:
 RING_TRANSITIONS = _ring_table()
 
 
+@dataclass(eq=False)
+class Vring:
+    """The back-end's record of one virtqueue (never the device's queue).
+
+    ``base`` is the SET_VRING_BASE value, or where the device stopped (the
+    GET_VRING_BASE encoding); ``spec`` is the ring's description while the
+    device runs it.  The notifiers hold the kick, call and err eventfds.
+    """
+
+    index: int
+    notifiers: RingNotifiers
+    num: int = 0
+    base: int = 0
+    started: bool = False
+    enabled: bool = False
+    spec: RingSpec | None = field(default=None, repr=False)
+
+    @property
+    def running(self) -> bool:
+        """Started, enabled and configured: the device processes it."""
+        return self.spec is not None
+
+    @property
+    def broken(self) -> bool:
+        """Whether the device (or the back-end) found the ring broken."""
+        return self.notifiers.broken
+
+    @broken.setter
+    def broken(self, value: bool) -> None:
+        self.notifiers.broken = value
+
+    @property
+    def ring_addrs(self) -> tuple[int, int, int] | None:
+        """The running ring's three area addresses in the device's address space."""
+        return None if self.spec is None else self.spec.addrs
+
+
 @dataclass(frozen=True, slots=True)
 class _Reply:
     data: bytes
@@ -195,11 +237,14 @@ class BackendConnection:
     SET_BACKEND_REQ_FD into a channel (a :class:`Channel` over the socket).
     """
 
-    def __init__(self, device: VhostUserDevice, *, name: str = "vhost-user") -> None:
+    def __init__(self, device: Device, *, name: str = "vhost-user") -> None:
         self.device = device
         self.name = name
         self.memory = GuestMemory(max_regions=MAX_MEM_SLOTS)
-        self.vrings = [Vring(i, name) for i in range(device.num_queues)]
+        self.vrings = [
+            Vring(i, RingNotifiers(i, name, translation=self.request_translation))
+            for i in range(device.num_queues)
+        ]
         # Plain ints: inverting an IntFlag would drop bits it does not name.
         self.offered_features = int(device.features) | int(_BACKEND_FEATURES)
         self.offered_protocol_features = int(device.protocol_features) & int(
@@ -337,9 +382,14 @@ class BackendConnection:
         state = RingState((vring.started, vring.enabled))
         was_enabled = vring.enabled
         vring.started, vring.enabled = RING_TRANSITIONS[(state, event)].value
+        disabled_only = vring.started and was_enabled and not vring.enabled
+        if disabled_only:
+            # The device hears of a disable before the ring stops, so that it
+            # can tell a disabled ring from a stopped one.
+            self.device.vring_state_changed(vring.index, False)
         self._sync(vring)
-        if vring.enabled != was_enabled:
-            self.device.vring_state_changed(vring, vring.enabled)
+        if vring.enabled != was_enabled and not disabled_only:
+            self.device.vring_state_changed(vring.index, vring.enabled)
 
     def _sync(self, vring: Vring) -> None:
         """Start or stop the device's processing to match the ring's state."""
@@ -350,65 +400,51 @@ class BackendConnection:
             self._start(vring)
 
     def _stop(self, vring: Vring) -> None:
-        queue = vring.queue
-        if queue is None:
+        spec = vring.spec
+        if spec is None:
             return
-        self.device.stop_queue(vring)
-        vring.base = queue.base
-        vring.queue = None
-        _release(queue)
+        try:
+            position = self.device.stop_queue(vring.index)
+        except QueueNotRunningError as exc:
+            # The device let go of the ring on its own (it was closed).
+            log.warning("%s: vring %d: %s", self.name, vring.index, exc)
+            position = spec.position
+        vring.base = position.encode(packed=spec.packed)
+        vring.spec = None
+        spec.areas.release()
 
     def _start(self, vring: Vring) -> None:
         try:
-            vring.queue = self._build_queue(vring)
-            self._attach_inflight(vring)
+            spec = self._describe(vring)
         except IotlbMissError as miss:
             # Not the driver's fault: ask, and start when the UPDATE comes.
-            vring.queue = None
             log.info("%s: vring %d waits for a translation: %s", self.name, vring.index, miss)
             self.request_translation(miss.iova, miss.write)
             return
         except (RingError, GuestMemoryError, RemoteProtocolError) as exc:
-            vring.queue = None
             log.error("%s: vring %d cannot start: %s", self.name, vring.index, exc)
-            vring.fail(RingError(str(exc)))
+            vring.notifiers.fail(RingError(str(exc)))
             return
-        self.device.start_queue(vring)
+        try:
+            self.device.start_queue(spec)
+        except RingError as exc:
+            spec.areas.release()
+            log.error("%s: vring %d cannot start: %s", self.name, vring.index, exc)
+            vring.notifiers.fail(exc)
+            return
+        vring.spec = spec
 
-    def _attach_inflight(self, vring: Vring) -> None:
-        """Track the ring in the inflight region; queue what a previous back-end left undone."""
-        vring.track_inflight(None)
-        region, queue = self.inflight, vring.queue
-        if region is None or vring.index >= region.num_queues:
-            return
-        pending: list[int] | list[InflightChain]
-        tracker: SplitInflightQueue | PackedInflightQueue
-        if isinstance(queue, SplitDeviceQueue) and not region.packed:
-            tracker = region.split_queue(vring.index)
-            pending = tracker.recover(queue.used_idx)
-        elif isinstance(queue, PackedDeviceQueue) and region.packed:
-            tracker = region.packed_queue(vring.index)
-            pending = tracker.recover(queue.slot_used)
-            ids = [chain.descriptors[-1].id for chain in pending]
-            if len(set(ids)) != len(ids):
-                raise RemoteProtocolError("inflight buffer: two chains in flight share a buffer id")
-            if pending:
-                slots = sum(len(chain.descriptors) for chain in pending)
-                queue.resume_inflight(
-                    tracker.used_idx, tracker.used_wrap_counter, len(pending), slots
-                )
-            else:
-                tracker.restart_at(*queue.used_position)
-        else:
-            return
-        vring.track_inflight(tracker, pending)
-        if pending:
-            log.info(
-                "%s: vring %d resubmits %d in-flight requests",
-                self.name, vring.index, len(pending),
-            )  # fmt: skip
+    def _inflight_record(self, vring: Vring) -> SplitInflightQueue | PackedInflightQueue | None:
+        """The ring's part of the inflight region, when one of the ring's layout is shared."""
+        region = self.inflight
+        if region is None or vring.index >= region.num_queues or region.packed != self.packed:
+            return None
+        if region.packed:
+            return region.packed_queue(vring.index)
+        return region.split_queue(vring.index)
 
-    def _build_queue(self, vring: Vring) -> DeviceQueue:
+    def _describe(self, vring: Vring) -> RingSpec:
+        """The ring's description from what the front-end sent: checked here, once."""
         addr = self._addrs.get(vring.index)
         if addr is None:
             raise RemoteProtocolError(f"vring {vring.index} started without SET_VRING_ADDR")
@@ -416,51 +452,31 @@ class BackendConnection:
             raise RemoteProtocolError(f"vring {vring.index} started without SET_VRING_NUM")
         space: AddressSpace
         if self.iommu:
-            # IOVAs: the queue's views go through the IOTLB, which checks them.
-            desc, driver, device = addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr
+            # IOVAs: the ring's views go through the IOTLB, which checks them.
+            addrs = (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
             space = self.iotlb_space
         else:
-            desc, driver, device = self._ring_gpas(vring.num, addr)
+            addrs = self._ring_gpas(vring.num, addr)
             space = self.memory
-        event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
-        indirect = bool(self.features & VirtioFeature.RING_INDIRECT_DESC)
         dirty = self.dirty_log if self.features & VirtioFeature.LOG_ALL else None
-        log_addr = addr.log_guest_addr if addr.flags & 1 else None
-        if dirty is not None and log_addr is None:
-            # Without a ring log address the used ring is logged where it lies.
-            log_addr = device if not self.packed else desc
         # Behind an IOMMU the log address is an IOVA too (DPDK and Linux vhost
-        # translate it): log through the IOTLB.
-        logger = IotlbDirtyLog(dirty, self.iotlb_space) if dirty and self.iommu else dirty
-        vring.memory = self.memory
-        vring.features = self.features
-        vring.ring_addrs = (desc, driver, device)
-        vring.dirty_log, vring.log_addr = dirty, log_addr
-        vring.iotlb = self.iotlb if self.iommu else None
-        vring.space = space
-        vring.translation_requester = self.request_translation
-        if self.packed:
-            return PackedDeviceQueue(
-                space, vring.num, desc, driver, device,
-                event_idx=event_idx, indirect=indirect, base=vring.base,
-                log=logger, log_addr=log_addr,
-            )  # fmt: skip
-        return SplitDeviceQueue(
-            space, vring.num, desc, driver, device,
-            event_idx=event_idx, indirect=indirect, base=vring.base,
-            log=logger, log_addr=log_addr,
+        # translate it).
+        log_addr = addr.log_guest_addr if addr.flags & 1 else None
+        return describe_ring(
+            vring.index, vring.num, self.features, addrs,
+            RingPosition.decode(vring.base, packed=self.packed), space, vring.notifiers,
+            max_size=self.device.max_queue_size, dirty_log=dirty, log_addr=log_addr,
+            inflight=self._inflight_record(vring),
         )  # fmt: skip
 
     def _ring_gpas(self, num: int, addr: codec.VringAddr) -> tuple[int, int, int]:
         """Translate a ring's front-end addresses into guest-physical ones, checking sizes."""
         if self.packed:
-            sizes = (16 * num, 4, 4)
+            packed = PackedLayout(num)
+            sizes = (packed.desc_size, packed.EVENT_SIZE, packed.EVENT_SIZE)
         else:
-            sizes = (
-                SplitLayout(num).desc_size,
-                SplitLayout(num).avail_size,
-                SplitLayout(num).used_size,
-            )
+            split = SplitLayout(num)
+            sizes = (split.desc_size, split.avail_size, split.used_size)
         uvas = (addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr)
         names = ("descriptor table", "avail ring", "used ring")
         gpas = []
@@ -526,7 +542,7 @@ class BackendConnection:
     def _reset(self) -> None:
         for vring in self.vrings:
             self._transition(vring, RingEvent.RESET)
-            vring.close_fds()
+            vring.notifiers.close_fds()
             vring.num = 0
             vring.base = 0
             vring.broken = False
@@ -554,9 +570,9 @@ class BackendConnection:
                 drop_connection=True,
             )
         self.protocol_features = ProtocolFeature(value)
-        inband = self._send_inband if value & ProtocolFeature.INBAND_NOTIFICATIONS else None
+        inband = self._send_signal if value & ProtocolFeature.INBAND_NOTIFICATIONS else None
         for vring in self.vrings:
-            vring.inband = inband
+            vring.notifiers.sender = inband
 
     def _on_get_queue_num(self, msg: Message, fds: list[int]) -> codec.Payload:
         return codec.U64(len(self.vrings))
@@ -588,10 +604,10 @@ class BackendConnection:
         assert isinstance(msg.payload, codec.VringState)
         vring = self._vring(msg.payload.index)
         num = msg.payload.num
-        if not 0 < num <= min(32768, self.device.max_queue_size):
-            raise RemoteProtocolError(f"SET_VRING_NUM: size {num} out of range")
-        if not self.packed and num & (num - 1):
-            raise RemoteProtocolError(f"SET_VRING_NUM: split ring size {num} is not a power of 2")
+        try:
+            check_ring_size(num, packed=self.packed, limit=self.device.max_queue_size)
+        except RingError as exc:
+            raise RemoteProtocolError(f"SET_VRING_NUM: {exc}") from exc
         if vring.running:
             raise RemoteProtocolError(f"SET_VRING_NUM: vring {vring.index} is running")
         vring.num = num
@@ -644,8 +660,7 @@ class BackendConnection:
         self._transition(vring, RingEvent.GET_BASE)
         base = vring.base
         # The ring restarts from a new kick fd; the old one is finished with.
-        kick = vring.kick_fd
-        vring.kick_fd = None
+        kick = vring.notifiers.replace_kick_fd(None)
         if kick is not None:
             os.close(kick)
         return codec.VringState(vring.index, base)
@@ -661,22 +676,20 @@ class BackendConnection:
         was_running = vring.running
         if was_running:
             self._stop(vring)
-        old = vring.kick_fd
-        vring.kick_fd = fd
+        old = vring.notifiers.replace_kick_fd(fd)
         if old is not None:
             os.close(old)
         self._transition(vring, RingEvent.KICK_FD)
 
     def _on_set_vring_call(self, msg: Message, fds: list[int]) -> None:
         vring, fd = self._vring_file(msg, fds)
-        with vring._call_lock:
-            old, vring.call_fd = vring.call_fd, fd
+        old = vring.notifiers.replace_call_fd(fd)
         if old is not None:
             os.close(old)
 
     def _on_set_vring_err(self, msg: Message, fds: list[int]) -> None:
         vring, fd = self._vring_file(msg, fds)
-        old, vring.err_fd = vring.err_fd, fd
+        old = vring.notifiers.replace_err_fd(fd)
         if old is not None:
             os.close(old)
 
@@ -696,7 +709,7 @@ class BackendConnection:
         if not vring.started:
             self._transition(vring, RingEvent.KICK)
         if vring.running:
-            self.device.kick(vring)
+            self.device.kick(vring.index)
 
     def _on_send_rarp(self, msg: Message, fds: list[int]) -> None:
         self.device.send_rarp(struct.pack("<Q", _u64(msg))[:6])
@@ -762,7 +775,7 @@ class BackendConnection:
     def _on_get_inflight_fd(self, msg: Message, fds: list[int]) -> _Reply:
         assert isinstance(msg.payload, codec.Inflight)
         req = msg.payload
-        if not 0 < req.num_queues <= len(self.vrings) or not 0 < req.queue_size <= 32768:
+        if not 0 < req.num_queues <= len(self.vrings) or not 0 < req.queue_size <= MAX_QUEUE_SIZE:
             raise RemoteProtocolError(
                 f"GET_INFLIGHT_FD: {req.num_queues} queues of {req.queue_size} out of range"
             )
@@ -858,8 +871,9 @@ class BackendConnection:
         assert isinstance(reply.payload, codec.U64)
         return reply.payload.value
 
-    def _send_inband(self, request: BackendRequest, index: int) -> None:
+    def _send_signal(self, signal: Signal, index: int) -> None:
         """VRING_CALL / VRING_ERR for vring ``index``, blocking until the front-end processed it."""
+        request = BackendRequest.VRING_CALL if signal is Signal.CALL else BackendRequest.VRING_ERR
         result = self.send_backend_request(request, codec.VringState(index, 0), need_reply=True)
         if result:
             raise RemoteProtocolError(f"front-end answered {request.name} with {result}")
@@ -895,7 +909,7 @@ class BackendConnection:
             self.backend_channel.shutdown()
         for vring in self.vrings:
             self._transition(vring, RingEvent.RESET)
-            vring.close_fds()
+            vring.notifiers.close_fds()
         with contextlib.suppress(PyvdpaError):
             self.device.reset()
         self.memory.close()
@@ -913,9 +927,3 @@ class BackendConnection:
 def _u64(msg: Message) -> int:
     assert isinstance(msg.payload, codec.U64)
     return msg.payload.value
-
-
-def _release(queue: DeviceQueue) -> None:
-    release = getattr(queue, "release", None)
-    if callable(release):
-        release()

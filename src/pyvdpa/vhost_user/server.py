@@ -22,16 +22,16 @@ import os
 import threading
 from collections.abc import Callable
 
+from pyvdpa.device import Device
 from pyvdpa.errors import ProtocolError, PyvdpaError, TransportError
 from pyvdpa.vhost_user.backend import BackendConnection
-from pyvdpa.vhost_user.device import VhostUserDevice
 from pyvdpa.vhost_user.transport import Channel, Listener, connect
 
 __all__ = ["BackendServer"]
 
 log = logging.getLogger(__name__)
 
-DeviceFactory = Callable[[], VhostUserDevice]
+DeviceFactory = Callable[[], Device]
 ConnectionHook = Callable[[BackendConnection], None]
 
 

@@ -57,6 +57,7 @@ from pyvdpa.virtio.ring import (
     DirtyLogger,
     QueueBrokenError,
     QueueFullError,
+    RingAreas,
     check_aligned,
     check_index,
     check_written,
@@ -105,6 +106,18 @@ _DISABLE = int(EventFlags.DISABLE)
 _DESC = int(EventFlags.DESC)
 
 
+def check_packed_base(base: int, size: int) -> None:
+    """Raise ValueError unless ``base`` is a 32-bit ring state naming a slot below ``size``.
+
+    Bits 0-14 are the next available slot, bit 15 its wrap counter; GET_VRING_BASE
+    adds the used slot and wrap counter in bits 16-31.
+    """
+    if not 0 <= base <= 0xFFFFFFFF:
+        raise ValueError(f"packed ring base {base:#x} is not a 32-bit value")
+    if base & _OFF_MASK >= size:
+        raise ValueError(f"packed ring base {base:#x} names a slot beyond {size}")
+
+
 def check_packed_queue_size(size: int) -> None:
     """Raise ValueError unless ``size`` is from 1 to 32768."""
     if not 1 <= size <= MAX_QUEUE_SIZE:
@@ -136,6 +149,23 @@ class PackedLayout:
         check_aligned(desc_addr, self.DESC_ALIGN, "descriptor ring")
         check_aligned(driver_event_addr, self.EVENT_ALIGN, "driver event area")
         check_aligned(device_event_addr, self.EVENT_ALIGN, "device event area")
+
+    def map(
+        self, space: AddressSpace, desc_addr: int, driver_event_addr: int, device_event_addr: int
+    ) -> RingAreas:
+        """Check the three areas' alignment and map them from ``space`` for the device.
+
+        The device writes used descriptors into the ring and its own event
+        area, and only reads the driver's.  Raises ValueError for a
+        misaligned area, and what :meth:`AddressSpace.view` raises for one
+        outside memory.
+        """
+        self.check_addresses(desc_addr, driver_event_addr, device_event_addr)
+        return RingAreas.map(
+            space,
+            ((desc_addr, self.desc_size, True), (driver_event_addr, self.EVENT_SIZE, False),
+             (device_event_addr, self.EVENT_SIZE, True)),
+        )  # fmt: skip
 
 
 def _is_avail(flags: int, wrap: int) -> bool:
@@ -199,20 +229,50 @@ class PackedDeviceQueue:
         log_addr: int | None = None,
     ) -> None:
         layout = PackedLayout(size)
-        layout.check_addresses(desc_addr, driver_event_addr, device_event_addr)
-        if not 0 <= base <= 0xFFFFFFFF:
-            raise ValueError(f"packed ring base {base:#x} is not a 32-bit value")
-        if base & _OFF_MASK >= size:
-            raise ValueError(f"packed ring base {base:#x} names a slot beyond {size}")
+        check_packed_base(base, size)
+        areas = layout.map(mem, desc_addr, driver_event_addr, device_event_addr)
+        self._setup(mem, layout, areas, event_idx, indirect, base, log, log_addr)
+
+    @classmethod
+    def on_areas(
+        cls,
+        mem: AddressSpace,
+        areas: RingAreas,
+        size: int,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        base: int = 1 << _WRAP_SHIFT,
+        log: DirtyLogger | None = None,
+        log_addr: int | None = None,
+    ) -> PackedDeviceQueue:
+        """A queue over ring areas already mapped and checked (by :meth:`PackedLayout.map`).
+
+        The caller keeps the areas and releases them after the queue is done.
+        """
+        check_packed_base(base, size)
+        queue = cls.__new__(cls)
+        queue._setup(mem, PackedLayout(size), areas, event_idx, indirect, base, log, log_addr)
+        return queue
+
+    def _setup(
+        self,
+        mem: AddressSpace,
+        layout: PackedLayout,
+        areas: RingAreas,
+        event_idx: bool,
+        indirect: bool,
+        base: int,
+        log: DirtyLogger | None,
+        log_addr: int | None,
+    ) -> None:
         if log is not None and log_addr is None:
             raise ValueError("dirty logging needs the descriptor ring's log_addr")
         self._mem = mem
-        self._size = size
-        # The device writes used descriptors into the ring and its own event
-        # area, and only reads the driver's.
-        self._desc = mem.view(desc_addr, layout.desc_size, write=True)
-        self._driver_event = mem.view(driver_event_addr, layout.EVENT_SIZE, write=False)
-        self._device_event = mem.view(device_event_addr, layout.EVENT_SIZE, write=True)
+        self._size = layout.size
+        self._desc = areas.desc.view
+        self._driver_event = areas.driver.view
+        self._device_event = areas.device.view
         self._event_idx = event_idx
         self._indirect = indirect
         self._log = log

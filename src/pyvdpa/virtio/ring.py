@@ -83,6 +83,8 @@ __all__ = [
     "IndirectDescriptorError",
     "QueueBrokenError",
     "QueueFullError",
+    "RingArea",
+    "RingAreas",
     "Segment",
     "check_aligned",
     "check_index",
@@ -190,6 +192,60 @@ class QueueBrokenError(RingError):
 
 class QueueFullError(PyvdpaError):
     """The driver side has too few free descriptors for the chain."""
+
+
+@dataclass(frozen=True, slots=True)
+class RingArea:
+    """One of a ring's three areas: its device address, length and a view of its bytes."""
+
+    addr: int
+    length: int
+    view: memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class RingAreas:
+    """A ring's descriptor area, driver area and device area, mapped for the device.
+
+    Split rings: descriptor table, available ring, used ring.  Packed rings:
+    descriptor ring, driver event area, device event area.  Built by the
+    layouts' ``map`` methods, which check alignment; whoever mapped them
+    releases them with :meth:`release` once no queue uses them.
+    """
+
+    desc: RingArea
+    driver: RingArea
+    device: RingArea
+
+    @classmethod
+    def map(cls, space: AddressSpace, areas: tuple[tuple[int, int, bool], ...]) -> RingAreas:
+        """Map ``(addr, length, device_writes)`` for each area; all or none."""
+        mapped: list[RingArea] = []
+        try:
+            for addr, length, write in areas:
+                mapped.append(RingArea(addr, length, space.view(addr, length, write=write)))
+        except BaseException:
+            for area in mapped:
+                area.view.release()
+            raise
+        return cls(*mapped)
+
+    @property
+    def addresses(self) -> tuple[int, int, int]:
+        """The three device addresses."""
+        return self.desc.addr, self.driver.addr, self.device.addr
+
+    def overlaps(self, addr: int, length: int) -> bool:
+        """Whether device range ``[addr, addr + length)`` touches one of the areas."""
+        return any(
+            a.addr < addr + length and addr < a.addr + a.length
+            for a in (self.desc, self.driver, self.device)
+        )
+
+    def release(self) -> None:
+        """Release the three views."""
+        for area in (self.desc, self.driver, self.device):
+            area.view.release()
 
 
 @dataclass(frozen=True, slots=True)

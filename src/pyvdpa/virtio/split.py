@@ -50,6 +50,7 @@ from pyvdpa.virtio.ring import (
     DirtyLogger,
     QueueBrokenError,
     QueueFullError,
+    RingAreas,
     check_aligned,
     check_index,
     check_written,
@@ -89,6 +90,12 @@ _NO_NOTIFY = int(UsedFlag.NO_NOTIFY)
 _NEXT = int(DescFlag.NEXT)
 _WRITE = int(DescFlag.WRITE)
 _INDIRECT = int(DescFlag.INDIRECT)
+
+
+def check_split_base(base: int) -> None:
+    """Raise ValueError unless ``base`` (the next available index) is a 16-bit index."""
+    if not 0 <= base <= 0xFFFF:
+        raise ValueError(f"split ring base {base} is not a 16-bit index")
 
 
 def check_queue_size(size: int) -> None:
@@ -149,6 +156,22 @@ class SplitLayout:
         check_aligned(avail_addr, self.AVAIL_ALIGN, "available ring")
         check_aligned(used_addr, self.USED_ALIGN, "used ring")
 
+    def map(
+        self, space: AddressSpace, desc_addr: int, avail_addr: int, used_addr: int
+    ) -> RingAreas:
+        """Check the three areas' alignment and map them from ``space`` for the device.
+
+        The device reads the descriptor table and the available ring and
+        writes the used ring.  Raises ValueError for a misaligned area, and
+        what :meth:`AddressSpace.view` raises for one outside memory.
+        """
+        self.check_addresses(desc_addr, avail_addr, used_addr)
+        return RingAreas.map(
+            space,
+            ((desc_addr, self.desc_size, False), (avail_addr, self.avail_size, False),
+             (used_addr, self.used_size, True)),
+        )  # fmt: skip
+
 
 class SplitDeviceQueue:
     """The device side of a split queue.
@@ -175,19 +198,51 @@ class SplitDeviceQueue:
         log_addr: int | None = None,
     ) -> None:
         layout = SplitLayout(size)
-        layout.check_addresses(desc_addr, avail_addr, used_addr)
-        if not 0 <= base <= 0xFFFF:
-            raise ValueError(f"split ring base {base} is not a 16-bit index")
+        check_split_base(base)
+        areas = layout.map(mem, desc_addr, avail_addr, used_addr)
+        self._setup(mem, layout, areas, event_idx, indirect, base, log, log_addr)
+
+    @classmethod
+    def on_areas(
+        cls,
+        mem: AddressSpace,
+        areas: RingAreas,
+        size: int,
+        *,
+        event_idx: bool,
+        indirect: bool,
+        base: int = 0,
+        log: DirtyLogger | None = None,
+        log_addr: int | None = None,
+    ) -> SplitDeviceQueue:
+        """A queue over ring areas already mapped and checked (by :meth:`SplitLayout.map`).
+
+        The caller keeps the areas and releases them after the queue is done.
+        """
+        check_split_base(base)
+        queue = cls.__new__(cls)
+        queue._setup(mem, SplitLayout(size), areas, event_idx, indirect, base, log, log_addr)
+        return queue
+
+    def _setup(
+        self,
+        mem: AddressSpace,
+        layout: SplitLayout,
+        areas: RingAreas,
+        event_idx: bool,
+        indirect: bool,
+        base: int,
+        log: DirtyLogger | None,
+        log_addr: int | None,
+    ) -> None:
         if log is not None and log_addr is None:
             raise ValueError("dirty logging needs the used ring's log_addr")
         self._layout = layout
         self._mem = mem
-        self._size = size
-        # The device reads the descriptor table and the available ring and
-        # writes the used ring.
-        self._desc = mem.view(desc_addr, layout.desc_size, write=False)
-        self._avail = mem.view(avail_addr, layout.avail_size, write=False)
-        self._used = mem.view(used_addr, layout.used_size, write=True)
+        self._size = layout.size
+        self._desc = areas.desc.view
+        self._avail = areas.driver.view
+        self._used = areas.device.view
         self._event_idx = event_idx
         self._indirect = indirect
         self._log = log
