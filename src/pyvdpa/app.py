@@ -40,13 +40,15 @@ from pyvdpa.errors import ConfigError, PyvdpaError
 from pyvdpa.vdev import parse_vdev
 from pyvdpa.vdpa import (
     DRIVERS,
+    SimDriver,
     VdpaDevice,
-    VdpaDriver,
     VdpaError,
     VdpaPort,
     VdpaRegistry,
     VhostAdapter,
 )
+from pyvdpa.vduse.backend import VduseBackend
+from pyvdpa.vduse.netlink import add_device, delete_device
 
 __all__ = ["PROMPT", "QUEUE_ALL", "Console", "VdpaApp", "add_run_arguments", "parse_cpus", "run"]
 
@@ -90,9 +92,12 @@ class VdpaApp:
         self.engine = engine
         self.cpus = None if cpus is None else tuple(cpus)
         self.registry = VdpaRegistry()
-        self.drivers: dict[str, VdpaDriver] = {kind: cls() for kind, cls in DRIVERS.items()}
+        self.drivers: dict[str, SimDriver] = {kind: cls() for kind, cls in DRIVERS.items()}
         self.ports: list[VdpaPort] = []
-        self._owners: dict[str, VdpaDriver] = {}
+        #: Devices on the kernel's vDPA bus, by name.
+        self.vduse: dict[str, VduseBackend] = {}
+        self._buses: dict[str, str] = {}
+        self._owners: dict[str, SimDriver] = {}
         # Re-entrant: the signal handler prints from the main thread, maybe mid-print.
         self._out_lock = threading.RLock()
 
@@ -114,8 +119,30 @@ class VdpaApp:
             driver = self.drivers[spec.kind]
             device = driver.probe(spec, self.registry)
             self._owners[device.name] = driver
+            self._buses[device.name] = spec.bus
             devices.append(device)
+        for device in devices:
+            if self._buses[device.name] == "vduse":
+                self.add_to_vdpa_bus(device)
         return devices
+
+    def add_to_vdpa_bus(self, device: VdpaDevice) -> None:
+        """Serve ``device`` through VDUSE, then add it to the kernel's vDPA bus.
+
+        As ``vdpa dev add name NAME mgmtdev vduse``: the kernel binds the
+        first vDPA bus driver (virtio_vdpa or vhost_vdpa), which talks to the
+        device while this runs, so the device is served first.
+        """
+        hardware = self._owners[device.name].hardware(device)
+        backend = VduseBackend(hardware, device.name)
+        backend.start()
+        try:
+            add_device(device.name)
+        except BaseException:
+            backend.close()
+            raise
+        self.vduse[device.name] = backend
+        self.say(f"VDUSE: device {device.name} added to the vDPA bus")
 
     def create(self, path: str, name: str) -> VdpaPort:
         """Attach device ``name`` to a new port on ``path`` and start it."""
@@ -141,7 +168,8 @@ class VdpaApp:
 
     def create_ifaces(self, prefix: str) -> None:
         """One port per device, ``PREFIX0``, ``PREFIX1``… in registration order."""
-        for index, device in enumerate(self.registry):
+        sockets = [d for d in self.registry if self._buses.get(d.name) != "vduse"]
+        for index, device in enumerate(sockets):
             self.create(f"{prefix}{index}", device.name)
 
     def list_lines(self) -> list[str]:
@@ -149,7 +177,8 @@ class VdpaApp:
         lines = ["device name\tqueue num\tsupported features"]
         for device in self.registry:
             caps = device.capabilities()
-            lines.append(f"{device.name}\t\t{caps.queue_num}\t\t{caps.features:#x}")
+            bus = "\tvduse" if device.name in self.vduse else ""
+            lines.append(f"{device.name}\t\t{caps.queue_num}\t\t{caps.features:#x}{bus}")
         return lines
 
     def stats_lines(self, name: str, qid: int) -> list[str]:
@@ -157,7 +186,7 @@ class VdpaApp:
         device = self.registry.find(name)
         if device is None:
             raise VdpaError(f"Invalid device: {name}.")
-        if device.port is None:
+        if device.port is None and name not in self.vduse:
             raise VdpaError(f"Device {name} was not created.")
         qids = range(device.capabilities().num_vrings) if qid == QUEUE_ALL else range(qid, qid + 1)
         lines = ["", f"Device {name}:"]
@@ -173,10 +202,18 @@ class VdpaApp:
         return lines
 
     def close(self) -> None:
-        """Stop every port, then remove every device."""
+        """Stop every port, take devices off the vDPA bus, then remove every device."""
         for port in self.ports:
             port.close()
         self.ports.clear()
+        for name, backend in list(self.vduse.items()):
+            try:
+                # The bound driver resets the device meanwhile: keep serving.
+                delete_device(name)
+            except PyvdpaError as exc:
+                self.say(f"VDUSE: {name}: {exc}")
+            backend.close()
+            del self.vduse[name]
         for device in list(self.registry):
             owner = self._owners.pop(device.name, None)
             if owner is not None:
@@ -322,7 +359,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     """Run the application; errors from the command line propagate (after cleanup)."""
-    if not args.iface and not args.interactive:
+    vduse_only = bool(args.vdev) and all(parse_vdev(t).bus == "vduse" for t in args.vdev)
+    if not args.iface and not args.interactive and not vduse_only:
         raise ConfigError("--iface PREFIX is required unless -i/--interactive is given")
     app = VdpaApp(client=args.client, out=out, engine=EngineMode(args.engine), cpus=args.cpus)
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -14,6 +14,7 @@ from pyvdpa.dataplane.net import ENGINE_NET_MODES
 from pyvdpa.errors import ConfigError
 
 __all__ = [
+    "BUSES",
     "SIM_NET_MODES",
     "VDEV_KEYS",
     "VdevSpec",
@@ -24,9 +25,13 @@ __all__ = [
 ]
 
 VDEV_KEYS: dict[str, frozenset[str]] = {
-    "sim-net": frozenset({"name", "mode", "ifname", "mac", "mtu", "queues", "frame-size"}),
-    "sim-blk": frozenset({"name", "path", "size", "readonly", "queues", "serial"}),
+    "sim-net": frozenset({"name", "mode", "ifname", "mac", "mtu", "queues", "frame-size", "bus"}),
+    "sim-blk": frozenset({"name", "path", "size", "readonly", "queues", "serial", "bus"}),
 }
+
+#: Where a device is served: a vhost-user socket (the default) or the kernel's
+#: vDPA bus through VDUSE.
+BUSES = ("vhost-user", "vduse")
 
 #: sim-net modes, all on the compiled engine.
 SIM_NET_MODES = ENGINE_NET_MODES
@@ -78,6 +83,12 @@ class VdevSpec:
     name: str
     options: dict[str, str]
     text: str
+
+    @property
+    def bus(self) -> str:
+        """``vhost-user`` or ``vduse``."""
+        return self.options.get("bus", BUSES[0])
+
     #: How the compiled data path's worker waits for work (``pyvdpa run --engine``).
     engine: EngineMode = EngineMode.ADAPTIVE
     #: CPUs the data path's workers are pinned to, one worker each (``pyvdpa run --cpus``).
@@ -101,6 +112,8 @@ def parse_vdev(text: str, index: int = 0) -> VdevSpec:
         if key in options:
             raise ConfigError(f"--vdev {text!r}: key {key!r} given twice")
         options[key] = value
+    if options.get("bus", BUSES[0]) not in BUSES:
+        raise ConfigError(f"--vdev {text!r}: bus={options['bus']} is not one of {', '.join(BUSES)}")
     if kind == "sim-blk" and ("path" in options) == ("size" in options):
         raise ConfigError(f"--vdev {text!r}: sim-blk needs exactly one of path= or size=")
     default_name = ("net" if kind == "sim-net" else "blk") + str(index)

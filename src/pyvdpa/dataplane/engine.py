@@ -225,11 +225,10 @@ class Port:
         brings the monitor back here.
         """
         queue = entry.queue
-        iotlb = queue.iotlb
         miss = queue.stalled
-        if iotlb is None or miss is None:
+        if not queue.translates or miss is None:
             return
-        if iotlb.generation != queue.generation:
+        if not queue.translation_current:
             with self._worker.paused():
                 queue.retranslate()
             return

@@ -36,7 +36,7 @@ import numpy.typing as npt
 from pyvdpa.dataplane import kernels as k
 from pyvdpa.device import RingPosition, RingSpec
 from pyvdpa.errors import IotlbMissError, RingError
-from pyvdpa.memory import DirtyLog, GuestMemory, IotlbAddressSpace, MemoryRegion
+from pyvdpa.memory import DirtyLog, GuestMemory, Iotlb, IotlbAddressSpace, IovaSpace, MemoryRegion
 from pyvdpa.virtio.packed import PackedLayout, check_packed_base
 from pyvdpa.virtio.ring import (
     AddressSpace,
@@ -283,6 +283,15 @@ class CompiledQueue:
             raise ValueError(f"stats must be a contiguous int64[{k.NSTATS}] array")
         self._space = space
         self.iotlb = space.iotlb if isinstance(space, IotlbAddressSpace) else None
+        # What the translation table is taken from, when it can change under
+        # a running queue (a miss then stalls the queue rather than breaking it).
+        self._source: Iotlb | IovaSpace | None = (
+            self.iotlb
+            if self.iotlb is not None
+            else space
+            if isinstance(space, IovaSpace)
+            else None
+        )
         self._ring_areas: RingAreas | None = areas if owns_areas else None
         self._areas = areas
         views = [areas.desc.view, areas.driver.view, areas.device.view]
@@ -300,7 +309,7 @@ class CompiledQueue:
         row[k.Q_DESC], row[k.Q_DRIVER], row[k.Q_DEVICE] = (host_address(v) for v in views)
         row[k.Q_REGS] = self._regions.ctypes.data
         row[k.Q_NREGS] = self._regions.shape[0]
-        row[k.Q_IOTLB] = self.iotlb is not None
+        row[k.Q_IOTLB] = self._source is not None
         row[k.Q_ATTN_FD] = -1
         if log is not None and log_addr is not None:
             row[k.Q_LOG] = log.address
@@ -380,6 +389,14 @@ class CompiledQueue:
             # more rebuild, never a stale table taken for a current one.
             self.generation = space.iotlb.generation
             return iotlb_table(space)
+        if isinstance(space, IovaSpace):
+            self.generation = space.generation
+            return _table(
+                [
+                    (iova, size, host, access | access << k.ACCESS_PERM_SHIFT, gpa)
+                    for iova, size, host, access, gpa in space.host_rows()
+                ]
+            )
         assert isinstance(space, GuestMemory)
         return region_table(space)
 
@@ -395,6 +412,16 @@ class CompiledQueue:
     def position(self) -> RingPosition:
         """Where the ring stands, as :attr:`base` encodes it."""
         return RingPosition.decode(self.base, packed=self.packed)
+
+    @property
+    def translates(self) -> bool:
+        """Whether the translation table can change under the running queue."""
+        return self._source is not None
+
+    @property
+    def translation_current(self) -> bool:
+        """Whether the table reflects the latest IOTLB or IOVA mappings."""
+        return self._source is None or self._source.generation == self.generation
 
     def retranslate(self) -> None:
         """Rebuild the translation table from the IOTLB and let a stalled queue go on.

@@ -50,6 +50,8 @@ class Device(abc.ABC):
 
     #: virtio device type.
     device_id: DeviceId = DeviceId.NET
+    #: bytes of the device config space (:meth:`get_config` serves them).
+    config_size: int = 0
     #: virtio feature bits the device offers (device-specific and generic).
     features: int = 0
     #: vhost-user protocol features the device wants offered (masked by the back-end).

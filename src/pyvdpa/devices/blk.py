@@ -32,6 +32,7 @@ from pyvdpa.devices.stats import QueueStats
 from pyvdpa.errors import ConfigError, IotlbMissError, RingError
 from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.blk import (
+    BLK_CONFIG_SIZE,
     BLK_ID_BYTES,
     BLK_SEGMENT_SIZE,
     SECTOR_SIZE,
@@ -39,7 +40,7 @@ from pyvdpa.virtio.blk import (
     BlkRequestHeader,
     DiscardWriteZeroesSegment,
 )
-from pyvdpa.virtio.constants import BlkFeature, BlkStatus, BlkType, VirtioFeature
+from pyvdpa.virtio.constants import BlkFeature, BlkStatus, BlkType, DeviceId, VirtioFeature
 from pyvdpa.virtio.ring import DescriptorChain
 
 __all__ = [
@@ -103,6 +104,10 @@ class BlkControl:
     protocol features and the read-only config space (capacity, blk_size,
     seg_max, num_queues, discard and write-zeroes limits).
     """
+
+    #: virtio device type and config space size (the device interface's).
+    device_id = DeviceId.BLOCK
+    config_size = BLK_CONFIG_SIZE
 
     features: int
     protocol_features: ProtocolFeature

@@ -40,8 +40,8 @@ from pyvdpa.device import RingPosition, ThreadedDevice, UnsupportedRequestError,
 from pyvdpa.devices.stats import QueueStats
 from pyvdpa.errors import ConfigError, IotlbMissError, RingError
 from pyvdpa.vhost_user.protocol import ProtocolFeature
-from pyvdpa.virtio.constants import NetFeature, NetStatus, VirtioFeature
-from pyvdpa.virtio.net import NetConfig, NetHeader, net_header_size
+from pyvdpa.virtio.constants import DeviceId, NetFeature, NetStatus, VirtioFeature
+from pyvdpa.virtio.net import NET_CONFIG_SIZE, NetConfig, NetHeader, net_header_size
 from pyvdpa.virtio.ring import BufferAddressError, ChainTooLongError, DescriptorChain
 
 __all__ = [
@@ -117,6 +117,10 @@ class NetControl:
     The config space (MAC, link status, queue pairs, MTU) is read-only for the
     driver; NET_SET_MTU changes the MTU.
     """
+
+    #: virtio device type and config space size (the device interface's).
+    device_id = DeviceId.NET
+    config_size = NET_CONFIG_SIZE
 
     mac: bytes
     mtu: int

@@ -11,7 +11,9 @@ The parts, each importing only those listed before it:
 * :mod:`~pyvdpa.memory.dirty`: the migration dirty-page log
   (:class:`DirtyLog`, :class:`IotlbDirtyLog`);
 * :mod:`~pyvdpa.memory.shared`: memory the front-end role shares
-  (:class:`SharedMemory`, :func:`allocate_shared`).
+  (:class:`SharedMemory`, :func:`allocate_shared`);
+* :mod:`~pyvdpa.memory.iova`: an IOVA space of files mapped into this
+  process, as VDUSE hands them out (:class:`IovaSpace`).
 
 Each part's docstring gives its theory of operation.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 from pyvdpa.memory.dirty import LOG_PAGE_SIZE, DirtyLog, IotlbDirtyLog
 from pyvdpa.memory.iotlb import Iotlb, IotlbAddressSpace, IotlbEntry, IotlbPerm
+from pyvdpa.memory.iova import IovaMapping, IovaSpace
 from pyvdpa.memory.regions import MAX_MEM_SLOTS, FdMapping, GuestMemory, MemoryRegion
 from pyvdpa.memory.shared import SharedMemory, allocate_shared
 
@@ -34,6 +37,8 @@ __all__ = [
     "IotlbDirtyLog",
     "IotlbEntry",
     "IotlbPerm",
+    "IovaMapping",
+    "IovaSpace",
     "MemoryRegion",
     "SharedMemory",
     "allocate_shared",

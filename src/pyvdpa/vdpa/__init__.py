@@ -24,6 +24,7 @@ from pyvdpa.vdpa.driver import (
     DRIVERS,
     SimBlkDriver,
     SimDeviceOps,
+    SimDriver,
     SimNetDriver,
     VdpaDriver,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "OpNotSupportedError",
     "SimBlkDriver",
     "SimDeviceOps",
+    "SimDriver",
     "SimNetDriver",
     "VdpaCapabilities",
     "VdpaDevice",

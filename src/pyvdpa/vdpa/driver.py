@@ -231,6 +231,14 @@ class SimDriver(VdpaDriver):
             self._ops[device.name] = ops
         return device
 
+    def hardware(self, device: VdpaDevice) -> NetHardware | BlkHardware:
+        """The simulated hardware behind ``device`` (for control planes beside vhost-user)."""
+        with self._lock:
+            ops = self._ops.get(device.name)
+        if ops is None or device.ops is not ops:
+            raise VdpaError(f"{device.name}: not a device of the {self.kind} driver")
+        return ops.hardware
+
     def remove(self, device: VdpaDevice, registry: VdpaRegistry) -> None:
         """Unregister ``device`` (refused while attached), then release its hardware."""
         with self._lock:
@@ -293,7 +301,7 @@ class SimBlkDriver(SimDriver):
 
 
 #: The drivers ``--vdev`` kinds name.
-DRIVERS: dict[str, type[VdpaDriver]] = {
+DRIVERS: dict[str, type[SimDriver]] = {
     SimNetDriver.kind: SimNetDriver,
     SimBlkDriver.kind: SimBlkDriver,
 }
