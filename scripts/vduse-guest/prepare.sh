@@ -15,7 +15,7 @@
 #                    /init copies to /run/vduse-guest/modules in the guest
 #   modules/         the same modules, decompressed, and their load order:
 #                    9p.order, vdpa.order (vduse, virtio_vdpa, virtio_blk,
-#                    virtio_net, ...), vhost_vdpa.order (vhost_vdpa and what
+#                    virtio_net, tun, ext4, ...), vhost_vdpa.order (vhost_vdpa and what
 #                    it needs beyond vdpa.order)
 #   kernel-package   the Debian package the kernel came from
 #   recipe           SHA-256 of init, modules.py and prepare.sh, written last;
@@ -46,7 +46,7 @@ sources=/etc/apt/sources.list.d/pyvdpa-trixie.sources
 preferences=/etc/apt/preferences.d/pyvdpa-trixie
 module_groups=(
     9p=9p,9pnet_virtio
-    vdpa=vhost_iotlb,vdpa,vduse,virtio_vdpa,virtio_blk,failover,net_failover,virtio_net
+    vdpa=vhost_iotlb,vdpa,vduse,virtio_vdpa,virtio_blk,failover,net_failover,virtio_net,tun,crc32c_generic,ext4
     vhost_vdpa=vhost,irqbypass,vhost_vdpa
 )
 
