@@ -166,7 +166,10 @@ DROPPING: dict[str, tuple[Callable[[RawPeer], None], int, str]] = {
         "dropping connection: SET_OWNER: REPLY flag set on a request",
     ),
     "a request that must be answered, refused": (
-        lambda p: p.request(Request.GET_VRING_BASE, struct.pack("<II", 200, 0), flags=1),
+        lambda p: (
+            p.request(Request.SET_OWNER, flags=1),
+            p.request(Request.GET_VRING_BASE, struct.pack("<II", 200, 0), flags=1),
+        ),
         logging.ERROR,
         "dropping connection: GET_VRING_BASE refused, and it must be answered: "
         "vring index 200 out of range",

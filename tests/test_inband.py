@@ -26,6 +26,7 @@ from pyvdpa.drive.session import INBAND_PROTOCOL_FEATURES, Session
 from pyvdpa.errors import ConfigError, RemoteProtocolError, RingError, TransportError
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.backend import BackendConnection
+from pyvdpa.vhost_user.channel import BackendChannel
 from pyvdpa.vhost_user.frontend import BackendRefusedError, Frontend
 from pyvdpa.vhost_user.protocol import BackendRequest, HeaderFlags, ProtocolFeature
 from pyvdpa.vhost_user.server import BackendServer
@@ -190,7 +191,8 @@ def test_engine_devices_do_not_offer_inband() -> None:
 
 def _raw_backend_request(conn: BackendConnection, data: bytes) -> codec.Header:
     """Write ``data`` on the back-end channel; return the header of the front-end's answer."""
-    channel = conn.backend_channel
+    assert isinstance(conn.backend, BackendChannel)
+    channel = conn.backend.channel
     assert channel is not None
     channel.send(data)
     frame = channel.recv()

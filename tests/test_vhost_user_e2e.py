@@ -337,6 +337,7 @@ def test_inflight_fd_requests(sock: Path) -> None:
     with BackendServer(sock, lambda: device) as server, Frontend.connect(sock) as fe:
         fe.get_features()
         fe.set_protocol_features(fe.get_protocol_features())
+        fe.set_owner()
         info, fd = fe.get_inflight_fd(1, 128)  # 31
         try:
             assert info.mmap_size > 0 and info.num_queues == 1 and info.queue_size == 128

@@ -6,6 +6,10 @@ module gives it threads and sockets.  Each connection runs on its own thread:
 receive a frame, hand it to the connection, send the replies, until the
 peer goes away or breaks the protocol badly enough that the stream cannot
 be trusted.  A bad connection is closed alone; the socket keeps serving.
+Each connection's back-end channel
+(:class:`~pyvdpa.vhost_user.channel.BackendChannel`) is owned here too: it is
+shut down before the connection closes, so that a device thread waiting for
+the front-end's reply gives up before its ring is stopped, and closed after.
 
 * Server role: a :class:`~pyvdpa.vhost_user.transport.Listener` accepts
   front-ends (QEMU with ``server=off`` on its chardev, DPDK virtio-user).
@@ -25,6 +29,7 @@ from collections.abc import Callable
 from pyvdpa.device import Device
 from pyvdpa.errors import ProtocolError, PyvdpaError, TransportError
 from pyvdpa.vhost_user.backend import BackendConnection
+from pyvdpa.vhost_user.channel import BackendChannel
 from pyvdpa.vhost_user.transport import Channel, Listener, connect
 
 __all__ = ["BackendServer"]
@@ -142,7 +147,8 @@ class BackendServer:
                 self._channels.discard(channel)
             channel.close()
             return
-        connection = BackendConnection(device, name=self.path)
+        backend = BackendChannel(self.path)
+        connection = BackendConnection(device, name=self.path, backend=backend)
         with self._lock:
             self.connections.append(connection)
         if self._on_connect is not None:
@@ -150,7 +156,9 @@ class BackendServer:
         try:
             self._dispatch(channel, connection)
         finally:
+            backend.shutdown()
             connection.close()
+            backend.close()
             with self._lock:
                 self._channels.discard(channel)
                 if connection in self.connections:
@@ -164,8 +172,8 @@ class BackendServer:
         while not self._stop.is_set():
             try:
                 frame = channel.recv()
-                for data, fds in connection.handle(frame):
-                    channel.send(data, fds)
+                for reply in connection.handle(frame):
+                    channel.send(reply.data, reply.fds)
             except TransportError as exc:
                 log.info("%s: connection closed: %s", self.path, exc)
                 return
