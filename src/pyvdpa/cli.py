@@ -2,7 +2,9 @@
 
 * ``pyvdpa run`` is the vDPA example app (:mod:`pyvdpa.app`): simulated
   vDPA devices served on vhost-user sockets;
-* ``pyvdpa drive net|blk`` drives any vhost-user back-end with traffic.
+* ``pyvdpa drive net|blk`` drives any vhost-user back-end or vhost-vdpa
+  device with traffic;
+* ``pyvdpa info`` tells what a vhost-vdpa device or vhost-user back-end offers.
 
 Every failure the user can cause prints one line, ``pyvdpa: error: ...``,
 and exits non-zero; tracebacks are for bugs only.
@@ -19,11 +21,14 @@ from collections.abc import Sequence
 from pyvdpa.app import add_run_arguments
 from pyvdpa.app import run as run_app
 from pyvdpa.drive.blk import WORKLOADS, run_blk
+from pyvdpa.drive.info import DEVICE_TYPES, vhost_user_info, vhost_vdpa_info
 from pyvdpa.drive.net import run_net
-from pyvdpa.drive.session import Session
+from pyvdpa.drive.session import DriverSession, Session
+from pyvdpa.drive.vhost_vdpa import VdpaSession
 from pyvdpa.errors import ConfigError, PyvdpaError
 from pyvdpa.vdev import parse_size
 from pyvdpa.vhost_user.frontend import Frontend
+from pyvdpa.vhost_vdpa.device import VhostVdpaDevice
 
 __all__ = ["main"]
 
@@ -78,20 +83,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="DPDK testpmd against DPDK net_vhost and pyvdpa in one run (pyvdpa bench --help)",
     )
 
-    drive = sub.add_parser("drive", help="drive a vhost-user back-end with traffic")
+    drive = sub.add_parser(
+        "drive", help="drive a vhost-user back-end or a vhost-vdpa device with traffic"
+    )
     kinds = drive.add_subparsers(dest="kind", required=True, parser_class=_Parser)
     for name, help_text in (("net", "packets, like testpmd"), ("blk", "block I/O, like fio")):
         p = kinds.add_parser(name, help=help_text)
-        p.add_argument("--socket", required=True, help="vhost-user socket path")
+        _add_target(p)
         p.add_argument(
-            "--server", action="store_true", help="listen on the socket; the back-end connects"
+            "--server",
+            action="store_true",
+            help="listen on the socket; the back-end connects (vhost-user)",
         )
         p.add_argument("--duration", type=_seconds, default=5.0, help="seconds (default 5)")
         p.add_argument("--packed", action="store_true", help="use the packed ring layout")
         p.add_argument(
             "--inband",
             action="store_true",
-            help="kicks and calls as vhost-user messages (VRING_KICK, VRING_CALL), no eventfds",
+            help="kicks and calls as vhost-user messages (VRING_KICK, VRING_CALL), no eventfds "
+            "(vhost-user)",
         )
         p.add_argument("--json", action="store_true", help="print one JSON object")
         p.add_argument("--ring-size", type=_positive, default=256, help="descriptors per ring")
@@ -99,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--iommu",
             action="store_true",
-            help="act as a VMM with an IOMMU: negotiate ACCESS_PLATFORM, give the device "
-            "IOVAs and answer its IOTLB misses",
+            help="act as a VMM with an IOMMU: vhost-user: negotiate ACCESS_PLATFORM, give "
+            "the device IOVAs and answer its IOTLB misses; vhost-vdpa: IOVAs far from the "
+            "guest-physical layout, mappings remapped while traffic runs",
         )
         if name == "net":
             p.add_argument("--mode", choices=("txonly", "rxonly", "io"), default="txonly")
@@ -114,12 +125,53 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--size", type=_size, default=None, help="bytes of the disk to use")
             p.add_argument("--verify", action="store_true", help="read back and compare")
             p.add_argument("--ios", type=_positive, default=None, help="stop after N I/Os")
+
+    info = sub.add_parser("info", help="what a vhost-vdpa device or a vhost-user back-end offers")
+    _add_target(info)
+    info.add_argument(
+        "--type",
+        choices=tuple(DEVICE_TYPES),
+        default=None,
+        help="the device type of a vhost-user back-end (vhost-user does not tell it; "
+        "inferred from the features otherwise)",
+    )
+    info.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
-def _open_session(args: argparse.Namespace) -> Session:
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--socket", help="vhost-user socket path")
+    target.add_argument(
+        "--vhost-vdpa", metavar="PATH", help="vhost-vdpa device (/dev/vhost-vdpa-N)"
+    )
+
+
+def _open_session(args: argparse.Namespace) -> DriverSession:
+    if args.vhost_vdpa is not None:
+        for option in ("server", "inband"):
+            if getattr(args, option):
+                raise ConfigError(f"--{option} applies to vhost-user only, not --vhost-vdpa")
+        device = VhostVdpaDevice.open(args.vhost_vdpa)
+        return VdpaSession(device, memory_size=args.memory, iommu=args.iommu)
     frontend = Frontend.listen(args.socket) if args.server else Frontend.connect(args.socket)
     return Session(frontend, memory_size=args.memory, inband=args.inband, iommu=args.iommu)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    if args.vhost_vdpa is not None:
+        if args.type is not None:
+            raise ConfigError("--type applies to vhost-user only: a vhost-vdpa device tells it")
+        report = vhost_vdpa_info(args.vhost_vdpa)
+    else:
+        with Frontend.connect(args.socket) as frontend:
+            report = vhost_user_info(frontend, args.socket, args.type)
+    if args.json:
+        print(json.dumps(report.as_dict()))
+    else:
+        print(f"{report.transport} {report.path}")
+        print("\n".join(report.lines()))
+    return 0
 
 
 def _print_result(figures: dict[str, object], as_json: bool) -> None:
@@ -183,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return run_app(args)
+        if args.command == "info":
+            return _cmd_info(args)
         return _cmd_drive(args)
     except ConfigError as exc:
         print(f"pyvdpa: error: {exc}", file=sys.stderr)

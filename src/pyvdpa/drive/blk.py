@@ -1,4 +1,4 @@
-"""Block I/O over any vhost-user blk back-end (like fio).
+"""Block I/O over any blk device, vhost-user or vhost-vdpa (like fio).
 
 Theory of operation (virtio 1.2, section 5.2.6): a request is a chain of a
 readable 16-byte header (type, ioprio, sector), the data (readable for
@@ -20,10 +20,10 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from pyvdpa.drive.session import Session
+from pyvdpa.drive.session import DriverSession
 from pyvdpa.errors import ConfigError, PyvdpaError
-from pyvdpa.virtio.blk import BLK_CONFIG_SIZE, SECTOR_SIZE, BlkConfig, BlkRequestHeader
-from pyvdpa.virtio.constants import BlkFeature, BlkStatus, BlkType, VirtioFeature
+from pyvdpa.virtio.blk import SECTOR_SIZE, BlkRequestHeader
+from pyvdpa.virtio.constants import BlkFeature, BlkStatus, BlkType, DeviceId, VirtioFeature
 
 __all__ = ["BlkResult", "pattern", "run_blk"]
 
@@ -44,6 +44,8 @@ BLK_WANTED = (
 )
 
 _PATTERN = struct.Struct("<QQ")
+#: ``capacity``, the first field of the config space (512-byte sectors).
+_CAPACITY = struct.Struct("<Q")
 
 
 def pattern(offset: int, generation: int, size: int) -> bytes:
@@ -69,6 +71,8 @@ class BlkResult:
     bytes_per_s: float = 0.0
     #: IOTLB misses the back-end sent and the session answered (``--iommu``).
     iotlb_misses: int = 0
+    #: Mappings the session withdrew and gave again during the run (vhost-vdpa ``--iommu``).
+    iotlb_remaps: int = 0
 
     def finish(self, elapsed: float) -> None:
         """Compute rates over ``elapsed`` seconds."""
@@ -93,14 +97,14 @@ class _Slot:
     generation: int = 0
 
 
-def read_capacity(session: Session) -> int:
+def read_capacity(session: DriverSession) -> int:
     """Disk size in bytes, from the config space."""
-    raw = session.frontend.get_config(0, BLK_CONFIG_SIZE)
-    return BlkConfig.decode(raw).capacity * SECTOR_SIZE
+    (sectors,) = _CAPACITY.unpack(session.read_config(0, _CAPACITY.size))
+    return int(sectors) * SECTOR_SIZE
 
 
 def run_blk(
-    session: Session,
+    session: DriverSession,
     *,
     rw: str = "randread",
     bs: int = 4096,
@@ -123,7 +127,7 @@ def run_blk(
     if size is not None and size < bs * iodepth:
         raise ConfigError(f"size {size} holds fewer than iodepth={iodepth} blocks of {bs}")
     required = VirtioFeature.VERSION_1 | (VirtioFeature.RING_PACKED if packed else 0)
-    features = session.negotiate(BLK_WANTED, required)
+    features = session.negotiate(BLK_WANTED, required, device=DeviceId.BLOCK)
     capacity = read_capacity(session)
     area = min(size if size is not None else capacity, capacity)
     area -= area % bs
@@ -202,6 +206,7 @@ def run_blk(
     while True:
         now = time.monotonic()
         done = now >= deadline or (ios is not None and result.ios >= ios)
+        session.tick()
         if done and not in_flight:
             break
         while free and not done:
@@ -238,4 +243,5 @@ def run_blk(
     result.finish(time.monotonic() - start)
     session.stop()
     result.iotlb_misses = session.iotlb_misses
+    result.iotlb_remaps = session.iotlb_remaps
     return result

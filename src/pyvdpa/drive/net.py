@@ -1,4 +1,4 @@
-"""Net traffic over any vhost-user net back-end (like DPDK testpmd).
+"""Net traffic over any net device, vhost-user or vhost-vdpa (like DPDK testpmd).
 
 Theory of operation (virtio 1.2, section 5.1.6): queue ``2k`` receives and
 ``2k + 1`` transmits.  A transmitted packet is one readable buffer holding
@@ -33,9 +33,9 @@ import zlib
 from collections import deque
 from dataclasses import asdict, dataclass
 
-from pyvdpa.drive.session import DriverRing, Session
+from pyvdpa.drive.session import DriverRing, DriverSession
 from pyvdpa.errors import ConfigError, RingError
-from pyvdpa.virtio.constants import NetFeature, VirtioFeature
+from pyvdpa.virtio.constants import DeviceId, NetFeature, VirtioFeature
 from pyvdpa.virtio.net import net_header_size
 
 __all__ = ["FrameCheck", "NetResult", "build_frame", "check_frame", "run_net"]
@@ -105,6 +105,8 @@ class NetResult:
     rx_bps: float = 0.0
     #: IOTLB misses the back-end sent and the session answered (``--iommu``).
     iotlb_misses: int = 0
+    #: Mappings the session withdrew and gave again during the run (vhost-vdpa ``--iommu``).
+    iotlb_remaps: int = 0
 
     def finish(self, elapsed: float) -> None:
         """Compute rates over ``elapsed`` seconds."""
@@ -133,7 +135,7 @@ NET_WANTED = (
 class _TxPath:
     """One transmit ring with preallocated buffers."""
 
-    def __init__(self, session: Session, ring: DriverRing, hdr: int, frame: bytes) -> None:
+    def __init__(self, session: DriverSession, ring: DriverRing, hdr: int, frame: bytes) -> None:
         self.session = session
         self.ring = ring
         self.hdr = hdr
@@ -162,7 +164,7 @@ class _TxPath:
 class _RxPath:
     """One receive ring kept full of buffers."""
 
-    def __init__(self, session: Session, ring: DriverRing, hdr: int) -> None:
+    def __init__(self, session: DriverSession, ring: DriverRing, hdr: int) -> None:
         self.session = session
         self.ring = ring
         self.hdr = hdr
@@ -202,7 +204,7 @@ class _RxPath:
 
 
 def run_net(
-    session: Session,
+    session: DriverSession,
     *,
     mode: str = "txonly",
     frame_size: int = 64,
@@ -220,7 +222,7 @@ def run_net(
     wanted = NET_WANTED | (NetFeature.MRG_RXBUF if mrg_rxbuf else 0)
     wanted |= NetFeature.MQ if queues > 1 else 0
     required = VirtioFeature.RING_PACKED if packed else 0
-    features = session.negotiate(wanted, required)
+    features = session.negotiate(wanted, required, device=DeviceId.NET)
     if queues > 1:
         available = session.max_queues() // 2
         if not features & NetFeature.MQ or available < queues:
@@ -253,6 +255,7 @@ def run_net(
         now = time.monotonic()
         if now >= deadline or (packets is not None and result.tx_packets >= packets):
             break
+        session.tick()
         moved = False
         for pair in range(queues):
             tx, rx = tx_paths[pair], rx_paths[pair]
@@ -305,10 +308,11 @@ def run_net(
         _quiesce(session, tx_paths)
     session.stop()
     result.iotlb_misses = session.iotlb_misses
+    result.iotlb_remaps = session.iotlb_remaps
     return result
 
 
-def _quiesce(session: Session, tx_paths: list[_TxPath]) -> None:
+def _quiesce(session: DriverSession, tx_paths: list[_TxPath]) -> None:
     """Give the back-end a moment to take the frames already posted.
 
     GET_VRING_BASE stops a ring where it stands: frames posted but not yet

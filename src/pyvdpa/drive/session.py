@@ -1,12 +1,23 @@
-"""A virtio driver session over vhost-user: memory, negotiation, rings.
+"""A virtio driver session: memory, negotiation, rings; over vhost-user or vhost-vdpa.
 
 Theory of operation: this is what a VMM does before a guest driver can use
-a vhost-user device (QEMU's ``vhost_dev_start``, DPDK virtio-user's
-``virtio_user_start_device``):
+a device (QEMU's ``vhost_dev_start``, DPDK virtio-user's
+``virtio_user_start_device``).  :class:`DriverSession` holds what every
+transport shares: one memfd of shared memory, mapped here and seen by the
+device from :attr:`DriverSession.dma_base` on (a bump allocator hands out
+its bytes), the rings allocated in it as the driver-side queues of
+:mod:`pyvdpa.virtio` (:class:`DriverRing`, with their kick and call
+eventfds) and the wait for calls.  A transport describes the memory and the
+rings to the device its own way (:meth:`DriverSession._describe_ring`) and
+negotiates; :mod:`pyvdpa.drive.net` and :mod:`pyvdpa.drive.blk` run traffic
+on any session.  :class:`Session` is vhost-user, and
+:class:`pyvdpa.drive.vhost_vdpa.VdpaSession` the kernel's vhost-vdpa device.
 
-1. share memory: one memfd, mapped here, described to the back-end as one
-   region whose guest-physical base (``GPA_BASE``) differs from the
-   mapping's virtual address, so the back-end must really translate;
+:class:`Session` over vhost-user:
+
+1. share memory: the memfd is described to the back-end as one region whose
+   guest-physical base (``GPA_BASE``) differs from the mapping's virtual
+   address, so the back-end must really translate;
 2. negotiate: GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
    SET_OWNER, SET_FEATURES (the intersection of what both sides want);
 3. per ring: SET_VRING_NUM, SET_VRING_BASE, SET_VRING_ADDR, SET_VRING_KICK,
@@ -28,20 +39,18 @@ as QEMU does, each IOTLB MISS the back-end sends is answered with an
 ``IOTLB_MSG`` UPDATE of the 4 KiB page around the address
 (:attr:`Session.iotlb_misses` counts them), and :meth:`Session.invalidate`
 withdraws translations.
-
-The rings themselves are the driver-side queues of :mod:`pyvdpa.virtio`,
-over the same memory the back-end maps; buffers come from a bump allocator
-in the shared region.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import os
 import select
 import threading
 from dataclasses import dataclass
+from typing import Self
 
 from pyvdpa.errors import ConfigError, PyvdpaError, RemoteProtocolError, RingError
 from pyvdpa.memory import GuestMemory, MemoryRegion, SharedMemory, allocate_shared
@@ -56,7 +65,7 @@ from pyvdpa.vhost_user.protocol import (
     IotlbType,
     ProtocolFeature,
 )
-from pyvdpa.virtio.constants import VirtioFeature
+from pyvdpa.virtio.constants import DeviceId, VirtioFeature
 from pyvdpa.virtio.packed import PackedDriverQueue
 from pyvdpa.virtio.ring import DriverQueue
 from pyvdpa.virtio.split import SplitDriverQueue, SplitLayout
@@ -67,6 +76,7 @@ __all__ = [
     "IOMMU_PAGE_SIZE",
     "IOVA_OFFSET",
     "DriverRing",
+    "DriverSession",
     "Session",
 ]
 
@@ -133,8 +143,172 @@ def feature_names(mask: int) -> str:
     return ", ".join(names)
 
 
-class Session:
-    """A front-end with shared memory and rings, ready for a device driver.
+class DriverSession(abc.ABC):
+    """Shared memory and rings, ready for a device driver, over some transport.
+
+    The device sees the memory from :attr:`dma_base` on: guest-physical
+    addresses, or I/O virtual addresses behind an IOMMU.  A transport
+    implements :meth:`negotiate`, :meth:`max_queues`, :meth:`read_config`,
+    :meth:`enable_rings`, :meth:`stop` and :meth:`_describe_ring`.
+    """
+
+    def __init__(self, memory_size: int, dma_base: int, *, iommu: bool = False) -> None:
+        self.iommu = iommu
+        self.shared: SharedMemory = allocate_shared(memory_size, "pyvdpa-drive")
+        #: Where the device sees the first byte of the shared memory.
+        self.dma_base = dma_base
+        # The driver's own view, addressed as the device addresses it.
+        self.memory = GuestMemory(MAX_MEM_REGIONS)
+        try:
+            self.memory.add_region(
+                MemoryRegion(dma_base, memory_size, self.shared.address, 0), self.shared.fd
+            )
+        except BaseException:
+            self.shared.close()
+            raise
+        self.memory_size = memory_size
+        self._next = dma_base
+        self.features = 0
+        self.rings: list[DriverRing] = []
+        #: IOTLB misses the device sent and the session answered.
+        self.iotlb_misses = 0
+        #: Mappings withdrawn and given again while traffic ran.
+        self.iotlb_remaps = 0
+
+    # ------------------------------------------------------------------ memory
+
+    def alloc(self, size: int, align: int = 64) -> int:
+        """Reserve ``size`` bytes of shared memory; return their device address.
+
+        The device address is guest-physical, or an IOVA with ``iommu``.
+        """
+        start = (self._next + align - 1) & ~(align - 1)
+        end = start + size
+        if end > self.dma_base + self.memory_size:
+            raise ConfigError(
+                f"shared memory exhausted ({self.memory_size} bytes): "
+                "use fewer queues, smaller rings or smaller buffers"
+            )
+        self._next = end
+        return start
+
+    def offset_of(self, addr: int) -> int:
+        """Offset in the shared memory of device address ``addr``."""
+        return addr - self.dma_base
+
+    # ------------------------------------------------------------------ transport
+
+    @abc.abstractmethod
+    def negotiate(
+        self,
+        wanted: int,
+        required: int,
+        *,
+        device: DeviceId | None = None,
+    ) -> int:
+        """Run the start-up handshake; return the negotiated feature bits.
+
+        ``required`` bits missing from the device's offer are a
+        :class:`ConfigError` naming them; ``device``, when given, is the
+        device type the caller drives (a transport that reads the device's
+        type refuses another with a :class:`ConfigError`).
+        """
+
+    @abc.abstractmethod
+    def max_queues(self) -> int:
+        """Queues the device has (0: unknown)."""
+
+    @abc.abstractmethod
+    def read_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of the device's config space at ``offset``."""
+
+    @abc.abstractmethod
+    def enable_rings(self) -> None:
+        """Let the device run the rings set up."""
+
+    @abc.abstractmethod
+    def stop(self) -> list[int]:
+        """Take every ring back from the device; return their bases (-1: unknown)."""
+
+    @abc.abstractmethod
+    def _describe_ring(self, ring: DriverRing, desc: int, avail: int, used: int) -> None:
+        """Tell the device about ``ring`` (its areas at device addresses ``desc``, ...)."""
+
+    def tick(self) -> None:
+        """Called by the traffic loops between bursts (a transport's housekeeping)."""
+        return
+
+    # ------------------------------------------------------------------ rings
+
+    @property
+    def packed(self) -> bool:
+        """Whether the packed ring layout was negotiated."""
+        return bool(self.features & VirtioFeature.RING_PACKED)
+
+    def _new_ring(self, index: int, queue: DriverQueue) -> DriverRing:
+        """The ring's notifications: a kick and a call eventfd."""
+        return DriverRing(
+            index,
+            queue,
+            os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
+            os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
+        )
+
+    def setup_ring(self, index: int, size: int, *, indirect_area: bool = False) -> DriverRing:
+        """Allocate, describe and start ring ``index`` of ``size`` descriptors."""
+        event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
+        indirect_addr = self.alloc(size * size * 16, 16) if indirect_area else None
+        queue: DriverQueue
+        if self.packed:
+            desc = self.alloc(16 * size, 16)
+            driver = self.alloc(4, 4)
+            device = self.alloc(4, 4)
+            queue = PackedDriverQueue(
+                self.memory, size, desc, driver, device,
+                event_idx=event_idx, indirect_addr=indirect_addr,
+            )  # fmt: skip
+            avail, used = driver, device
+        else:
+            desc = self.alloc(SplitLayout(size).desc_size, 16)
+            avail = self.alloc(SplitLayout(size).avail_size, 2)
+            used = self.alloc(SplitLayout(size).used_size, 4)
+            queue = SplitDriverQueue(
+                self.memory, size, desc, avail, used,
+                event_idx=event_idx, indirect_addr=indirect_addr,
+            )  # fmt: skip
+        ring = self._new_ring(index, queue)
+        self.rings.append(ring)
+        self._describe_ring(ring, desc, avail, used)
+        return ring
+
+    def wait_call(self, timeout: float) -> bool:
+        """Block until any ring's call fires or ``timeout`` seconds pass."""
+        fds = [ring.call_fd for ring in self.rings if ring.call_fd is not None]
+        ready, _, _ = select.select(fds, [], [], timeout)
+        for fd in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(fd)
+        return bool(ready)
+
+    def close(self) -> None:
+        """Close the eventfds and the shared memory (a transport closes itself first)."""
+        for ring in self.rings:
+            for fd in (ring.kick_fd, ring.call_fd):
+                if fd is not None:
+                    os.close(fd)
+        self.rings.clear()
+        self.memory.close()
+        self.shared.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Session(DriverSession):
+    """A vhost-user front-end with shared memory and rings, ready for a device driver.
 
     ``inband`` uses in-band notifications instead of eventfds (the back-end
     must offer :data:`INBAND_PROTOCOL_FEATURES`).
@@ -148,45 +322,18 @@ class Session:
         inband: bool = False,
         iommu: bool = False,
     ) -> None:
+        super().__init__(memory_size, GPA_BASE + (IOVA_OFFSET if iommu else 0), iommu=iommu)
         self.frontend = frontend
         self.inband = inband
-        self.iommu = iommu
         self._called = threading.Event()
         self._ring_error: RingError | None = None
-        self.shared: SharedMemory = allocate_shared(memory_size, "pyvdpa-drive")
         self.region = MemoryRegion(GPA_BASE, memory_size, self.shared.address, 0)
-        #: Where the device sees the region: its GPA, or its IOVA behind the IOMMU.
-        self.dma_base = GPA_BASE + (IOVA_OFFSET if iommu else 0)
-        # The driver's own view, addressed as the device addresses it.
-        self.memory = GuestMemory(MAX_MEM_REGIONS)
-        self.memory.add_region(
-            MemoryRegion(self.dma_base, memory_size, self.shared.address, 0), self.shared.fd
-        )
-        self._next = self.dma_base
-        self.features = 0
-        self.rings: list[DriverRing] = []
         self.protocol_features = ProtocolFeature(0)
-        #: IOTLB misses answered with an UPDATE, and those that named no memory of ours.
-        self.iotlb_misses = 0
+        #: IOTLB misses that named no memory of ours.
         self.iotlb_faults = 0
         self._iotlb_lock = threading.Lock()
 
     # ------------------------------------------------------------------ memory
-
-    def alloc(self, size: int, align: int = 64) -> int:
-        """Reserve ``size`` bytes of shared memory; return their device address.
-
-        The device address is guest-physical, or an IOVA with ``iommu``.
-        """
-        start = (self._next + align - 1) & ~(align - 1)
-        end = start + size
-        if end > self.dma_base + self.region.memory_size:
-            raise ConfigError(
-                f"shared memory exhausted ({self.region.memory_size} bytes): "
-                "use fewer queues, smaller rings or smaller buffers"
-            )
-        self._next = end
-        return start
 
     def gpa_to_uva(self, gpa: int) -> int:
         """Front-end virtual address of a guest-physical address."""
@@ -235,12 +382,14 @@ class Session:
         required: int,
         *,
         protocol: ProtocolFeature = WANTED_PROTOCOL_FEATURES,
+        device: DeviceId | None = None,
     ) -> int:
         """Run the start-up handshake; return the negotiated feature bits.
 
         ``required`` bits missing from the back-end's offer are a
         :class:`ConfigError` naming them; ``protocol`` is the set of protocol
-        features to use when the back-end offers them.
+        features to use when the back-end offers them.  vhost-user does not
+        tell the device type: ``device`` is not checked.
         """
         fe = self.frontend
         offered = fe.get_features()
@@ -287,46 +436,22 @@ class Session:
             return self.frontend.get_queue_num()
         return 0
 
-    @property
-    def packed(self) -> bool:
-        """Whether the packed ring layout was negotiated."""
-        return bool(self.features & VirtioFeature.RING_PACKED)
+    def read_config(self, offset: int, size: int) -> bytes:
+        """GET_CONFIG."""
+        return self.frontend.get_config(offset, size)
 
-    def setup_ring(self, index: int, size: int, *, indirect_area: bool = False) -> DriverRing:
-        """Allocate, describe and start ring ``index`` of ``size`` descriptors."""
-        event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
-        indirect_addr = self.alloc(size * size * 16, 16) if indirect_area else None
-        queue: DriverQueue
-        if self.packed:
-            desc = self.alloc(16 * size, 16)
-            driver = self.alloc(4, 4)
-            device = self.alloc(4, 4)
-            queue = PackedDriverQueue(
-                self.memory, size, desc, driver, device,
-                event_idx=event_idx, indirect_addr=indirect_addr,
-            )  # fmt: skip
-            avail, used = driver, device
-        else:
-            desc = self.alloc(SplitLayout(size).desc_size, 16)
-            avail = self.alloc(SplitLayout(size).avail_size, 2)
-            used = self.alloc(SplitLayout(size).used_size, 4)
-            queue = SplitDriverQueue(
-                self.memory, size, desc, avail, used,
-                event_idx=event_idx, indirect_addr=indirect_addr,
-            )  # fmt: skip
-        fe = self.frontend
+    # ------------------------------------------------------------------ rings
+
+    def _new_ring(self, index: int, queue: DriverQueue) -> DriverRing:
         if self.inband:
-            ring = DriverRing(index, queue, None, None, fe)
-        else:
-            ring = DriverRing(
-                index,
-                queue,
-                os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
-                os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK),
-            )
-        self.rings.append(ring)
+            return DriverRing(index, queue, None, None, self.frontend)
+        return super()._new_ring(index, queue)
+
+    def _describe_ring(self, ring: DriverRing, desc: int, avail: int, used: int) -> None:
+        fe = self.frontend
+        index = ring.index
         fe.set_vring_call(index, ring.call_fd)
-        fe.set_vring_num(index, size)
+        fe.set_vring_num(index, ring.queue.size)
         fe.set_vring_base(index, 0x8000 if self.packed else 0)
         addr = codec.VringAddr(
             index,
@@ -339,7 +464,6 @@ class Session:
         fe.set_vring_addr(addr)
         if ring.kick_fd is not None:
             fe.set_vring_kick(index, ring.kick_fd)
-        return ring
 
     def enable_rings(self) -> None:
         """SET_VRING_ENABLE 1 on every ring (only with protocol features)."""
@@ -354,22 +478,17 @@ class Session:
         error (:attr:`Frontend.backend_error`) or a :class:`RingError` for a
         ring the back-end reported broken with VRING_ERR.
         """
-        if self.inband:
-            called = self._called.wait(timeout)
-            # A call landing between wait and clear is lost, not missed: the
-            # driver looks at its used rings after every wait.
-            self._called.clear()
-            if self.frontend.backend_error is not None:
-                raise self.frontend.backend_error
-            if self._ring_error is not None:
-                raise self._ring_error
-            return called
-        fds = [ring.call_fd for ring in self.rings if ring.call_fd is not None]
-        ready, _, _ = select.select(fds, [], [], timeout)
-        for fd in ready:
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(fd)
-        return bool(ready)
+        if not self.inband:
+            return super().wait_call(timeout)
+        called = self._called.wait(timeout)
+        # A call landing between wait and clear is lost, not missed: the
+        # driver looks at its used rings after every wait.
+        self._called.clear()
+        if self.frontend.backend_error is not None:
+            raise self.frontend.backend_error
+        if self._ring_error is not None:
+            raise self._ring_error
+        return called
 
     def _ring_of(self, message: codec.Message) -> DriverRing:
         assert isinstance(message.payload, codec.VringState)
@@ -405,16 +524,4 @@ class Session:
     def close(self) -> None:
         """Close the connection, the eventfds and the shared memory."""
         self.frontend.close()
-        for ring in self.rings:
-            for fd in (ring.kick_fd, ring.call_fd):
-                if fd is not None:
-                    os.close(fd)
-        self.rings.clear()
-        self.memory.close()
-        self.shared.close()
-
-    def __enter__(self) -> Session:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
