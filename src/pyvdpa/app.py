@@ -48,6 +48,7 @@ from pyvdpa.vdpa import (
     VhostAdapter,
 )
 from pyvdpa.vduse.backend import VduseBackend
+from pyvdpa.vduse.kernel import VduseControl
 from pyvdpa.vduse.netlink import add_device, delete_device
 
 __all__ = ["PROMPT", "QUEUE_ALL", "Console", "VdpaApp", "add_run_arguments", "parse_cpus", "run"]
@@ -136,13 +137,15 @@ class VdpaApp:
         hardware = self._owners[device.name].hardware(device)
         backend = VduseBackend(hardware, device.name)
         backend.start()
-        try:
-            add_device(device.name)
-        except BaseException:
-            backend.close()
-            raise
+        if not backend.reconnected:
+            try:
+                add_device(device.name)
+            except BaseException:
+                backend.close()
+                raise
         self.vduse[device.name] = backend
-        self.say(f"VDUSE: device {device.name} added to the vDPA bus")
+        verb = "taken over on" if backend.reconnected else "added to"
+        self.say(f"VDUSE: device {device.name} {verb} the vDPA bus")
 
     def create(self, path: str, name: str) -> VdpaPort:
         """Attach device ``name`` to a new port on ``path`` and start it."""
@@ -378,6 +381,9 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
             app.say("Interactive-mode selected")
         if args.iface:
             app.say(f"iface {args.iface}")
+        if any(parse_vdev(text).bus == "vduse" for text in args.vdev):
+            # Before the data path loads: refusals come at once.
+            VduseControl().close()
         if args.vdev:
             warm_up(lambda line: print(f"pyvdpa: {line}", file=sys.stderr, flush=True))
         app.probe(args.vdev)

@@ -20,6 +20,10 @@ within the kernel's ``msg_timeout``:
   range is unmapped and mapped again from the kernel, queues restart where
   they were.
 
+A restarted process takes over a device the kernel kept (VDUSE_CREATE_DEV
+says EEXIST, the device node opens): the features and rings the driver set
+up are read back and every ready ring resumes at its used index.
+
 Kicks arrive on eventfds given to VDUSE_VQ_SETUP_KICKFD when a queue
 starts (a reset drops them in the kernel), which the device's data path
 waits on.  Interrupts go the other way through one eventfd per
@@ -46,7 +50,13 @@ from pyvdpa.device import (
 )
 from pyvdpa.errors import GuestMemoryError, IotlbMissError, PyvdpaError, RingError
 from pyvdpa.memory import IotlbPerm, IovaSpace
-from pyvdpa.vduse.kernel import VduseControl, VduseDevice, VduseKernelError
+from pyvdpa.vduse.kernel import (
+    VduseBusyError,
+    VduseControl,
+    VduseDevice,
+    VduseKernelError,
+    VduseNameInUseError,
+)
 from pyvdpa.vduse.uapi import (
     DeviceConfig,
     GetVqStateRequest,
@@ -73,17 +83,21 @@ DEFAULT_QUEUE_SIZE = 256
 #: The vendor id VDUSE devices report (none in particular).
 VDUSE_VENDOR_ID = 0
 _IOVA_LAST = (1 << 64) - 1
-# Feature bits of vhost-user that are no virtio device features.
-_VHOST_ONLY = VirtioFeature.PROTOCOL_FEATURES | VirtioFeature.LOG_ALL
+# Feature bits of vhost-user that are no virtio device features, and the
+# packed layout: a restarted process resumes a split ring at its used index
+# (as libvduse and DPDK's VDUSE devices, which offer split rings only).
+_NOT_OFFERED = VirtioFeature.PROTOCOL_FEATURES | VirtioFeature.LOG_ALL | VirtioFeature.RING_PACKED
 
 
 def vduse_features(device: Device) -> int:
     """The feature bits a device is offered with on VDUSE.
 
     VERSION_1 and ACCESS_PLATFORM (the kernel requires both), without the
-    vhost-user-only bits and without blk's CONFIG_WCE, which VDUSE refuses.
+    vhost-user-only bits, without blk's CONFIG_WCE, which VDUSE refuses, and
+    without the packed layout (split rings only, so that a restarted process
+    can resume where the used ring stands).
     """
-    features = (int(device.features) & ~int(_VHOST_ONLY)) | int(
+    features = (int(device.features) & ~int(_NOT_OFFERED)) | int(
         VirtioFeature.VERSION_1 | VirtioFeature.ACCESS_PLATFORM
     )
     if device.device_id is DeviceId.BLOCK:
@@ -129,6 +143,8 @@ class VduseBackend:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         self._lock = threading.Lock()
         self.requests = 0
+        #: Whether :meth:`start` took over a device a previous process left.
+        self.reconnected = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -142,15 +158,26 @@ class VduseBackend:
         control = VduseControl()
         try:
             control.create_device(config)
+            self.reconnected = False
+        except VduseNameInUseError:
+            # A previous process served it and the kernel kept it: take it over.
+            self.reconnected = True
         except BaseException:
             control.close()
             raise
         self._control = control
         try:
-            kernel = VduseDevice(self.name, vq_num=self.device.num_queues)
+            try:
+                kernel = VduseDevice(self.name, vq_num=self.device.num_queues)
+            except VduseBusyError as exc:
+                raise VduseBusyError(
+                    f"VDUSE device {self.name!r} is served by another process",
+                    errno_value=exc.errno,
+                ) from None
             self._kernel = kernel
             for index, notifiers in enumerate(self._notifiers):
-                kernel.setup_vq(index, self.queue_size)
+                if not self.reconnected:
+                    kernel.setup_vq(index, self.queue_size)
                 kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 notifiers.replace_kick_fd(kick)
@@ -159,9 +186,47 @@ class VduseBackend:
         except BaseException:
             self.close()
             raise
+        if self.reconnected:
+            with self._lock:
+                self._resume()
         self._thread = threading.Thread(target=self._serve, name=f"vduse-{self.name}", daemon=True)
         self._thread.start()
-        log.info("%s: VDUSE device created, %d queues", self.name, self.device.num_queues)
+        log.info(
+            "%s: VDUSE device %s, %d queues", self.name,
+            "taken over" if self.reconnected else "created", self.device.num_queues,
+        )  # fmt: skip
+
+    def _resume(self) -> None:
+        """Take over a device a previous process served: resume its running rings.
+
+        The kernel keeps the device, its negotiated features and its rings;
+        a ring the driver set up is resumed at its used index, so requests
+        the previous process took but never completed are served again (the
+        device completes requests in order, so none completed is served twice
+        out of order, and rewriting a block is harmless).
+        """
+        kernel = self._kernel
+        assert kernel is not None
+        infos = [kernel.vq_info(i, packed=False) for i in range(self.device.num_queues)]
+        if not any(info.ready for info in infos):
+            return
+        self.status = int(
+            DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+            | DeviceStatus.DRIVER_OK
+        )  # fmt: skip
+        self.negotiated = kernel.get_features()
+        self.device.set_features(self.negotiated)
+        self._map(0, _IOVA_LAST)
+        for index, info in enumerate(infos):
+            if info.ready and info.num:
+                try:
+                    used = self.space.view(info.device_addr + 2, 2, write=False)
+                except GuestMemoryError as exc:
+                    log.error("%s: queue %d cannot resume: %s", self.name, index, exc)
+                    continue
+                self._positions[index] = RingPosition.split(int.from_bytes(used, "little"))
+                used.release()
+                self._start(index)
 
     def close(self) -> None:
         """Stop serving, stop every queue, close and destroy the VDUSE device.
