@@ -14,6 +14,9 @@ SIGINT or SIGTERM; with ``-i`` it reads commands from standard input at the
 * ``create <socket file> <device name>`` — attach a device to a new port;
 * ``stats <device name> <queue id>`` — a queue's counters, ``0xffff`` for
   every queue of the device;
+* ``link <device name> up|down`` — a net device's link status
+  (VIRTIO_NET_S_LINK_UP), which its driver is told of (a VDUSE config
+  interrupt, or CONFIG_CHANGE_MSG to a vhost-user front-end that takes it);
 * ``quit`` (or end of input).
 
 Shutting down stops every port (front-ends are disconnected, ``dev_close``
@@ -36,6 +39,7 @@ from types import FrameType
 from typing import TextIO
 
 from pyvdpa.dataplane.engine import EngineMode, warm_up
+from pyvdpa.devices.net import NetControl
 from pyvdpa.errors import ConfigError, PyvdpaError
 from pyvdpa.vdev import parse_vdev
 from pyvdpa.vdpa import (
@@ -70,6 +74,7 @@ Control:
     list                                      : list all available vdpa devices.
     create <socket file> <device name>        : create a new vdpa port.
     stats <device name> <virtio queue ID>     : show statistics of virtio queue, 0xffff for all.
+    link <device name> up|down                : set the link status of a net device.
     quit                                      : exit vdpa sample app."""
 
 
@@ -204,6 +209,17 @@ class VdpaApp:
             lines.extend(f"\t\t{stat:<{STATS_NAME_WIDTH}} {value}" for stat, value in stats.items())
         return lines
 
+    def set_link(self, name: str, up: bool) -> None:
+        """Set net device ``name``'s link status; its driver is told (see ``link``)."""
+        device = self.registry.find(name)
+        if device is None:
+            raise VdpaError(f"Invalid device: {name}.")
+        hardware = self._owners[name].hardware(device)
+        if not isinstance(hardware, NetControl):
+            kind = device.device_type.name.lower()
+            raise VdpaError(f"Device {name} is a {kind} device: link applies to net devices.")
+        hardware.set_link(up)
+
     def close(self) -> None:
         """Stop every port, take devices off the vDPA bus, then remove every device."""
         for port in self.ports:
@@ -240,6 +256,7 @@ class Console:
             "list": (0, self._list),
             "create": (2, self._create),
             "stats": (2, self._stats),
+            "link": (2, self._link),
             "quit": (0, self._quit),
         }
 
@@ -295,6 +312,15 @@ class Console:
             self.app.say("Bad arguments")
             return True
         self.app.say("\n".join(self.app.stats_lines(args[0], qid)))
+        return True
+
+    def _link(self, args: list[str]) -> bool:
+        name, state = args
+        if state not in ("up", "down"):
+            self.app.say("Bad arguments")
+            return True
+        self.app.set_link(name, state == "up")
+        self.app.say(f"Device {name}: link {state}.")
         return True
 
     def _quit(self, args: list[str]) -> bool:

@@ -1,6 +1,11 @@
 """One device model for every control plane: ring descriptions and the device interface."""
 
-from pyvdpa.device.interface import Device, QueueNotRunningError, UnsupportedRequestError
+from pyvdpa.device.interface import (
+    ConfigListener,
+    Device,
+    QueueNotRunningError,
+    UnsupportedRequestError,
+)
 from pyvdpa.device.ring import (
     RingNotifiers,
     RingPosition,
@@ -12,6 +17,7 @@ from pyvdpa.device.ring import (
 from pyvdpa.device.virtqueue import ThreadedDevice, Virtqueue
 
 __all__ = [
+    "ConfigListener",
     "Device",
     "QueueNotRunningError",
     "RingNotifiers",

@@ -16,6 +16,12 @@ Optional abilities are declared, never discovered: :attr:`access_platform`
 translations requested through its notifiers) and :attr:`inflight_tracking`
 (the device records taken and completed chains in the spec's inflight
 record and resubmits what a previous device left undone).
+
+Config changes go the other way: a device that changes its own config
+space (a NIC's link going down) calls :meth:`Device.config_changed`, which
+calls the :attr:`Device.config_listener` the control plane serving it set:
+the VDUSE back-end writes the new bytes to the kernel and injects the config
+interrupt, the vhost-user back-end sends CONFIG_CHANGE_MSG.
 """
 
 from __future__ import annotations
@@ -29,7 +35,11 @@ from pyvdpa.vhost_user.protocol import ProtocolFeature
 from pyvdpa.virtio.constants import DeviceId
 from pyvdpa.virtio.ring import MAX_QUEUE_SIZE
 
-__all__ = ["Device", "QueueNotRunningError", "UnsupportedRequestError"]
+__all__ = ["ConfigListener", "Device", "QueueNotRunningError", "UnsupportedRequestError"]
+
+#: What a control plane gives :attr:`Device.config_listener`: called, from any
+#: thread, once the device's config space changed.
+ConfigListener = Callable[[], None]
 
 
 class UnsupportedRequestError(PyvdpaError):
@@ -64,6 +74,9 @@ class Device(abc.ABC):
     access_platform: bool = False
     #: whether the device records in-flight chains in ``RingSpec.inflight``.
     inflight_tracking: bool = False
+    #: set by the control plane serving the device (one at a time), cleared
+    #: when it stops: how :meth:`config_changed` reaches the driver.
+    config_listener: ConfigListener | None = None
 
     def set_features(self, features: int) -> None:  # noqa: B027 - optional hook
         """The driver acknowledged ``features`` (a subset of :attr:`features`)."""
@@ -106,6 +119,17 @@ class Device(abc.ABC):
     def set_config(self, offset: int, data: bytes) -> None:
         """Write the device config space."""
         raise UnsupportedRequestError("device config space is read-only")
+
+    def config_changed(self) -> None:
+        """Tell the control plane that the config space changed (devices call this).
+
+        Without a listener nobody drives the device, and the driver reads
+        the new config space when it next sets the device up.  Errors of the
+        control plane (the driver could not be told) propagate.
+        """
+        listener = self.config_listener
+        if listener is not None:
+            listener()
 
     def send_rarp(self, mac: bytes) -> None:
         """Announce ``mac`` after migration (SEND_RARP)."""

@@ -27,7 +27,10 @@ any more.
 
 :class:`NetControl` is what every net device shares whatever runs its
 queues: the checked configuration, the feature offer, the config space and
-the MTU.
+the MTU, and the link status: :meth:`NetControl.set_link` flips
+VIRTIO_NET_S_LINK_UP and tells the control plane, which tells the driver
+(the driver then reads the status, virtio 1.2 section 5.1.4.2; the data path
+keeps running, as ``vdpa_sim_net`` keeps it).
 """
 
 from __future__ import annotations
@@ -36,7 +39,13 @@ import struct
 import threading
 from collections import deque
 
-from pyvdpa.device import RingPosition, ThreadedDevice, UnsupportedRequestError, Virtqueue
+from pyvdpa.device import (
+    Device,
+    RingPosition,
+    ThreadedDevice,
+    UnsupportedRequestError,
+    Virtqueue,
+)
 from pyvdpa.devices.stats import QueueStats
 from pyvdpa.errors import ConfigError, IotlbMissError, RingError
 from pyvdpa.vhost_user.protocol import ProtocolFeature
@@ -111,11 +120,11 @@ def rarp_frame(mac: bytes) -> bytes:
     return frame.ljust(_MIN_FRAME, b"\0")
 
 
-class NetControl:
+class NetControl(Device):
     """The virtio-net control surface every net data path shares.
 
     The config space (MAC, link status, queue pairs, MTU) is read-only for the
-    driver; NET_SET_MTU changes the MTU.
+    driver; NET_SET_MTU changes the MTU, :meth:`set_link` the link status.
     """
 
     #: virtio device type and config space size (the device interface's).
@@ -129,6 +138,8 @@ class NetControl:
     features: int
     protocol_features: ProtocolFeature
     negotiated: int
+    #: VIRTIO_NET_S_LINK_UP in the config status.
+    link_up: bool
 
     def _init_net(self, *, mac: bytes, mtu: int, queue_pairs: int, status_feature: bool) -> None:
         """Check the configuration and set the config space and the feature offer."""
@@ -147,10 +158,22 @@ class NetControl:
         if status_feature:
             self.protocol_features |= ProtocolFeature.STATUS
         self.negotiated = 0
+        self.link_up = True
 
     def config(self) -> NetConfig:
         """The config space as it stands."""
-        return NetConfig(self.mac, NetStatus.LINK_UP, self.queue_pairs, self.mtu)
+        status = NetStatus.LINK_UP if self.link_up else NetStatus(0)
+        return NetConfig(self.mac, status, self.queue_pairs, self.mtu)
+
+    def set_link(self, up: bool) -> None:
+        """Set or clear VIRTIO_NET_S_LINK_UP, then tell the control plane (:meth:`config_changed`).
+
+        The config space changes even when the control plane fails to tell
+        the driver (its error propagates); setting the status it has already
+        tells the driver again.
+        """
+        self.link_up = up
+        self.config_changed()
 
     def get_config(self, offset: int, size: int) -> bytes:
         """Read the virtio-net config space."""

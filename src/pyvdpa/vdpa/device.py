@@ -129,6 +129,10 @@ class VhostDevice(Protocol):
         """The hardware stopped ring ``qid`` at ``position``."""
         ...
 
+    def config_changed(self) -> None:
+        """The device's config space changed: tell the front-end (CONFIG_CHANGE_MSG)."""
+        ...
+
 
 class VdpaError(PyvdpaError):
     """A vDPA framework rule was broken: registration, attach, a driver's answer."""

@@ -16,7 +16,10 @@ which the tests hold the engine to, can be driven the same way.
 hands the hardware every ready ring, ``set_vring_state`` adds or removes one
 ring while configured, ``dev_close`` takes them all back and resets the
 hardware.  The hardware only ever runs between ``dev_conf`` and
-``dev_close``: that is the vDPA contract.
+``dev_close``: that is the vDPA contract.  The hardware's config listener is
+the vhost device of the connection that last set features or configured
+it, so a config change (``set_link``) reaches that front-end, as a DPDK
+driver calls ``rte_vhost_backend_config_change`` for its ``vid``.
 """
 
 from __future__ import annotations
@@ -107,13 +110,19 @@ class SimDeviceOps:
     # ------------------------------------------------------------------ control path
 
     def set_features(self, vhost: VhostDevice) -> None:
-        """Program the negotiated features (they size the net header)."""
+        """Program the negotiated features (they size the net header).
+
+        The connection's vhost device becomes the hardware's config
+        listener: a config change (a link going down) reaches its front-end.
+        """
+        self.hardware.config_listener = vhost.config_changed
         self.hardware.set_features(vhost.negotiated_features)
 
     def dev_conf(self, vhost: VhostDevice) -> None:
         """Apply the front-end's MTU and hand the hardware every ready ring."""
         with self._lock:
             hw = self.hardware
+            hw.config_listener = vhost.config_changed
             if vhost.mtu is not None and isinstance(hw, NetHardware):
                 hw.set_mtu(vhost.mtu)
             self._configured = True

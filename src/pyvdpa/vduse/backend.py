@@ -30,6 +30,14 @@ waits on.  Interrupts go the other way through one eventfd per
 queue that the data path signals; this loop turns each into
 VDUSE_VQ_INJECT_IRQ.  A broken ring is logged and that queue stops; VDUSE
 has no error channel to the driver.
+
+Config changes the device makes (a sim-net link going down) reach the
+back-end through the device's config listener: VDUSE_DEV_SET_CONFIG writes the
+whole new config space into the kernel's copy, which the driver reads, and
+after DRIVER_OK VDUSE_DEV_INJECT_CONFIG_IRQ tells the driver (virtio_vdpa's
+config callback, vhost_vdpa's config eventfd).  Before DRIVER_OK the driver
+reads the new bytes when it sets the device up; the kernel refuses the
+interrupt then anyway.
 """
 
 from __future__ import annotations
@@ -189,6 +197,7 @@ class VduseBackend:
         if self.reconnected:
             with self._lock:
                 self._resume()
+        self.device.config_listener = self.config_changed
         self._thread = threading.Thread(target=self._serve, name=f"vduse-{self.name}", daemon=True)
         self._thread.start()
         log.info(
@@ -234,6 +243,8 @@ class VduseBackend:
         The device must be off the vDPA bus by then (``vdpa dev del``), or
         the kernel keeps it (the destroy is refused and logged).
         """
+        if self.device.config_listener == self.config_changed:
+            self.device.config_listener = None
         os.write(self._stop_w, b"x")
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
@@ -256,6 +267,24 @@ class VduseBackend:
         for fd in (self._stop_r, self._stop_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+    def config_changed(self) -> None:
+        """The device's config listener: VDUSE_DEV_SET_CONFIG, then the config interrupt.
+
+        The interrupt only after DRIVER_OK (before, the driver reads the new
+        config space when it sets the device up).  Raises
+        :class:`~pyvdpa.vduse.kernel.VduseKernelError` when the kernel refuses.
+        """
+        with self._lock:
+            kernel = self._kernel
+            if kernel is None:
+                return
+            kernel.set_config(0, self.device.get_config(0, self.device.config_size))
+            if self.status & DeviceStatus.DRIVER_OK:
+                kernel.inject_config_irq()
+                log.info("%s: config changed, config interrupt injected", self.name)
+            else:
+                log.info("%s: config changed (no driver yet)", self.name)
 
     # ------------------------------------------------------------------ request loop
 

@@ -35,6 +35,12 @@ translations in place.
 The back-end channel is not here: SET_BACKEND_REQ_FD's fd, IOTLB misses,
 in-band VRING_CALL / VRING_ERR and CONFIG_CHANGE_MSG go to the link the I/O
 layer gave, as :class:`~pyvdpa.vhost_user.link.BackendMessage` values.
+
+Config changes: the handler is its device's config listener while the
+connection lasts; a change the device makes becomes CONFIG_CHANGE_MSG when
+the front-end negotiated CONFIG (and BACKEND_REQ) and opened the channel,
+acknowledged with REPLY_ACK negotiated.  Otherwise the front-end reads the
+config space when it next asks (GET_CONFIG).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from pyvdpa.device.ring import check_ring_size
 from pyvdpa.errors import (
     GuestMemoryError,
     IotlbMissError,
+    ProtocolError,
     PyvdpaError,
     RemoteProtocolError,
     RingError,
@@ -205,6 +212,7 @@ class BackendHandler:
         self.inflight: InflightRegion | None = None
         self.closed = False
         self._addrs: dict[int, codec.VringAddr] = {}
+        device.config_listener = self.config_changed
 
     # ------------------------------------------------------------------ state
 
@@ -676,6 +684,31 @@ class BackendHandler:
         """
         return self.backend.send(BackendMessage(request, payload, need_reply))
 
+    def config_changed(self) -> None:
+        """The device's config listener: CONFIG_CHANGE_MSG when the front-end can take it.
+
+        Sent when CONFIG and BACKEND_REQ are negotiated and the back-end
+        channel exists; with REPLY_ACK the front-end's answer is waited for
+        and a refusal (or a bad answer) is logged.  Raises
+        :class:`~pyvdpa.errors.TransportError` if the channel broke.
+        """
+        wanted = ProtocolFeature.CONFIG | ProtocolFeature.BACKEND_REQ
+        if self.closed or self.protocol_features & wanted != wanted:
+            log.info("%s: config changed; the front-end did not negotiate CONFIG", self.name)
+            return
+        need_reply = bool(self.protocol_features & ProtocolFeature.REPLY_ACK)
+        message = BackendMessage(BackendRequest.CONFIG_CHANGE_MSG, codec.NoPayload(), need_reply)
+        try:
+            result = self.backend.send(message)
+        except RemoteProtocolError as exc:
+            log.warning("%s: CONFIG_CHANGE_MSG: %s", self.name, exc)
+            return
+        except ProtocolError as exc:
+            log.info("%s: config changed; CONFIG_CHANGE_MSG not sent: %s", self.name, exc)
+            return
+        if result:
+            log.warning("%s: the front-end answered CONFIG_CHANGE_MSG with %d", self.name, result)
+
     # ------------------------------------------------------------------ teardown
 
     def close(self) -> None:
@@ -687,6 +720,8 @@ class BackendHandler:
         if self.closed:
             return
         self.closed = True
+        if self.device.config_listener == self.config_changed:
+            self.device.config_listener = None
         for vring in self.vrings:
             self._transition(vring, RingEvent.RESET)
             vring.notifiers.close_fds()
