@@ -18,12 +18,14 @@ them for comparison:
 * 4 KiB random O_DIRECT writes and reads timed on the pyvdpa disk and on the
   qemu-storage-daemon disk, one after the other.
 
-``pyvdpa run`` is stopped with SIGINT at the end and takes its devices off
-the bus itself.
+``pyvdpa run`` runs with its console: ``list`` marks the VDUSE devices,
+``stats`` counts their queues' work, and ``quit`` takes the devices off the
+bus.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,12 +77,14 @@ net_of() {{ ls /sys/bus/vdpa/devices/$1/virtio*/net/ 2>/dev/null; }}
 set -x
 {guest.load_modules()}
 cd {ROOT}
-{py} -m pyvdpa -v run \\
+mkfifo /tmp/console
+{py} -m pyvdpa -v run -i \\
     --vdev sim-blk,name=pblk,path=$WORK/pyv.img,bus=vduse \\
     --vdev sim-blk,name=pro,path=$WORK/ro.img,readonly=on,bus=vduse \\
     --vdev sim-blk,name=pfs,path=$WORK/fs.img,bus=vduse \\
-    --vdev sim-net,name=pnet,mode=tap,ifname=pyv0,bus=vduse >"$WORK/run.log" 2>&1 &
+    --vdev sim-net,name=pnet,mode=tap,ifname=pyv0,bus=vduse </tmp/console >"$WORK/run.log" 2>&1 &
 run_pid=$!
+exec 7>/tmp/console
 for dev in pblk pro pfs pnet; do
     wait_until 150 test -e /sys/bus/vdpa/devices/$dev/driver || fail "$dev not on the bus"
 done
@@ -138,7 +142,8 @@ wait_until 10 grep -q ready "$WORK/tcp-server.log"
 fact net.sent "$(ip netns exec g {py} "$WORK/tcp.py" client 10.99.0.1 {STREAM_BYTES})"
 wait $tcp_pid
 fact net.received "$(tail -1 "$WORK/tcp-server.log")"
-kill -INT $run_pid; wait $run_pid; fact run.exit $?
+printf 'list\\nstats pblk 0\\nstats pnet 0xFFFF\\nquit\\n' >&7
+wait $run_pid; fact run.exit $?
 fact bus.after "$(ls /sys/bus/vdpa/devices | tr '\\n' ' ')"
 """
 
@@ -227,7 +232,19 @@ def test_speed_is_measured_on_both_disks(run: VduseRun) -> None:
             assert int(run.fact(f"speed.{side}.{op}")) > 0
 
 
-def test_pyvdpa_takes_its_devices_off_the_bus_on_sigint(run: VduseRun) -> None:
+def test_the_console_lists_and_counts_the_vduse_devices(run: VduseRun) -> None:
+    log = (run.work / "run.log").read_text()
+    for name in ("pblk", "pro", "pfs", "pnet"):
+        assert re.search(rf"^{name}\t.*\tvduse$", log, re.M), log
+    blk = log.split("Device pblk:", 1)[1].split("Device pnet:", 1)[0]
+    received = int(re.search(r"received_desc\s+(\d+)", blk).group(1))  # type: ignore[union-attr]
+    assert received > 100, blk
+    net = log.split("Device pnet:", 1)[1]
+    packets = [int(n) for n in re.findall(r"packets\s+(\d+)", net)]
+    assert len(packets) == 2 and min(packets) > 0, net
+
+
+def test_pyvdpa_takes_its_devices_off_the_bus_on_quit(run: VduseRun) -> None:
     run.expect("run.exit", "0")
     for name in ("pblk", "pro", "pfs", "pnet"):
         assert name not in run.fact("bus.after").split()
