@@ -340,3 +340,16 @@ def test_cpus_pins_the_data_path_workers(sock_dir: Path) -> None:
         proc.terminate()
         proc.communicate(timeout=15)
     assert proc.returncode == 0
+
+
+def test_a_start_loads_only_the_programs_its_devices_run(sock_dir: Path) -> None:
+    proc = pyvdpa(
+        "-v", "run", "--vdev", "sim-blk,name=blk0,size=1M", "--iface", str(sock_dir / "only"),
+        stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for((sock_dir / "only0").exists, timeout=60)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert "data path programs loaded: blk\n" in err, err

@@ -478,8 +478,15 @@ def test_device_close_takes_every_ring_back(serve: Callable[..., Served]) -> Non
 def test_warm_up_reports_a_slow_first_compilation(monkeypatch: pytest.MonkeyPatch) -> None:
     lines: list[str] = []
     monkeypatch.setattr(engine_module, "COMPILE_NOTICE_AFTER", 0.05)
-    monkeypatch.setattr(engine_module, "_run_kernel_once", lambda: time.sleep(0.4))
-    engine_module.warm_up(lines.append)
+    loads: list[object] = []
+
+    def slow_load(*programs: object) -> None:
+        loads.append(programs)
+        time.sleep(0.4)
+
+    monkeypatch.setattr(engine_module.k, "load", slow_load)
+    engine_module.warm_up(lines.append, {engine_module.k.P_BLK})
+    assert loads == [({engine_module.k.P_BLK},)]
     assert len(lines) == 2
     assert lines[0].startswith("compiling the data-path kernels")
     assert re.fullmatch(r"data-path kernels ready in \d+ s", lines[1])

@@ -411,7 +411,9 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
             # Before the data path loads: refusals come at once.
             VduseControl().close()
         if args.vdev:
-            warm_up(lambda line: print(f"pyvdpa: {line}", file=sys.stderr, flush=True))
+            # Only the programs these devices run: a first start compiles less.
+            programs = {app.drivers[spec.kind].program(spec) for spec in map(parse_vdev, args.vdev)}
+            warm_up(lambda line: print(f"pyvdpa: {line}", file=sys.stderr, flush=True), programs)
         app.probe(args.vdev)
         if args.iface:
             app.create_ifaces(args.iface)

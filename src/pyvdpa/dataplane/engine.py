@@ -46,11 +46,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import enum
+import logging
 import os
 import select
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -72,6 +73,8 @@ __all__ = [
     "EngineMode",
     "Port",
 ]
+
+log = logging.getLogger(__name__)
 
 RX = 0
 """Port role of the receive queue."""
@@ -518,6 +521,8 @@ class Engine:
         """
         if unit.shape != (k.UCOLS,) or unit.dtype != np.int64 or not unit.flags.c_contiguous:
             raise ValueError(f"a unit row is a contiguous int64[{k.UCOLS}] array")
+        # On this thread, not a worker's: a first use may compile the program.
+        k.load((int(unit[k.U_PROGRAM]),))
         with self._lock:
             if not self._started:
                 raise ConfigError("start the engine before adding ports")
@@ -651,16 +656,28 @@ class EngineIommu:
 COMPILE_NOTICE_AFTER = 1.0
 
 
-def warm_up(progress: Callable[[str], None] | None = None) -> None:
-    """Load the worker kernel from the on-disk cache, compiling it the first time.
+def warm_up(
+    progress: Callable[[str], None] | None = None, programs: Collection[int] | None = None
+) -> None:
+    """Load the worker loop and ``programs`` from the on-disk cache, compiling the first time.
 
-    A load from the cache takes about a second; a first compilation takes
-    tens of seconds.  When the load has not finished after
+    ``programs`` are ``k.P_*`` codes, every program by default; a program not
+    loaded here is loaded when a port first runs it.  A load from the cache
+    takes about a second; a first compilation takes tens of seconds (about
+    10 s for the loop and one program).  When the load has not finished after
     :data:`COMPILE_NOTICE_AFTER` seconds, ``progress`` is called with a line
     saying so, and with another one when it is done.
     """
+
+    def load() -> None:
+        if programs is None:
+            k.load()
+        else:
+            k.load(programs)
+        log.info("data path programs loaded: %s", ", ".join(sorted(k.loaded())))
+
     if progress is None:
-        _run_kernel_once()
+        load()
         return
     started = time.monotonic()
     told = threading.Event()
@@ -673,25 +690,9 @@ def warm_up(progress: Callable[[str], None] | None = None) -> None:
     notice.daemon = True
     notice.start()
     try:
-        _run_kernel_once()
+        load()
     finally:
         notice.cancel()
         notice.join()
     if told.is_set():
         progress(f"data-path kernels ready in {time.monotonic() - started:.0f} s")
-
-
-def _run_kernel_once() -> None:
-    """Call the worker kernel with a request to stop at once: loads or compiles it."""
-    ctl = np.zeros(k.CCOLS, dtype=np.int64)
-    ctl[k.C_REQUEST] = 1
-    units = np.zeros(1, dtype=np.int64)
-    segs = np.zeros((1, 4), dtype=np.int64)
-    held = np.zeros((1, 3), dtype=np.int64)
-    chains = np.zeros((1, 5), dtype=np.int64)
-    sink = np.zeros(1, dtype=np.uint8)
-    iov = np.zeros((1, 2), dtype=np.int64)
-    events = np.zeros(k.EPOLL_EVENT_SIZE, dtype=np.uint8)
-    k.run_worker(
-        ctl, units, 0, segs, segs, held, chains, sink, sink, iov, -1, events, k.MODE_POLL, 0, -1
-    )

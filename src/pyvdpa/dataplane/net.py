@@ -64,6 +64,7 @@ __all__ = [
     "DEFAULT_MAC",
     "ENGINE_EXCLUDED_PROTOCOL_FEATURES",
     "ENGINE_NET_MODES",
+    "NET_PROGRAMS",
     "EngineNetDevice",
     "QueueCounters",
     "generated_frame",
@@ -72,7 +73,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENGINE_NET_MODES = ("loopback", "drop", "gen", "tap")
 
 #: Protocol features no engine device offers.  In-band notifications: the
 #: kernels signal used buffers on call eventfds only, and a VRING_CALL message
@@ -83,7 +83,9 @@ ENGINE_EXCLUDED_PROTOCOL_FEATURES = ProtocolFeature.INBAND_NOTIFICATIONS
 MIN_FRAME = 14
 MAX_FRAME = 65535
 
-_PROGRAMS = {"loopback": k.P_LOOPBACK, "drop": k.P_DROP, "gen": k.P_GEN, "tap": k.P_TAP}
+#: The compiled program of each sim-net mode.
+NET_PROGRAMS = {"loopback": k.P_LOOPBACK, "drop": k.P_DROP, "gen": k.P_GEN, "tap": k.P_TAP}
+ENGINE_NET_MODES = tuple(NET_PROGRAMS)
 # Queues whose new buffers can be work for each program (the worker may wait
 # for their kicks; the tap program decides while it runs, see kernels.Q_ARM).
 _ARMED = {"loopback": (TX,), "drop": (TX,), "gen": (RX, TX), "tap": (RX, TX)}
@@ -314,7 +316,7 @@ class EngineNetDevice(EngineIommu, NetControl, Device):
         port = self._ports[pair]
         if port is None:
             unit = np.zeros(k.UCOLS, dtype=np.int64)
-            unit[k.U_PROGRAM] = _PROGRAMS[self.mode]
+            unit[k.U_PROGRAM] = NET_PROGRAMS[self.mode]
             unit[k.U_HDR] = net_header_size(self.negotiated)
             unit[k.U_MRG] = bool(self.negotiated & NetFeature.MRG_RXBUF)
             unit[k.U_MAC] = int.from_bytes(self.mac, "little")

@@ -29,8 +29,9 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import ClassVar
 
+from pyvdpa.dataplane import kernels as k
 from pyvdpa.dataplane.blk import EngineBlkDevice
-from pyvdpa.dataplane.net import EngineNetDevice
+from pyvdpa.dataplane.net import NET_PROGRAMS, EngineNetDevice
 from pyvdpa.device import RingSpec
 from pyvdpa.devices.blk import BlkDevice
 from pyvdpa.devices.net import DEFAULT_MAC, NetDevice
@@ -262,11 +263,22 @@ class SimDriver(VdpaDriver):
     def build(self, spec: VdevSpec) -> NetHardware | BlkHardware:
         """Bring up the simulated hardware ``spec`` describes (on the compiled engine)."""
 
+    @abc.abstractmethod
+    def program(self, spec: VdevSpec) -> int:
+        """The compiled data path program the device ``spec`` describes runs."""
+
 
 class SimNetDriver(SimDriver):
     """Simulated virtio-net devices (like Linux ``vdpa_sim_net``)."""
 
     kind = "sim-net"
+
+    def program(self, spec: VdevSpec) -> int:
+        """The program of the device's mode."""
+        mode = spec.options.get("mode", "loopback")
+        if mode not in NET_PROGRAMS:
+            raise ConfigError(f"unknown sim-net mode {mode!r} ({', '.join(SIM_NET_MODES)})")
+        return NET_PROGRAMS[mode]
 
     def build(self, spec: VdevSpec) -> EngineNetDevice:
         """An engine net device; in ``tap`` mode with its TAP interface."""
@@ -294,6 +306,10 @@ class SimBlkDriver(SimDriver):
     """Simulated virtio-blk devices (like Linux ``vdpa_sim_blk``)."""
 
     kind = "sim-blk"
+
+    def program(self, spec: VdevSpec) -> int:
+        """The blk program."""
+        return k.P_BLK
 
     def build(self, spec: VdevSpec) -> EngineBlkDevice:
         """An engine blk device on a file or a RAM disk."""
