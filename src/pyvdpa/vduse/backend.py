@@ -236,6 +236,10 @@ class VduseBackend:
                 self._positions[index] = RingPosition.split(int.from_bytes(used, "little"))
                 used.release()
                 self._start(index)
+                # The previous process may have died between a completion and
+                # its interrupt: the driver would wait for it forever.  A
+                # spurious one costs the driver a look at the used ring.
+                self._notifiers[index].signal_call()
 
     def close(self) -> None:
         """Stop serving, stop every queue, close and destroy the VDUSE device.

@@ -42,6 +42,8 @@ from enum import IntEnum, IntFlag
 from typing import Any, ClassVar, Self
 
 from pyvdpa.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from pyvdpa.ioctl import IoctlDirection
+from pyvdpa.ioctl import ioctl_number as _ioc
 from pyvdpa.virtio.constants import BlkFeature, DeviceId, DeviceStatus, NetFeature, VirtioFeature
 
 __all__ = [
@@ -204,28 +206,9 @@ def _unpack(layout: struct.Struct, data: bytes, what: str) -> tuple[Any, ...]:
 # --- ioctl numbers ---------------------------------------------------------
 
 
-class IoctlDirection(IntFlag):
-    """The direction bits of an ioctl number, seen from user space."""
-
-    NONE = 0
-    WRITE = 1  # _IOC_WRITE: the kernel reads the argument
-    READ = 2  # _IOC_READ: the kernel writes the argument
-
-
-_NR_SHIFT = 0
-_TYPE_SHIFT = 8
-_SIZE_SHIFT = 16
-_DIR_SHIFT = 30
-_SIZE_LIMIT = 1 << 14
-
-
 def ioctl_number(direction: IoctlDirection, nr: int, size: int, kind: int = VDUSE_BASE) -> int:
-    """Return the ioctl number ``_IOC(direction, kind, nr, size)``."""
-    if not 0 <= size < _SIZE_LIMIT:
-        raise ValueError(f"ioctl argument size {size} does not fit in 14 bits")
-    _check_uint(nr, 8, "ioctl nr")
-    _check_uint(kind, 8, "ioctl type")
-    return direction << _DIR_SHIFT | size << _SIZE_SHIFT | kind << _TYPE_SHIFT | nr << _NR_SHIFT
+    """The VDUSE ioctl number ``_IOC(direction, kind, nr, size)``."""
+    return _ioc(direction, kind, nr, size)
 
 
 _R = IoctlDirection.READ

@@ -52,6 +52,8 @@ from enum import IntEnum, IntFlag
 from typing import Any, ClassVar, Self, TypeVar
 
 from pyvdpa.errors import PyvdpaError
+from pyvdpa.ioctl import IoctlDirection, ioctl_fields
+from pyvdpa.ioctl import ioctl_number as _ioc
 from pyvdpa.vhost_user.protocol import IotlbPerm
 from pyvdpa.virtio.constants import DeviceStatus, bit
 
@@ -654,28 +656,13 @@ def check_status(
 # ------------------------------------------------------------------ ioctl numbers
 
 
-class IoctlDir(IntFlag):
-    """Direction bits of an ioctl number, as seen from user space."""
-
-    NONE = 0
-    WRITE = 1  # user space writes the argument (_IOW)
-    READ = 2  # user space reads the argument (_IOR)
+#: The direction bits (:class:`pyvdpa.ioctl.IoctlDirection`).
+IoctlDir = IoctlDirection
 
 
-_NR_BITS = 8
-_TYPE_SHIFT = 8
-_SIZE_SHIFT = 16
-_SIZE_BITS = 14
-_DIR_SHIFT = 30
-
-
-def ioctl_number(direction: IoctlDir, nr: int, size: int) -> int:
+def ioctl_number(direction: IoctlDirection, nr: int, size: int) -> int:
     """The request number of vhost ioctl ``nr`` with an argument of ``size`` bytes."""
-    if not 0 <= nr < 1 << _NR_BITS:
-        raise ValueError(f"ioctl nr {nr} does not fit in {_NR_BITS} bits")
-    if not 0 <= size < 1 << _SIZE_BITS:
-        raise ValueError(f"ioctl argument size {size} does not fit in {_SIZE_BITS} bits")
-    return int(direction) << _DIR_SHIFT | size << _SIZE_SHIFT | VHOST_VIRTIO << _TYPE_SHIFT | nr
+    return _ioc(direction, VHOST_VIRTIO, nr, size)
 
 
 def _io(nr: int) -> int:
@@ -741,14 +728,14 @@ class Ioctl(IntEnum):
     @property
     def direction(self) -> IoctlDir:
         """Who reads and who writes the argument."""
-        return IoctlDir(self.value >> _DIR_SHIFT)
+        return ioctl_fields(self.value).direction
 
     @property
     def nr(self) -> int:
         """The command number within vhost's ioctl type."""
-        return self.value & ((1 << _NR_BITS) - 1)
+        return ioctl_fields(self.value).nr
 
     @property
     def size(self) -> int:
         """The size of the argument the kernel copies (the fixed head for config)."""
-        return (self.value >> _SIZE_SHIFT) & ((1 << _SIZE_BITS) - 1)
+        return ioctl_fields(self.value).size
