@@ -388,7 +388,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     """Run the application; errors from the command line propagate (after cleanup)."""
-    vduse_only = bool(args.vdev) and all(parse_vdev(t).bus == "vduse" for t in args.vdev)
+    buses = [parse_vdev(text).bus for text in args.vdev]
+    vduse_only = bool(buses) and all(bus == "vduse" for bus in buses)
     if not args.iface and not args.interactive and not vduse_only:
         raise ConfigError("--iface PREFIX is required unless -i/--interactive is given")
     app = VdpaApp(client=args.client, out=out, engine=EngineMode(args.engine), cpus=args.cpus)
@@ -407,7 +408,7 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
             app.say("Interactive-mode selected")
         if args.iface:
             app.say(f"iface {args.iface}")
-        if any(parse_vdev(text).bus == "vduse" for text in args.vdev):
+        if "vduse" in buses:
             # Before the data path loads: refusals come at once.
             VduseControl().close()
         if args.vdev:

@@ -97,13 +97,6 @@ class RingPosition:
         return cls(avail_idx)
 
     @classmethod
-    def packed(cls, avail_idx: int, avail_wrap: bool) -> RingPosition:
-        """A packed ring with nothing in flight: the used side is where the avail side is."""
-        if not 0 <= avail_idx <= _SLOT_MASK:
-            raise RingSetupError(f"packed ring slot {avail_idx} is not a 15-bit index")
-        return cls(avail_idx, avail_wrap, avail_idx, avail_wrap)
-
-    @classmethod
     def decode(cls, base: int, *, packed: bool) -> RingPosition:
         """The position GET_VRING_BASE's ``num`` encodes (vhost-user and vhost)."""
         if not packed:
@@ -320,7 +313,7 @@ class RingSpec:
         return dataclasses.replace(self, position=position)
 
 
-def ring_features(features: int) -> tuple[bool, bool, bool]:
+def _ring_features(features: int) -> tuple[bool, bool, bool]:
     """(packed, event_idx, indirect) from negotiated feature bits."""
     return (
         bool(features & VirtioFeature.RING_PACKED),
@@ -350,12 +343,11 @@ def describe_ring(
     outside ``space``; :class:`~pyvdpa.errors.IotlbMissError` for an area
     whose translation is missing (nothing is mapped then).
     """
-    packed, event_idx, indirect = ring_features(features)
+    packed, event_idx, indirect = _ring_features(features)
     check_ring_size(size, packed=packed, limit=max_size)
     if dirty_log is not None and log_addr is None:
         # Without a ring log address the used ring is logged where it lies.
         log_addr = addrs[0] if packed else addrs[2]
-    spec_position = position
     try:
         if packed:
             check_packed_base(position.encode(packed=True), size)
@@ -368,6 +360,6 @@ def describe_ring(
     except ValueError as exc:
         raise RingSetupError(f"vring {index}: {exc}") from exc
     return RingSpec(
-        index, size, packed, event_idx, indirect, areas, spec_position, space, notifiers,
+        index, size, packed, event_idx, indirect, areas, position, space, notifiers,
         dirty_log, log_addr, inflight,
     )  # fmt: skip

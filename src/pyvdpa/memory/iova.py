@@ -137,18 +137,21 @@ class IovaSpace:
         """
         if length < 0 or addr < 0:
             raise GuestMemoryError(f"IOVA range [{addr:#x}, +{length:#x}) is invalid")
-        if self.resolver is not None and not self.covers(addr, length):
-            # Mapped on first use; outside the lock, which mapping takes.
-            self.resolver(addr)
-        with self._lock:
-            entry = self._find(addr, length)
-            if entry is None:
+        resolver = self.resolver
+        while True:
+            with self._lock:
+                entry = self._find(addr, length)
+                if entry is not None:
+                    needed = IotlbPerm.WO if write else IotlbPerm.RO
+                    if not entry.perm & needed:
+                        raise IotlbPermissionError(addr, write=write)
+                    start = entry.base + addr - entry.iova
+                    return memoryview(entry.mapping)[start : start + length]
+            if resolver is None:
                 raise GuestMemoryError(f"IOVA range [{addr:#x}, +{length:#x}) is not mapped")
-            needed = IotlbPerm.WO if write else IotlbPerm.RO
-            if not entry.perm & needed:
-                raise IotlbPermissionError(addr, write=write)
-            start = entry.base + addr - entry.iova
-            return memoryview(entry.mapping)[start : start + length]
+            # Mapped on first use, once; outside the lock, which mapping takes.
+            resolver(addr)
+            resolver = None
 
     def host_rows(self) -> list[tuple[int, int, int, int, int]]:
         """(IOVA, size, host address, access, IOVA) per mapping, for compiled data paths."""

@@ -273,19 +273,21 @@ class SimNetDriver(SimDriver):
 
     kind = "sim-net"
 
+    @staticmethod
+    def _mode(spec: VdevSpec) -> str:
+        mode = spec.options.get("mode", "loopback")
+        if mode not in SIM_NET_MODES:
+            raise ConfigError(f"unknown sim-net mode {mode!r} ({', '.join(SIM_NET_MODES)})")
+        return mode
+
     def program(self, spec: VdevSpec) -> int:
         """The program of the device's mode."""
-        mode = spec.options.get("mode", "loopback")
-        if mode not in NET_PROGRAMS:
-            raise ConfigError(f"unknown sim-net mode {mode!r} ({', '.join(SIM_NET_MODES)})")
-        return NET_PROGRAMS[mode]
+        return NET_PROGRAMS[self._mode(spec)]
 
     def build(self, spec: VdevSpec) -> EngineNetDevice:
         """An engine net device; in ``tap`` mode with its TAP interface."""
         o, t = spec.options, spec.text
-        mode = o.get("mode", "loopback")
-        if mode not in SIM_NET_MODES:
-            raise ConfigError(f"unknown sim-net mode {mode!r} ({', '.join(SIM_NET_MODES)})")
+        mode = self._mode(spec)
         if "ifname" in o and mode != "tap":
             raise ConfigError(f"ifname={o['ifname']} needs mode=tap")
         if "frame-size" in o and mode != "gen":
