@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 from pyvdpa.app import add_run_arguments
 from pyvdpa.app import run as run_app
+from pyvdpa.check.command import add_check_arguments, run_check_command
 from pyvdpa.drive.blk import WORKLOADS, run_blk
 from pyvdpa.drive.info import DEVICE_TYPES, vhost_user_info, vhost_vdpa_info
 from pyvdpa.drive.net import run_net
@@ -136,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
         "inferred from the features otherwise)",
     )
     info.add_argument("--json", action="store_true", help="print one JSON object")
+
+    check = sub.add_parser(
+        "check", help="conformance and robustness cases against a vhost-user back-end"
+    )
+    add_check_arguments(check)
     return parser
 
 
@@ -237,6 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_app(args)
         if args.command == "info":
             return _cmd_info(args)
+        if args.command == "check":
+            return run_check_command(args)
         return _cmd_drive(args)
     except ConfigError as exc:
         print(f"pyvdpa: error: {exc}", file=sys.stderr)
