@@ -4,7 +4,11 @@
   vDPA devices served on vhost-user sockets;
 * ``pyvdpa drive net|blk`` drives any vhost-user back-end or vhost-vdpa
   device with traffic;
-* ``pyvdpa info`` tells what a vhost-vdpa device or vhost-user back-end offers.
+* ``pyvdpa info`` tells what a vhost-vdpa device or vhost-user back-end offers;
+* ``pyvdpa trace`` sits between a vhost-user front-end and back-end and
+  prints every message it relays (:mod:`pyvdpa.trace`);
+* ``pyvdpa check`` runs conformance and robustness cases against a vhost-user
+  back-end (:mod:`pyvdpa.check`).
 
 Every failure the user can cause prints one line, ``pyvdpa: error: ...``,
 and exits non-zero; tracebacks are for bugs only.
@@ -27,6 +31,7 @@ from pyvdpa.drive.net import run_net
 from pyvdpa.drive.session import DriverSession, Session
 from pyvdpa.drive.vhost_vdpa import VdpaSession
 from pyvdpa.errors import ConfigError, PyvdpaError
+from pyvdpa.trace.command import add_trace_arguments, run_trace
 from pyvdpa.vdev import parse_size
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.vhost_vdpa.device import VhostVdpaDevice
@@ -138,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.add_argument("--json", action="store_true", help="print one JSON object")
 
+    trace = sub.add_parser(
+        "trace", help="relay a vhost-user connection and print every message, decoded"
+    )
+    add_trace_arguments(trace)
+
     check = sub.add_parser(
         "check", help="conformance and robustness cases against a vhost-user back-end"
     )
@@ -245,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_info(args)
         if args.command == "check":
             return run_check_command(args)
+        if args.command == "trace":
+            return run_trace(args)
         return _cmd_drive(args)
     except ConfigError as exc:
         print(f"pyvdpa: error: {exc}", file=sys.stderr)
