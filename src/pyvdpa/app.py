@@ -330,24 +330,25 @@ class Console:
 def parse_cpus(text: str) -> tuple[int, ...]:
     """A CPU list as ``taskset -c`` and DPDK's ``-l`` write it: ``1``, ``2,3``, ``0-3,6``."""
     cpus: list[int] = []
+    available = os.cpu_count() or 1
     try:
         for part in text.split(","):
             low, dash, high = part.partition("-")
             first, last = int(low), int(high if dash else low)
             if first > last:
                 raise ValueError
+            # Checked before the range is expanded: "0-99999999999" is one line to type.
+            if first < 0 or last >= available:
+                raise argparse.ArgumentTypeError(
+                    f"CPU list {text!r}: this machine has CPUs 0..{available - 1}"
+                )
             cpus.extend(range(first, last + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"invalid CPU list {text!r} (e.g. 1, 2,3 or 0-3)"
         ) from None
-    available = os.cpu_count() or 1
     if len(set(cpus)) != len(cpus):
         raise argparse.ArgumentTypeError(f"CPU list {text!r} names a CPU twice")
-    if not all(0 <= cpu < available for cpu in cpus):
-        raise argparse.ArgumentTypeError(
-            f"CPU list {text!r}: this machine has CPUs 0..{available - 1}"
-        )
     return tuple(cpus)
 
 

@@ -301,7 +301,7 @@ class Traffic:
             self._tx_slots = [session.alloc(_SLOT, 64) for _ in range(self.ring_size)]
         else:
             self.rings = [session.setup_ring(0, self.ring_size, indirect_area=indirect)]
-            self._blk_slot = session.alloc(16 + 4096 + 1, 512)
+            self._blk_slot = session.alloc(512 + 4096 + 1, 4096)
         return self.rings
 
     def start(self) -> None:
