@@ -5,8 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 echo "test: ruff"
-python3 -m ruff check src tests
-python3 -m ruff format --check src tests
+python3 -m ruff check src tests fuzz
+python3 -m ruff format --check src tests fuzz
 echo "test: mypy --strict"
 python3 -m mypy
 echo "test: pytest"

@@ -1,0 +1,173 @@
+"""The descriptor chain walkers: the Python rings against the compiled kernels.
+
+Input: a flags byte (packed layout, indirect descriptors, event index), a
+byte choosing the queue size (split: a power of two up to 32; packed: 1
+to 32), the 16-bit SET_VRING_BASE value, then the first bytes of guest
+memory, which hold the descriptor table at 0x0, the available ring (split)
+or driver event area (packed) at 0x200, the used ring or device event area
+at 0x400, and buffers and indirect tables anywhere up to 0x4000.
+
+The ring goes the way a control plane sends it: checked and mapped by
+:func:`~pyvdpa.device.ring.describe_ring`, then the Python queue a device
+builds from the spec (:class:`~pyvdpa.device.virtqueue.Virtqueue`) and the
+compiled one (:meth:`~pyvdpa.dataplane.queues.CompiledQueue.from_spec`).
+
+Verdicts: both queues pop the same chains (ids, segments, bytes) or fail with the same
+:class:`~pyvdpa.errors.PyvdpaError` subclass, and leave guest memory the
+same; neither raises anything else.  Coverage comes from the Python
+walker; the kernels are compiled code the fuzzer does not see into.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fuzz_targets.reader import Reader
+from pyvdpa.dataplane.queues import CompiledQueue
+from pyvdpa.device.ring import RingNotifiers, RingPosition, describe_ring
+from pyvdpa.device.virtqueue import Virtqueue
+from pyvdpa.errors import PyvdpaError
+from pyvdpa.memory import GuestMemory, MemoryRegion, allocate_shared
+from pyvdpa.virtio.constants import VirtioFeature
+from pyvdpa.virtio.packed import PackedDriverQueue
+from pyvdpa.virtio.ring import DeviceQueue, QueueFullError
+from pyvdpa.virtio.split import SplitDriverQueue
+
+__all__ = ["MEMORY_SIZE", "guest_memory", "ring_image", "seeds", "test_one_input"]
+
+MEMORY_SIZE = 0x4000
+"""Bytes of guest memory, from guest-physical address 0."""
+
+DESC_ADDR = 0x0
+DRIVER_ADDR = 0x200
+DEVICE_ADDR = 0x400
+INDIRECT_ADDR = 0x800
+BUFFERS_ADDR = 0x1000
+MAX_SIZE = 32
+
+_PACKED, _INDIRECT, _EVENT_IDX = 1, 2, 4
+
+Outcome = tuple[Any, ...]
+
+
+class _Guest:
+    """One memfd region at guest-physical 0, shared by every input of a run."""
+
+    def __init__(self) -> None:
+        self.shared = allocate_shared(MEMORY_SIZE, "fuzz-chain")
+        self.memory = GuestMemory(1)
+        self.memory.add_region(MemoryRegion(0, MEMORY_SIZE, self.shared.address, 0), self.shared.fd)
+
+    def load(self, image: bytes) -> None:
+        self.memory.write(0, image[:MEMORY_SIZE].ljust(MEMORY_SIZE, b"\0"))
+
+    def snapshot(self) -> bytes:
+        return self.memory.read(0, MEMORY_SIZE)
+
+
+_guest: _Guest | None = None
+
+
+def guest_memory() -> _Guest:
+    """The guest memory of this process's inputs, allocated on first use."""
+    global _guest
+    if _guest is None:
+        _guest = _Guest()
+    return _guest
+
+
+def _pop_all(queue: DeviceQueue, limit: int) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for _ in range(limit):
+        try:
+            chain = queue.pop()
+        except PyvdpaError as exc:
+            outcomes.append(("error", type(exc)))
+            break
+        if chain is None:
+            outcomes.append(("empty",))
+            break
+        outcomes.append(
+            (
+                chain.id,
+                chain.desc_count,
+                tuple((s.addr, s.length) for s in chain.readable),
+                tuple((s.addr, s.length) for s in chain.writable),
+                chain.read_all(),
+            )
+        )
+    outcomes.append(("state", queue.broken, queue.inflight, queue.base))
+    return outcomes
+
+
+def _size(packed: bool, choice: int) -> int:
+    return choice % MAX_SIZE + 1 if packed else 1 << choice % 6
+
+
+def test_one_input(data: bytes) -> None:
+    """Pop every chain with both walkers over the same guest memory; compare."""
+    reader = Reader(data)
+    flags, choice, base = reader.u8(), reader.u8(), reader.u16()
+    image = reader.rest()
+    packed = bool(flags & _PACKED)
+    features = VirtioFeature.RING_PACKED if packed else VirtioFeature(0)
+    if flags & _INDIRECT:
+        features |= VirtioFeature.RING_INDIRECT_DESC
+    if flags & _EVENT_IDX:
+        features |= VirtioFeature.RING_EVENT_IDX
+    size = _size(packed, choice)
+    guest = guest_memory()
+    guest.load(image)
+    try:
+        spec = describe_ring(
+            0, size, int(features), (DESC_ADDR, DRIVER_ADDR, DEVICE_ADDR),
+            RingPosition.decode(base, packed=packed), guest.memory, RingNotifiers(0),
+        )  # fmt: skip
+    except PyvdpaError:
+        return
+    try:
+        python_queue = Virtqueue(spec).queue
+        expected = _pop_all(python_queue, size + 1)
+        after_python = guest.snapshot()
+        guest.load(image)
+        got = _pop_all(CompiledQueue.from_spec(spec), size + 1)
+        assert got == expected, (got, expected)
+        assert guest.snapshot() == after_python
+    finally:
+        spec.areas.release()
+
+
+def ring_image(packed: bool, size: int, indirect: bool, event_idx: bool) -> bytes:
+    """Guest memory with a few chains a well-behaved driver made available."""
+    guest = guest_memory()
+    guest.load(b"")
+    cls = PackedDriverQueue if packed else SplitDriverQueue
+    driver = cls(
+        guest.memory, size, DESC_ADDR, DRIVER_ADDR, DEVICE_ADDR,
+        event_idx=event_idx, indirect_addr=INDIRECT_ADDR,
+    )  # fmt: skip
+    buffer = BUFFERS_ADDR
+    for n in range(min(size, 3)):
+        readable = [(buffer, 16)] if n != 1 else []
+        writable = [(buffer + 0x100 + 0x20 * i, 32) for i in range(n + 1)]
+        guest.memory.write(buffer, bytes(range(16)))
+        try:
+            driver.add(readable, writable, indirect=indirect and n == 2)
+        except QueueFullError:
+            break
+        buffer += 0x200
+    image = guest.snapshot()
+    return image[: BUFFERS_ADDR + 0x800]
+
+
+def seeds() -> Iterator[bytes]:
+    """Well-formed rings of each layout, with and without indirect chains."""
+    for packed in (False, True):
+        for size, indirect, event_idx in ((1, False, False), (4, True, False), (8, True, True)):
+            flags = (_PACKED if packed else 0) | (_INDIRECT if indirect else 0)
+            flags |= _EVENT_IDX if event_idx else 0
+            choice = size - 1 if packed else size.bit_length() - 1
+            base = 1 << 15 if packed else 0
+            header = bytes([flags, choice]) + base.to_bytes(2, "little")
+            yield header + ring_image(packed, size, indirect, event_idx).rstrip(b"\0")

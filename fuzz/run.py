@@ -1,0 +1,100 @@
+"""Run one fuzz target under atheris (libFuzzer), with coverage of pyvdpa's Python code.
+
+Usage::
+
+    python3 fuzz/run.py TARGET [libFuzzer options and corpus directories...]
+    python3 fuzz/run.py TARGET --replay FILE_OR_DIR...
+
+With no corpus directory, the committed corpus ``fuzz/corpus/TARGET`` is
+used, and new inputs are added to it.  Every pyvdpa module imported by
+the target is instrumented for coverage, except the compiled data path's
+kernels, whose Python functions numba compiles from their bytecode.
+``--replay`` runs the given inputs once each, without libFuzzer, and
+stops at the first finding.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fuzz_targets import TARGETS  # noqa: E402
+
+#: The package numba compiles from its functions' bytecode: never instrumented.
+KERNELS = "pyvdpa.dataplane.kernels"
+
+
+def not_instrumented() -> list[str]:
+    """The kernels package and every module in it, found without importing pyvdpa."""
+    spec = importlib.util.find_spec("pyvdpa")
+    if spec is None or spec.origin is None:
+        raise SystemExit("pyvdpa is not installed")
+    directory = Path(spec.origin).parent.joinpath(*KERNELS.split(".")[1:])
+    return [KERNELS, *(f"{KERNELS}.{path.stem}" for path in directory.glob("*.py"))]
+
+
+def corpus_dir(target: str) -> Path:
+    """The committed corpus of ``target``."""
+    return HERE / "corpus" / target
+
+
+def load(target: str, *, instrument: bool) -> Callable[[bytes], None]:
+    """Import ``target``'s module (instrumented for coverage) and return its entry point."""
+    if target not in TARGETS:
+        raise SystemExit(f"unknown target {target!r}; targets: {', '.join(TARGETS)}")
+    module: ModuleType
+    if instrument:
+        import atheris
+
+        with atheris.instrument_imports(include=["pyvdpa"], exclude=not_instrumented()):
+            module = importlib.import_module(f"fuzz_targets.{target}")
+    else:
+        module = importlib.import_module(f"fuzz_targets.{target}")
+    entry: Callable[[bytes], None] = module.test_one_input
+    return entry
+
+
+def replay(entry: Callable[[bytes], None], paths: list[str]) -> int:
+    """Run every input under ``paths`` once; return how many ran."""
+    files: list[Path] = []
+    for name in paths:
+        path = Path(name)
+        files.extend(sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path])
+    for path in files:
+        entry(path.read_bytes())
+    return len(files)
+
+
+def main(argv: list[str]) -> int:
+    """Fuzz (or replay) the target ``argv[1]`` names."""
+    if len(argv) < 2 or argv[1] in ("-h", "--help"):
+        print(__doc__.strip())
+        print(f"\ntargets: {', '.join(TARGETS)}")
+        return 0 if len(argv) >= 2 else 2
+    target, options = argv[1], argv[2:]
+    if options[:1] == ["--replay"]:
+        entry = load(target, instrument=False)
+        count = replay(entry, options[1:] or [str(corpus_dir(target))])
+        print(f"{target}: {count} inputs replayed")
+        return 0
+    entry = load(target, instrument=True)
+    import atheris
+
+    if not any(not option.startswith("-") for option in options):
+        directory = corpus_dir(target)
+        directory.mkdir(parents=True, exist_ok=True)
+        options.append(str(directory))
+    atheris.Setup([argv[0], *options], entry)
+    atheris.Fuzz()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,130 @@
+"""Write the seed inputs of the committed corpus (``fuzz/corpus/<target>/seed-*``).
+
+Seeds give each target a start in every region of its input space: the
+codec one message of each size each request's payload types take (zeroed,
+with the header made to agree), the chain walker a few well-formed rings,
+the IOTLB short operation lists, the inflight buffer what a device left
+in it with chains in flight, ``--vdev`` the documented examples.  The
+fuzzer's own finds are added beside them.
+
+Usage: ``python3 fuzz/seeds.py`` (idempotent: it rewrites the same files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from fuzz_targets import chain, inflight  # noqa: E402
+from pyvdpa.vhost_user import codec  # noqa: E402
+from pyvdpa.vhost_user.messages import ConfigSpace, MemTable, Payload  # noqa: E402
+from pyvdpa.vhost_user.protocol import BackendRequest, Request  # noqa: E402
+
+
+def _payload_sizes(kind: type[Payload]) -> Iterator[int]:
+    if kind is MemTable:
+        yield from (MemTable.HEAD.size + n * MemTable.REGION.size for n in (1, 2))
+    elif kind is ConfigSpace:
+        yield from (ConfigSpace.HEAD.size + n for n in (4, 8))
+    else:
+        for name in ("LAYOUT", "SYM"):
+            layout = getattr(kind, name, None)
+            if isinstance(layout, struct.Struct):
+                yield layout.size
+                return
+
+
+def codec_seeds() -> Iterator[bytes]:
+    """One input per (decoder, request, payload size)."""
+    header = codec.HEADER.pack(0, 1, 0)
+    for index, request in enumerate(Request):
+        spec = codec.REQUESTS[request]
+        fds = spec.fds.value[1]
+        for kind in spec.payloads:
+            for size in _payload_sizes(kind):
+                yield bytes([0x80, index, fds]) + header + bytes(size)
+        replies = spec.reply_payloads or (codec.U64,)
+        for kind in replies:
+            for size in _payload_sizes(kind):
+                yield bytes([0x82, index, spec.reply_fds.value[1]]) + header + bytes(size)
+        yield bytes([0x83, index, 0]) + header + bytes(8)
+    for index, backend in enumerate(BackendRequest):
+        spec = codec.BACKEND_REQUESTS[backend]
+        for kind in spec.payloads:
+            for size in _payload_sizes(kind):
+                yield bytes([0x81, index, spec.fds.value[1]]) + header + bytes(size)
+        yield bytes([0x84, index, 0]) + header + bytes(8)
+
+
+def _iotlb_op(op: int, iova: int, size: int, uaddr: int) -> bytes:
+    return bytes([op]) + b"".join(v.to_bytes(2, "little") for v in (iova, size, uaddr))
+
+
+def iotlb_seeds() -> Iterator[bytes]:
+    """Pages mapped, split by an invalidation, translated across, viewed, cleared."""
+    rw, ro, wo = 3 << 5, 1 << 5, 2 << 5
+    yield _iotlb_op(0 | rw, 0x100, 0x100, 0x0) + _iotlb_op(2, 0x100, 0x10, 0)
+    yield (
+        _iotlb_op(0 | rw, 0x100, 0x100, 0x0)
+        + _iotlb_op(0 | rw, 0x200, 0x100, 0x100)
+        + _iotlb_op(1, 0x180, 0x10, 0)
+        + _iotlb_op(2 | 0x10, 0x1F0, 0x20, 0)
+        + _iotlb_op(4, 0x100, 0x200, 0)
+    )
+    yield (
+        _iotlb_op(0 | ro, 0x0, 0x40, 0x40)
+        + _iotlb_op(0 | wo, 0x40, 0x40, 0x80)
+        + _iotlb_op(3, 0x0, 0x80, 0)
+        + _iotlb_op(3 | 0x10, 0x40, 0x10, 0)
+        + _iotlb_op(5, 0, 0, 0)
+        + _iotlb_op(2, 0x0, 0x1, 0)
+    )
+    wide = bytes([0x08 | rw]) + (2**64 - 0x1000).to_bytes(8, "little")
+    yield wide + (0x1000).to_bytes(8, "little") + (0x1000).to_bytes(8, "little")
+
+
+def vdev_seeds() -> Iterator[bytes]:
+    """The documented ``--vdev`` and ``--cpus`` forms."""
+    examples = [
+        b"sim-net,name=net0,mode=loopback\0" + b"1",
+        b"sim-net,name=vn0,mode=tap,ifname=pyv0,bus=vduse\0" + b"0-1",
+        b"sim-net,mode=gen,frame-size=1500,mac=52:54:00:12:34:56,mtu=9000,queues=4\0" + b"0,1",
+        b"sim-blk,name=blk0,path=disk.img\0" + b"0",
+        b"sim-blk,size=64M,readonly=on,serial=disk0,queues=2\0" + b"1-1",
+        b"sim-blk,name=vd0,path=disk.img,bus=vduse",
+    ]
+    for index, example in enumerate(examples):
+        yield bytes([index]) + example
+
+
+SEEDS = {
+    "codec": codec_seeds,
+    "chain": chain.seeds,
+    "iotlb": iotlb_seeds,
+    "inflight": inflight.seeds,
+    "vdev": vdev_seeds,
+}
+
+
+def main() -> int:
+    """Write every target's seeds; print how many."""
+    for target, make in SEEDS.items():
+        directory = HERE / "corpus" / target
+        directory.mkdir(parents=True, exist_ok=True)
+        count = 0
+        for data in make():
+            digest = hashlib.sha1(data).hexdigest()[:16]
+            (directory / f"seed-{digest}").write_bytes(data)
+            count += 1
+        print(f"{target}: {count} seeds")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
