@@ -18,6 +18,8 @@ from pyvdpa.trace.render import describe_fd
 from pyvdpa.vhost_user.codec import (
     HEADER,
     U64,
+    ConfigSpace,
+    ConfigType,
     IotlbMsg,
     IotlbPerm,
     IotlbType,
@@ -163,6 +165,19 @@ def test_packed_ring_base_is_split_into_index_and_wrap_counter() -> None:
     reply = feed(conv, MAIN, BE, encode_reply(Request.GET_VRING_BASE, VringState(0, num)))
     assert reply.fields["last_avail_idx"] == 9 and reply.fields["avail_wrap_counter"] == 1
     assert reply.fields["last_used_idx"] == 5 and reply.fields["used_wrap_counter"] == 1
+
+
+def test_config_reply_must_cover_what_was_asked() -> None:
+    conv = Conversation(1)
+    ask = ConfigSpace(0, 8, ConfigType.FRONTEND, bytes(8))
+    feed(conv, MAIN, FE, request(Request.GET_CONFIG, ask))
+    short = ConfigSpace(0, 4, ConfigType.FRONTEND, b"\x01\x02\x03\x04")
+    reply = feed(conv, MAIN, BE, encode_reply(Request.GET_CONFIG, short))
+    assert reply.reply_to == 1 and reply.fields["data"] == "01020304"
+    assert reply.malformed == "GET_CONFIG: reply covers 4 bytes at offset 0, asked 8 at 0"
+    feed(conv, MAIN, FE, request(Request.GET_CONFIG, ask))
+    refused = feed(conv, MAIN, BE, encode_reply(Request.GET_CONFIG, NoPayload()))
+    assert refused.reply_to == 3 and refused.malformed is None and refused.fields == {}
 
 
 def test_u64_meanings() -> None:

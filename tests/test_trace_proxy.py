@@ -304,8 +304,9 @@ def test_garbage_from_the_frontend_is_shown_and_forwarded(
         (codec.HEADER.pack(1, 2, 0), "header version 2, expected 1"),
         (codec.HEADER.pack(1, 0x41, 0), "reserved header flags 0x40 set"),
         (codec.HEADER.pack(5, 1, 40)[:12] + b"short", "peer disconnected mid-message"),
+        (codec.HEADER.pack(Request.SET_MEM_TABLE, 1, 0), "message carried more than 8 fds"),
     ],
-    ids=["oversized", "version", "reserved-flag", "cut-short"],
+    ids=["oversized", "version", "reserved-flag", "cut-short", "nine-fds"],
 )
 def test_a_header_that_cannot_be_framed_ends_the_pair(
     sock_dir: Path, net_backend: Path, records: Records, header: bytes, reason: str
@@ -314,9 +315,11 @@ def test_a_header_that_cannot_be_framed_ends_the_pair(
         peer = RawSocket.connect(trace.frontend.path)
         peer.send(Request.GET_FEATURES)
         peer.recv()
-        efd = _eventfd()
-        peer.sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", efd))])
-        os.close(efd)
+        efds = [_eventfd() for _ in range(9 if "fds" in reason else 1)]
+        fd_data = struct.pack(f"{len(efds)}i", *efds)
+        peer.sock.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fd_data)])
+        for efd in efds:
+            os.close(efd)
         if reason.startswith("peer disconnected"):
             peer.sock.shutdown(socket.SHUT_WR)
         end = records.wait(closed(1))
@@ -412,8 +415,12 @@ def test_backend_channel_is_interposed_and_garbage_on_it_ends_it_alone(
     handovers = [m for m in messages if m.request == "SET_BACKEND_REQ_FD"]
     assert [m.note for m in handovers] == ["back-end channel interposed", None]
     assert handovers[1].fds == ("eventfd",)
-    malformed = [r for r in records.items if isinstance(r, ConnectionRecord)]
-    assert any(r.event == "malformed" and "payload size 1048576" in r.detail for r in malformed)
+    reason = "back-end sent a message that cannot be framed: request 1: payload size 1048576 "
+    events = [(r.event, r.detail) for r in records.items if isinstance(r, ConnectionRecord)]
+    assert events[1:3] == [
+        ("malformed", reason + "exceeds 4096"),
+        ("backend-channel-close", reason + "exceeds 4096"),
+    ]
 
 
 # --- the command ---------------------------------------------------------------------------

@@ -14,7 +14,9 @@ IOTLB_MSG...), when it sets NEED_REPLY once REPLY_ACK was negotiated
 and ADD_MEM_REG, after POSTCOPY_LISTEN.  Such a request waits in a queue
 per socket and request code; a reply takes the oldest one with its code,
 which gives the record its ``reply_to`` and latency.  A reply no request
-waits for is shown as malformed.  The queues are bounded: a request the
+waits for is shown as malformed, and so is a GET_CONFIG reply covering
+other bytes than those asked (QEMU refuses it; an empty reply is the
+back-end's refusal and is well-formed).  The queues are bounded: a request the
 peer never answers is forgotten once :data:`MAX_PENDING` younger ones of
 the same code wait behind it.
 
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pyvdpa.drive.info import infer_device_type
 from pyvdpa.errors import RemoteProtocolError
@@ -44,7 +47,7 @@ from pyvdpa.vhost_user.codec import (
     decode_request,
     has_reply,
 )
-from pyvdpa.vhost_user.messages import U64
+from pyvdpa.vhost_user.messages import U64, ConfigSpace, Payload
 from pyvdpa.vhost_user.protocol import BackendRequest, HeaderFlags, ProtocolFeature, Request
 from pyvdpa.virtio.constants import VirtioFeature
 
@@ -54,6 +57,29 @@ __all__ = ["MAX_PENDING", "Conversation"]
 MAX_PENDING = 64
 
 _AnyRequest = Request | BackendRequest
+
+
+@dataclass(frozen=True, slots=True)
+class _Waiting:
+    """A request waiting for its reply: its number, arrival time and decoded payload."""
+
+    seq: int
+    time: float
+    payload: Payload | None
+
+
+def _mismatch(asked: Payload | None, answer: Payload) -> str | None:
+    """What a well-formed reply gets wrong about its request (GET_CONFIG's size, as QEMU checks)."""
+    if (
+        isinstance(asked, ConfigSpace)
+        and isinstance(answer, ConfigSpace)
+        and (answer.offset, answer.size) != (asked.offset, asked.size)
+    ):
+        return (
+            f"GET_CONFIG: reply covers {answer.size} bytes at offset {answer.offset}, "
+            f"asked {asked.size} at {asked.offset}"
+        )
+    return None
 
 
 class Conversation:
@@ -73,7 +99,7 @@ class Conversation:
         self._protocol_features = ProtocolFeature(0)
         self._features = 0
         self._postcopy = False
-        self._pending: dict[tuple[ChannelKind, int], deque[tuple[int, float]]] = {}
+        self._pending: dict[tuple[ChannelKind, int], deque[_Waiting]] = {}
 
     def observe(
         self,
@@ -108,21 +134,24 @@ class Conversation:
         elif is_reply:
             waiting = self._take_pending(channel, header.request)
             if waiting is not None:
-                reply_to, started = waiting
-                latency = now - started
+                reply_to = waiting.seq
+                latency = now - waiting.time
             try:
                 message = _decode_reply(request, header, body, fds)
             except RemoteProtocolError as exc:
                 malformed = str(exc)
             if waiting is None and malformed is None:
                 malformed = f"reply to {name}, which no request waits for"
+            elif waiting is not None and message is not None and malformed is None:
+                malformed = _mismatch(waiting.payload, message.payload)
         else:
             try:
                 message = _decode_request(channel, header, body, fds)
             except RemoteProtocolError as exc:
                 malformed = str(exc)
             if self._expects_reply(request, header.flags):
-                self._add_pending(channel, header.request, self._seq, now)
+                asked = message.payload if message is not None else None
+                self._add_pending(channel, header.request, _Waiting(self._seq, now, asked))
         fields = {}
         if message is not None and request is not None:
             self._learn(message, is_reply)
@@ -166,11 +195,11 @@ class Conversation:
             self._protocol_features & ProtocolFeature.REPLY_ACK
         )
 
-    def _add_pending(self, channel: ChannelKind, code: int, seq: int, now: float) -> None:
+    def _add_pending(self, channel: ChannelKind, code: int, waiting: _Waiting) -> None:
         queue = self._pending.setdefault((channel, code), deque(maxlen=MAX_PENDING))
-        queue.append((seq, now))
+        queue.append(waiting)
 
-    def _take_pending(self, channel: ChannelKind, code: int) -> tuple[int, float] | None:
+    def _take_pending(self, channel: ChannelKind, code: int) -> _Waiting | None:
         queue = self._pending.get((channel, code))
         return queue.popleft() if queue else None
 

@@ -39,7 +39,6 @@ and pairs follow one another until :meth:`TraceProxy.stop`.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import stat
@@ -92,12 +91,15 @@ class _Link:
         self.reason: str | None = None
         self._lock = threading.Lock()
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str) -> bool:
+        """Shut both channels down; return whether this call ended the link."""
         with self._lock:
-            if self.reason is None:
+            first = self.reason is None
+            if first:
                 self.reason = reason
         for channel in self.channels.values():
             channel.shutdown()
+        return first
 
     def join(self) -> None:
         for thread in self.threads:
@@ -167,7 +169,7 @@ class TraceProxy:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._listeners: dict[Side, Listener] = {}
-        self._numbers = itertools.count(1)
+        self._number = 0
         self._pair: _Pair | None = None
         self._thread: threading.Thread | None = None
 
@@ -222,9 +224,9 @@ class TraceProxy:
             except TransportError as exc:
                 if self._stop.is_set():
                     return
-                number = next(self._numbers)
+                # Numbered as the pair it would have been; the next attempt takes the number.
                 with self._lock:
-                    self._sink(ConnectionRecord(self._now(), number, "failed", str(exc)))
+                    self._sink(ConnectionRecord(self._now(), self._number + 1, "failed", str(exc)))
                 self._stop.wait(_RETRY_INTERVAL)
                 continue
             self._run_pair(frontend, backend)
@@ -254,7 +256,8 @@ class TraceProxy:
             raise TransportError(f"{side.value}: {exc}") from exc
 
     def _run_pair(self, frontend: Channel, backend: Channel) -> None:
-        number = next(self._numbers)
+        self._number += 1
+        number = self._number
         main = _Link(ChannelKind.MAIN, frontend, backend)
         pair = _Pair(number, main, Conversation(number, self._device_id))
         with self._lock:
@@ -313,8 +316,11 @@ class TraceProxy:
         except TransportError as exc:
             reason = f"{sender.value}: {exc}"
         finally:
-            where = "" if link.kind is ChannelKind.MAIN else "back-end channel: "
-            link.end(where + reason)
+            if link.end(reason) and link.kind is ChannelKind.BACKEND:
+                with self._lock:
+                    self._sink(
+                        ConnectionRecord(self._now(), pair.number, "backend-channel-close", reason)
+                    )
 
     def _relay(self, pair: _Pair, link: _Link, sender: Side, frame: Frame) -> None:
         """Record ``frame`` and send it on; interpose the back-end channel it hands over."""
