@@ -130,7 +130,7 @@ cp "$WORK/disk.img" "$WORK/after-randwrite.img"
 timeout 90 {drive} --rw randread --verify --duration 3 \\
     >"$WORK/randread.json" 2>"$WORK/randread.err"
 fact randread.rc $?
-timeout 90 {drive} --rw randwrite --verify --iommu --duration 3 \\
+timeout 90 {drive} --rw randwrite --verify --iommu --remap-idle --duration 3 \\
     >"$WORK/iommu.json" 2>"$WORK/iommu.err"
 fact iommu.rc $?
 {py} -m pyvdpa drive net --vhost-vdpa $node --duration 1 2>"$WORK/mismatch.err"
@@ -155,10 +155,18 @@ class Run:
     work: Path
     result: GuestResult
 
-    def expect(self, name: str, value: str) -> None:
-        """Fail, with the whole run attached, unless fact ``name`` is ``value``."""
+    def expect(self, name: str, value: str, *files: str) -> None:
+        """Fail, with the whole run and ``files`` attached, unless fact ``name`` is ``value``."""
         got = self.result.fact(name)
-        assert got == value, f"{name}: {got!r}, expected {value!r}\n{self.result.describe()}"
+        if got != value:
+            attached = "".join(
+                f"--- {f} ---\n{(self.work / f).read_text(errors='replace')[-4000:]}\n"
+                for f in files
+                if (self.work / f).exists()
+            )
+            raise AssertionError(
+                f"{name}: {got!r}, expected {value!r}\n{attached}{self.result.describe()}"
+            )
 
     def json(self, name: str) -> dict[str, Any]:
         """A JSON object a command left in the work directory."""
@@ -244,7 +252,7 @@ def test_randread_verify(run: Run) -> None:
 
 
 def test_iommu_remaps_while_io_runs(run: Run) -> None:
-    run.expect("iommu.rc", "0")
+    run.expect("iommu.rc", "0", "iommu.err", "iommu.json", "qsd.log")
     figures = run.json("iommu.json")
     assert figures["ios"] > 0 and figures["verified"] > 0
     assert figures["errors"] == figures["verify_errors"] == 0

@@ -219,6 +219,57 @@ def test_iommu_places_memory_away_and_remaps_chunks() -> None:
     assert kernel.mapped == {}
 
 
+def test_iommu_never_remaps_a_chunk_holding_a_buffer_in_flight() -> None:
+    # A device may translate a buffer's address until it returns the chain:
+    # remapping its chunk then opens a window in which the lookup fails.
+    kernel = FakeKernel()
+    with _start_blk(kernel, iommu=True) as session:
+        ring = session.rings[0]
+        chunks = sorted(kernel.mapped)
+        # Buffers in chunks 1 and 3 (one straddling into chunk 2).
+        ring.add([(chunks[1] + 64, 16)], [(chunks[3] - 8, 16)])
+        held = {chunks[1], chunks[2], chunks[3]}
+        remapped = []
+        for _ in range(8):
+            kernel.calls.clear()
+            session._next_remap = 0.0
+            session.tick()
+            remapped += [iova for name, (iova, _) in kernel.calls if name == "INVALIDATE"]
+        assert remapped and set(remapped) == {chunks[0]}
+        assert session.iotlb_remaps == 8
+        # Every chunk busy: no remap at all this tick.
+        ring.add([(chunks[0], 16)], [])
+        kernel.calls.clear()
+        session._next_remap = 0.0
+        session.tick()
+        assert kernel.calls == [] and session.iotlb_remaps == 8
+        assert held <= set(kernel.mapped)
+
+
+def test_remap_idle_waits_for_the_device_to_return_every_chain() -> None:
+    kernel = FakeKernel()
+    with _start_blk(kernel, iommu=True, remap_idle=True) as session:
+        ring = session.rings[0]
+        assert not ring.in_flight
+        session._next_remap = 0.0
+        assert session.quiescing()
+        head = ring.add([(session.dma_base + 64, 16)], [])
+        kernel.calls.clear()
+        session.tick()  # a chain in flight: no remap, still quiescing
+        assert kernel.calls == [] and session.iotlb_remaps == 0 and session.quiescing()
+        ring.in_flight.pop(head)
+        session.tick()
+        assert session.iotlb_remaps == 1 and not session.quiescing()
+
+
+def test_remap_idle_needs_iommu_and_vhost_vdpa(capsys: pytest.CaptureFixture[str]) -> None:
+    common = ["drive", "blk", "--remap-idle", "--duration", "1"]
+    assert cli.main([*common, "--vhost-vdpa", "/dev/null"]) == 2
+    assert "--remap-idle applies with --iommu only" in capsys.readouterr().err
+    assert cli.main([*common, "--socket", "/nonexistent.sock", "--iommu"]) == 2
+    assert "--remap-idle applies to --vhost-vdpa only" in capsys.readouterr().err
+
+
 def test_features_ok_refused() -> None:
     kernel = FakeKernel(refuse_features_ok=True)
     session = VdpaSession(kernel, memory_size=1 << 20)

@@ -125,6 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--queues", type=_positive, default=1, help="queue pairs")
             p.add_argument("--no-mrg-rxbuf", action="store_true", help="do not ask MRG_RXBUF")
         else:
+            p.add_argument(
+                "--remap-idle",
+                action="store_true",
+                help="with --iommu on vhost-vdpa: remap only while the device holds no "
+                "request, the I/O paused until it returns all (for devices that drop the "
+                "translations of requests in flight on any IOTLB change)",
+            )
             p.add_argument("--rw", choices=WORKLOADS, default="randread")
             p.add_argument("--bs", type=_positive, default=4096)
             p.add_argument("--iodepth", type=_positive, default=32)
@@ -168,8 +175,13 @@ def _open_session(args: argparse.Namespace) -> DriverSession:
         for option in ("server", "inband"):
             if getattr(args, option):
                 raise ConfigError(f"--{option} applies to vhost-user only, not --vhost-vdpa")
+        remap_idle = getattr(args, "remap_idle", False)
+        if remap_idle and not args.iommu:
+            raise ConfigError("--remap-idle applies with --iommu only")
         device = VhostVdpaDevice.open(args.vhost_vdpa)
-        return VdpaSession(device, memory_size=args.memory, iommu=args.iommu)
+        return VdpaSession(device, memory_size=args.memory, iommu=args.iommu, remap_idle=remap_idle)
+    if getattr(args, "remap_idle", False):
+        raise ConfigError("--remap-idle applies to --vhost-vdpa only")
     frontend = Frontend.listen(args.socket) if args.server else Frontend.connect(args.socket)
     return Session(frontend, memory_size=args.memory, inband=args.inband, iommu=args.iommu)
 

@@ -162,9 +162,9 @@ def run_blk(
         if kind is BlkType.OUT:
             slot.generation = generations.get(offset, 0) + 1
             mem.write(slot.data, pattern(offset, slot.generation, bs))
-            chain = ring.queue.add([(slot.header, 16), (slot.data, bs)], [(slot.status, 1)])
+            chain = ring.add([(slot.header, 16), (slot.data, bs)], [(slot.status, 1)])
         else:
-            chain = ring.queue.add([(slot.header, 16)], [(slot.data, bs), (slot.status, 1)])
+            chain = ring.add([(slot.header, 16)], [(slot.data, bs), (slot.status, 1)])
         in_flight[chain] = slot
         busy.add(offset)
 
@@ -209,7 +209,7 @@ def run_blk(
         session.tick()
         if done and not in_flight:
             break
-        while free and not done:
+        while free and not done and not session.quiescing():
             slot = free.pop()
             if prefill:
                 submit(slot, BlkType.OUT, prefill_next * bs, check=False)
@@ -225,7 +225,7 @@ def run_blk(
             result.bytes += bs
         ring.kick()
         progressed = False
-        while (used := ring.queue.get_used()) is not None:
+        while (used := ring.get_used()) is not None:
             head, written = used
             slot_done = in_flight.pop(head, None)
             if slot_done is None:

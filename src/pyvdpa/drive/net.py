@@ -147,8 +147,7 @@ class _TxPath:
         self.frame_size = len(frame)
 
     def reclaim(self) -> None:
-        queue = self.ring.queue
-        while (used := queue.get_used()) is not None:
+        while (used := self.ring.get_used()) is not None:
             self.free.append(self.busy.pop(used[0]))
 
     def send(self, frame: bytes) -> bool:
@@ -156,7 +155,7 @@ class _TxPath:
             return False
         addr = self.free.popleft()
         self.session.memory.write(addr, bytes(self.hdr) + frame)
-        head = self.ring.queue.add([(addr, self.hdr + len(frame))], [])
+        head = self.ring.add([(addr, self.hdr + len(frame))], [])
         self.busy[head] = addr
         return True
 
@@ -175,7 +174,7 @@ class _RxPath:
             self._post(base + i * RX_BUFFER)
 
     def _post(self, addr: int) -> None:
-        head = self.ring.queue.add([], [(addr, RX_BUFFER)])
+        head = self.ring.add([], [(addr, RX_BUFFER)])
         self.busy[head] = addr
 
     def receive(self, result: NetResult) -> list[bytes]:
@@ -185,7 +184,7 @@ class _RxPath:
         taken = 0
         # At most one ring's worth: a back-end refilling as fast as buffers
         # are reposted would otherwise keep this loop, and the run, going.
-        while taken < queue.size and (used := queue.get_used()) is not None:
+        while taken < queue.size and (used := self.ring.get_used()) is not None:
             taken += 1
             head, length = used
             addr = self.busy.pop(head)

@@ -49,7 +49,8 @@ import logging
 import os
 import select
 import threading
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Self
 
 from pyvdpa.errors import ConfigError, PyvdpaError, RemoteProtocolError, RingError
@@ -117,6 +118,35 @@ class DriverRing:
     kick_fd: int | None
     call_fd: int | None
     inband: Frontend | None = None
+    #: The buffers of each chain the device holds, by chain id: memory a
+    #: VMM must leave mapped until the chain is used.
+    in_flight: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def add(
+        self,
+        readable: Sequence[tuple[int, int]],
+        writable: Sequence[tuple[int, int]],
+    ) -> int:
+        """Make a chain of (addr, len) buffers available; return its id."""
+        head = self.queue.add(readable, writable)
+        self.in_flight[head] = [*readable, *writable]
+        return head
+
+    def get_used(self) -> tuple[int, int] | None:
+        """(id, written length) of the next used chain, or None."""
+        used = self.queue.get_used()
+        if used is not None:
+            self.in_flight.pop(used[0], None)
+        return used
+
+    def holds(self, start: int, size: int) -> bool:
+        """Whether a chain in flight has a buffer in ``[start, start + size)``."""
+        end = start + size
+        return any(
+            addr < end and start < addr + length
+            for buffers in self.in_flight.values()
+            for addr, length in buffers
+        )
 
     def kick(self) -> None:
         """Notify the device if it asked for notifications."""
@@ -237,6 +267,14 @@ class DriverSession(abc.ABC):
     def tick(self) -> None:
         """Called by the traffic loops between bursts (a transport's housekeeping)."""
         return
+
+    def quiescing(self) -> bool:
+        """Whether the traffic loops should add no chain until the device returns all.
+
+        A transport asks this before a change the device must not see while
+        it holds buffers; :meth:`tick` makes the change once all are back.
+        """
+        return False
 
     # ------------------------------------------------------------------ rings
 

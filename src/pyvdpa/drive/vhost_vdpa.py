@@ -28,9 +28,12 @@ mapping, as QEMU maps guest RAM at its guest-physical address.  With
 ``iommu`` the session is a VMM with a vIOMMU: the memory sits
 ``IOVA_OFFSET`` higher, in :data:`REMAP_CHUNK` mappings, and while traffic
 runs (:meth:`VdpaSession.tick`) one chunk after another is invalidated and
-mapped again, in one IOTLB batch, so the device's translations change under
-it without a gap; :meth:`VdpaSession.unmap` withdraws a range for good, and
-the device can then reach none of it.
+mapped again in one IOTLB batch, as a guest's IOMMU driver unmaps and maps
+DMA buffers: never a chunk holding a buffer the device has not returned
+(the kernel may apply a batch as a removal then an addition, and a device
+translating in between would fail the request);
+:meth:`VdpaSession.unmap` withdraws a range for good, and the device can
+then reach none of it.
 """
 
 from __future__ import annotations
@@ -111,8 +114,11 @@ class VdpaSession(DriverSession):
         *,
         memory_size: int = 64 << 20,
         iommu: bool = False,
+        remap_idle: bool = False,
     ) -> None:
         self.device = device
+        #: Remap only while the device holds no chain at all (see :meth:`tick`).
+        self.remap_idle = remap_idle
         try:
             device.set_owner()
             offered = device.get_backend_features()
@@ -205,17 +211,41 @@ class VdpaSession(DriverSession):
         self.iotlb_remaps += 1
 
     def tick(self) -> None:
-        """With ``iommu``, every :data:`REMAP_INTERVAL` seconds remap the next chunk."""
+        """With ``iommu``, every :data:`REMAP_INTERVAL` seconds remap the next idle chunk.
+
+        A chunk holding a buffer the device has not returned yet is left
+        alone, as a guest's IOMMU driver unmaps a buffer only after its
+        completion.  With :attr:`remap_idle` nothing is remapped while the
+        device holds any chain: for devices that drop the translations of
+        every request in flight on any IOTLB change (VDUSE tells its device
+        that the whole IOVA space changed after each batch, and
+        qemu-storage-daemon 7.2 then unmaps the buffers of requests it is
+        still working on); :meth:`quiescing` asks the traffic loops to let
+        the device drain first.
+        """
         if not self.iommu or not self.mappings:
             return
-        now = time.monotonic()
-        if now < self._next_remap:
+        if time.monotonic() < self._next_remap:
             return
-        self._next_remap = now + REMAP_INTERVAL
+        if self.remap_idle and any(ring.in_flight for ring in self.rings):
+            return
+        self._next_remap = time.monotonic() + REMAP_INTERVAL
         chunks = sorted(self.mappings.items())
-        start, size = chunks[self._remap_cursor % len(chunks)]
-        self._remap_cursor += 1
-        self.remap(start, size)
+        for _ in range(len(chunks)):
+            start, size = chunks[self._remap_cursor % len(chunks)]
+            self._remap_cursor += 1
+            if not any(ring.holds(start, size) for ring in self.rings):
+                self.remap(start, size)
+                return
+
+    def quiescing(self) -> bool:
+        """Whether a remap waits for the device to return every chain (:attr:`remap_idle`)."""
+        return (
+            self.remap_idle
+            and self.iommu
+            and bool(self.mappings)
+            and time.monotonic() >= self._next_remap
+        )
 
     # ------------------------------------------------------------------ negotiation
 
