@@ -1,6 +1,8 @@
 """The descriptor chain walkers: the Python rings against the compiled kernels.
 
-Input: a flags byte (packed layout, indirect descriptors, event index), a
+Input: a flags byte (packed layout, indirect descriptors, event index,
+whether each chain is completed, all its writable bytes written, once
+popped), a
 byte choosing the queue size (split: a power of two up to 32; packed: 1
 to 32), the 16-bit SET_VRING_BASE value, then the first bytes of guest
 memory, which hold the descriptor table at 0x0, the available ring (split)
@@ -12,7 +14,8 @@ The ring goes the way a control plane sends it: checked and mapped by
 builds from the spec (:class:`~pyvdpa.device.virtqueue.Virtqueue`) and the
 compiled one (:meth:`~pyvdpa.dataplane.queues.CompiledQueue.from_spec`).
 
-Verdicts: both queues pop the same chains (ids, segments, bytes) or fail with the same
+Verdicts: both queues pop (and complete) the same chains (ids, segments,
+bytes) or fail with the same
 :class:`~pyvdpa.errors.PyvdpaError` subclass, and leave guest memory the
 same; neither raises anything else.  Coverage comes from the Python
 walker; the kernels are compiled code the fuzzer does not see into.
@@ -46,7 +49,7 @@ INDIRECT_ADDR = 0x800
 BUFFERS_ADDR = 0x1000
 MAX_SIZE = 32
 
-_PACKED, _INDIRECT, _EVENT_IDX = 1, 2, 4
+_PACKED, _INDIRECT, _EVENT_IDX, _COMPLETE = 1, 2, 4, 8
 
 Outcome = tuple[Any, ...]
 
@@ -77,11 +80,13 @@ def guest_memory() -> _Guest:
     return _guest
 
 
-def _pop_all(queue: DeviceQueue, limit: int) -> list[Outcome]:
+def _pop_all(queue: DeviceQueue, limit: int, complete: bool) -> list[Outcome]:
     outcomes: list[Outcome] = []
     for _ in range(limit):
         try:
             chain = queue.pop()
+            if chain is not None and complete:
+                queue.push(chain, sum(s.length for s in chain.writable))
         except PyvdpaError as exc:
             outcomes.append(("error", type(exc)))
             break
@@ -117,6 +122,9 @@ def test_one_input(data: bytes) -> None:
     if flags & _EVENT_IDX:
         features |= VirtioFeature.RING_EVENT_IDX
     size = _size(packed, choice)
+    complete = bool(flags & _COMPLETE)
+    # Completing chains frees their slots: go round the ring once more.
+    limit = 2 * size + 1 if complete else size + 1
     guest = guest_memory()
     guest.load(image)
     try:
@@ -128,10 +136,10 @@ def test_one_input(data: bytes) -> None:
         return
     try:
         python_queue = Virtqueue(spec).queue
-        expected = _pop_all(python_queue, size + 1)
+        expected = _pop_all(python_queue, limit, complete)
         after_python = guest.snapshot()
         guest.load(image)
-        got = _pop_all(CompiledQueue.from_spec(spec), size + 1)
+        got = _pop_all(CompiledQueue.from_spec(spec), limit, complete)
         assert got == expected, (got, expected)
         assert guest.snapshot() == after_python
     finally:
