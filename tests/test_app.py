@@ -298,7 +298,7 @@ def test_existing_socket_path_fails_and_cleans_up(
     ("argv", "message"),
     [
         (["run", "--vdev", "sim-net"], "--iface PREFIX is required unless -i"),
-        (["run", "--iface", "/tmp/x"], "the following arguments are required: --vdev"),
+        (["run", "--iface", "/tmp/x"], "--iface PREFIX names the sockets of --vdev devices"),
         (["run", "--vdev", "sim-net", "--iface"], "expected one argument"),
         (["run", "--vdev", "sim-net", "-i", "--cpus", "1-x"], "invalid CPU list '1-x'"),
         (["run", "--vdev", "sim-net", "-i", "--cpus", "3-1"], "invalid CPU list '3-1'"),

@@ -17,7 +17,15 @@ SIGINT or SIGTERM; with ``-i`` it reads commands from standard input at the
 * ``link <device name> up|down`` — a net device's link status
   (VIRTIO_NET_S_LINK_UP), which its driver is told of (a VDUSE config
   interrupt, or CONFIG_CHANGE_MSG to a vhost-user front-end that takes it);
+* ``mgmtdev ...``, ``dev ...``, ``stats`` — the management commands, as
+  ``pyvdpa mgmtdev|dev|stats`` (and iproute2's ``vdpa``) take and print them;
 * ``quit`` (or end of input).
+
+The same operations (:mod:`pyvdpa.manage`) are served on a JSON-RPC control
+socket (``--control PATH``, by default ``/run/pyvdpa/control.sock``): a
+``pyvdpa run`` may start with no device at all and get them with
+``pyvdpa dev add``.  ``--metrics ADDR:PORT`` serves every queue's counters
+as OpenMetrics text.
 
 Shutting down stops every port (front-ends are disconnected, ``dev_close``
 runs, the sockets made are removed) and removes every device (TAPs and
@@ -29,33 +37,32 @@ goes on.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
 from pyvdpa.dataplane.engine import EngineMode, warm_up
 from pyvdpa.devices.net import NetControl
 from pyvdpa.errors import ConfigError, PyvdpaError
+from pyvdpa.manage.commands import parse_words, render
+from pyvdpa.manage.methods import call
+from pyvdpa.manage.metrics import MetricsServer, parse_address
+from pyvdpa.manage.operations import DEFAULT_SOCKET_DIR, Manager
+from pyvdpa.manage.rpc import Request
+from pyvdpa.manage.server import DEFAULT_CONTROL, ControlServer
 from pyvdpa.vdev import parse_vdev
-from pyvdpa.vdpa import (
-    DRIVERS,
-    SimDriver,
-    VdpaDevice,
-    VdpaError,
-    VdpaPort,
-    VdpaRegistry,
-    VhostAdapter,
-)
-from pyvdpa.vduse.backend import VduseBackend
+from pyvdpa.vdpa import VdpaError
 from pyvdpa.vduse.kernel import VduseControl
-from pyvdpa.vduse.netlink import add_device, delete_device
 
 __all__ = ["PROMPT", "QUEUE_ALL", "Console", "VdpaApp", "add_run_arguments", "parse_cpus", "run"]
+
+log = logging.getLogger(__name__)
 
 #: The console prompt.
 PROMPT = "vdpa> "
@@ -75,6 +82,16 @@ Control:
     create <socket file> <device name>        : create a new vdpa port.
     stats <device name> <virtio queue ID>     : show statistics of virtio queue, 0xffff for all.
     link <device name> up|down                : set the link status of a net device.
+
+Management (as pyvdpa mgmtdev|dev|stats and iproute2's vdpa; -j for JSON, -p pretty):
+    mgmtdev show [<mgmtdev>]                  : management devices and their types.
+    dev add name <name> mgmtdev <mgmtdev> [<key> <value>]...
+                                              : create a device and serve it.
+    dev del <name>                            : disconnect and remove a device.
+    dev show [<name>]                         : devices.
+    dev config show [<name>]                  : config space and negotiated features.
+    dev vstats show <name> qidx <N>           : one queue's counters.
+    stats                                     : every queue of every device.
     quit                                      : exit vdpa sample app."""
 
 
@@ -82,8 +99,8 @@ class _Shutdown(BaseException):
     """Raised in the main thread by SIGINT/SIGTERM to unwind to the cleanup."""
 
 
-class VdpaApp:
-    """The devices, drivers and ports of one ``pyvdpa run``."""
+class VdpaApp(Manager):
+    """The devices, drivers and ports of one ``pyvdpa run``, and what it prints."""
 
     def __init__(
         self,
@@ -92,20 +109,14 @@ class VdpaApp:
         out: TextIO = sys.stdout,
         engine: EngineMode = EngineMode.ADAPTIVE,
         cpus: Sequence[int] | None = None,
+        socket_dir: Path = DEFAULT_SOCKET_DIR,
     ) -> None:
-        self.client = client
         self.out = out
-        self.engine = engine
-        self.cpus = None if cpus is None else tuple(cpus)
-        self.registry = VdpaRegistry()
-        self.drivers: dict[str, SimDriver] = {kind: cls() for kind, cls in DRIVERS.items()}
-        self.ports: list[VdpaPort] = []
-        #: Devices on the kernel's vDPA bus, by name.
-        self.vduse: dict[str, VduseBackend] = {}
-        self._buses: dict[str, str] = {}
-        self._owners: dict[str, SimDriver] = {}
         # Re-entrant: the signal handler prints from the main thread, maybe mid-print.
         self._out_lock = threading.RLock()
+        super().__init__(
+            client=client, engine=engine, cpus=cpus, log=self.say, socket_dir=socket_dir
+        )
 
     def write(self, text: str) -> None:
         """Write ``text`` as is (callbacks write from connection threads too)."""
@@ -117,66 +128,9 @@ class VdpaApp:
         """Print one message and a newline."""
         self.write(text + "\n")
 
-    def probe(self, specs: Sequence[str]) -> list[VdpaDevice]:
-        """Probe and register the devices ``--vdev`` arguments describe, in order."""
-        devices = []
-        for index, text in enumerate(specs):
-            spec = dataclasses.replace(parse_vdev(text, index), engine=self.engine, cpus=self.cpus)
-            driver = self.drivers[spec.kind]
-            device = driver.probe(spec, self.registry)
-            self._owners[device.name] = driver
-            self._buses[device.name] = spec.bus
-            devices.append(device)
-        for device in devices:
-            if self._buses[device.name] == "vduse":
-                self.add_to_vdpa_bus(device)
-        return devices
-
-    def add_to_vdpa_bus(self, device: VdpaDevice) -> None:
-        """Serve ``device`` through VDUSE, then add it to the kernel's vDPA bus.
-
-        As ``vdpa dev add name NAME mgmtdev vduse``: the kernel binds the
-        first vDPA bus driver (virtio_vdpa or vhost_vdpa), which talks to the
-        device while this runs, so the device is served first.
-        """
-        hardware = self._owners[device.name].hardware(device)
-        backend = VduseBackend(hardware, device.name)
-        backend.start()
-        if not backend.reconnected:
-            try:
-                add_device(device.name)
-            except BaseException:
-                backend.close()
-                raise
-        self.vduse[device.name] = backend
-        verb = "taken over on" if backend.reconnected else "added to"
-        self.say(f"VDUSE: device {device.name} {verb} the vDPA bus")
-
-    def create(self, path: str, name: str) -> VdpaPort:
-        """Attach device ``name`` to a new port on ``path`` and start it."""
-        device = self.registry.find(name)
-        if device is None:
-            raise VdpaError(f"Unable to find vdpa device id for {name}.")
-        port = VdpaPort(
-            path,
-            client=self.client,
-            new_device=self._new_device,
-            destroy_device=self._destroy_device,
-        )
-        port.attach(device)
-        try:
-            port.start()
-        except BaseException:
-            port.detach()
-            raise
-        self.ports.append(port)
-        role = "client" if self.client else "server"
-        self.say(f"VHOST_CONFIG: ({path}) vhost-user {role}: socket created, device {name}")
-        return port
-
     def create_ifaces(self, prefix: str) -> None:
-        """One port per device, ``PREFIX0``, ``PREFIX1``… in registration order."""
-        sockets = [d for d in self.registry if self._buses.get(d.name) != "vduse"]
+        """One port per vhost-user device, ``PREFIX0``, ``PREFIX1``… in registration order."""
+        sockets = [d for d in self.registry if d.name not in self.vduse]
         for index, device in enumerate(sockets):
             self.create(f"{prefix}{index}", device.name)
 
@@ -214,35 +168,19 @@ class VdpaApp:
         device = self.registry.find(name)
         if device is None:
             raise VdpaError(f"Invalid device: {name}.")
-        hardware = self._owners[name].hardware(device)
+        hardware = self.drivers[self.managed(name).mgmtdev].hardware(device)
         if not isinstance(hardware, NetControl):
             kind = device.device_type.name.lower()
             raise VdpaError(f"Device {name} is a {kind} device: link applies to net devices.")
         hardware.set_link(up)
 
-    def close(self) -> None:
-        """Stop every port, take devices off the vDPA bus, then remove every device."""
-        for port in self.ports:
-            port.close()
-        self.ports.clear()
-        for name, backend in list(self.vduse.items()):
-            try:
-                # The bound driver resets the device meanwhile: keep serving.
-                delete_device(name)
-            except PyvdpaError as exc:
-                self.say(f"VDUSE: {name}: {exc}")
-            backend.close()
-            del self.vduse[name]
-        for device in list(self.registry):
-            owner = self._owners.pop(device.name, None)
-            if owner is not None:
-                owner.remove(device, self.registry)
+    def request(self, method: str, params: dict[str, object]) -> object:
+        """Run a control socket method in this process (the console's way in)."""
+        return self.request_handler(Request(method, params, None))
 
-    def _new_device(self, vhost: VhostAdapter) -> None:
-        self.say(f"\nnew port {vhost.ifname}, device : {vhost.device.name}")
-
-    def _destroy_device(self, vhost: VhostAdapter) -> None:
-        self.say(f"\ndestroy port {vhost.ifname}, device: {vhost.device.name}")
+    def request_handler(self, request: Request) -> object:
+        """The control socket's handler: ``request`` run on this app's operations."""
+        return call(self, request)
 
 
 class Console:
@@ -251,13 +189,15 @@ class Console:
     def __init__(self, app: VdpaApp, stdin: TextIO) -> None:
         self.app = app
         self.stdin = stdin
-        self._commands: dict[str, tuple[int, Callable[[list[str]], bool]]] = {
-            "help": (0, self._help),
-            "list": (0, self._list),
-            "create": (2, self._create),
-            "stats": (2, self._stats),
-            "link": (2, self._link),
-            "quit": (0, self._quit),
+        self._commands: dict[str, tuple[tuple[int, ...] | None, Callable[[list[str]], bool]]] = {
+            "help": ((0,), self._help),
+            "list": ((0,), self._list),
+            "create": ((2,), self._create),
+            "stats": ((0, 2), self._stats),
+            "link": ((2,), self._link),
+            "mgmtdev": (None, self._manage),
+            "dev": (None, self._manage),
+            "quit": ((0,), self._quit),
         }
 
     def run(self) -> None:
@@ -280,12 +220,12 @@ class Console:
         if entry is None:
             self.app.say("Command not found")
             return True
-        arity, handler = entry
-        if len(words) - 1 != arity:
+        arities, handler = entry
+        if arities is not None and len(words) - 1 not in arities:
             self.app.say("Bad arguments")
             return True
         try:
-            return handler(words[1:])
+            return handler(words if handler == self._manage else words[1:])
         except PyvdpaError as exc:
             self.app.say(str(exc))
             return True
@@ -303,6 +243,8 @@ class Console:
         return True
 
     def _stats(self, args: list[str]) -> bool:
+        if not args:
+            return self._manage(["stats"])
         try:
             qid = int(args[1], 0)
         except ValueError:
@@ -321,6 +263,18 @@ class Console:
             return True
         self.app.set_link(name, state == "up")
         self.app.say(f"Device {name}: link {state}.")
+        return True
+
+    def _manage(self, words: list[str]) -> bool:
+        """``mgmtdev``, ``dev``, ``stats``: as ``pyvdpa`` prints them (``-j``, ``-p`` too)."""
+        json_output = "-j" in words
+        pretty = "-p" in words
+        words = [word for word in words if word not in ("-j", "-p")]
+        command = parse_words(words)
+        result = self.app.request(command.method, command.params)
+        text = render(command, result, json_output=json_output, pretty=pretty)
+        if text:
+            self.app.say(text)
         return True
 
     def _quit(self, args: list[str]) -> bool:
@@ -357,10 +311,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--vdev",
         action="append",
-        required=True,
+        default=[],
         metavar="SPEC",
         help="sim-net,name=N,mode=loopback|drop|gen|tap,ifname=TAP,mac=M,mtu=N,queues=N,"
-        "frame-size=N or sim-blk,name=N,path=FILE|size=N,readonly=on,queues=N,serial=S",
+        "frame-size=N or sim-blk,name=N,path=FILE|size=N,readonly=on,queues=N,serial=S "
+        "(none: devices come with dev add on the control socket)",
     )
     parser.add_argument(
         "--engine",
@@ -385,15 +340,56 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "-i", "--interactive", action="store_true", help="read commands at a vdpa> prompt"
     )
+    control = parser.add_mutually_exclusive_group()
+    control.add_argument(
+        "--control",
+        metavar="PATH",
+        help=f"serve the JSON-RPC control socket on PATH (default {DEFAULT_CONTROL}, "
+        "skipped with a warning when another pyvdpa run serves it)",
+    )
+    control.add_argument("--no-control", action="store_true", help="serve no control socket")
+    parser.add_argument(
+        "--metrics",
+        metavar="ADDR:PORT",
+        type=parse_address,
+        help="serve OpenMetrics (Prometheus) per-queue counters over HTTP on ADDR:PORT "
+        "(ADDR defaults to 127.0.0.1)",
+    )
+
+
+def _start_control(args: argparse.Namespace, app: VdpaApp) -> ControlServer | None:
+    """Serve the control socket; the default path is given up with a warning if taken."""
+    path = Path(args.control) if args.control else DEFAULT_CONTROL
+    server = ControlServer(path, app.request_handler)
+    try:
+        server.start()
+    except ConfigError as exc:
+        if args.control:
+            raise
+        log.warning("%s; serving no control socket (give --control PATH)", exc)
+        return None
+    log.info("control socket %s", path)
+    return server
 
 
 def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
     """Run the application; errors from the command line propagate (after cleanup)."""
-    buses = [parse_vdev(text).bus for text in args.vdev]
-    vduse_only = bool(buses) and all(bus == "vduse" for bus in buses)
-    if not args.iface and not args.interactive and not vduse_only:
+    specs = [parse_vdev(text, index) for index, text in enumerate(args.vdev)]
+    served = any(spec.bus == "vhost-user" for spec in specs)
+    if served and not args.iface and not args.interactive:
         raise ConfigError("--iface PREFIX is required unless -i/--interactive is given")
-    app = VdpaApp(client=args.client, out=out, engine=EngineMode(args.engine), cpus=args.cpus)
+    if not specs and args.iface:
+        raise ConfigError("--iface PREFIX names the sockets of --vdev devices: give --vdev")
+    if not specs and args.no_control and not args.interactive:
+        raise ConfigError("nothing to serve: give --vdev, a control socket or -i")
+    socket_dir = Path(args.control).parent if args.control else DEFAULT_SOCKET_DIR
+    app = VdpaApp(
+        client=args.client,
+        out=out,
+        engine=EngineMode(args.engine),
+        cpus=args.cpus,
+        socket_dir=socket_dir,
+    )
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -404,21 +400,33 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
 
     for sig in previous:
         signal.signal(sig, on_signal)
+    control: ControlServer | None = None
+    metrics: MetricsServer | None = None
     try:
         if args.interactive:
             app.say("Interactive-mode selected")
         if args.iface:
             app.say(f"iface {args.iface}")
-        if "vduse" in buses:
-            # Before the data path loads: refusals come at once.
+        if args.control:
+            # Before the data path loads: a refusal comes at once.
+            control = _start_control(args, app)
+        if any(spec.bus == "vduse" for spec in specs):
             VduseControl().close()
-        if args.vdev:
+        if specs:
             # Only the programs these devices run: a first start compiles less.
-            programs = {app.drivers[spec.kind].program(spec) for spec in map(parse_vdev, args.vdev)}
+            programs = {app.drivers[spec.kind].program(spec) for spec in specs}
             warm_up(lambda line: print(f"pyvdpa: {line}", file=sys.stderr, flush=True), programs)
         app.probe(args.vdev)
         if args.iface:
             app.create_ifaces(args.iface)
+        if control is None and not args.no_control:
+            control = _start_control(args, app)
+        if control is None and not specs and not args.interactive:
+            raise ConfigError(f"nothing to serve: {DEFAULT_CONTROL} is taken; give --control PATH")
+        if args.metrics is not None:
+            metrics = MetricsServer(args.metrics, app.stats)
+            metrics.start()
+            log.info("metrics on http://%s/metrics", metrics.address)
         if args.interactive:
             Console(app, stdin).run()
         else:
@@ -431,6 +439,10 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
         for sig in previous:
             signal.signal(sig, signal.SIG_IGN)
         try:
+            if metrics is not None:
+                metrics.stop()
+            if control is not None:
+                control.stop()
             app.close()
         finally:
             for sig, handler in previous.items():

@@ -31,6 +31,7 @@ from pyvdpa.drive.net import run_net
 from pyvdpa.drive.session import DriverSession, Session
 from pyvdpa.drive.vhost_vdpa import VdpaSession
 from pyvdpa.errors import ConfigError, PyvdpaError
+from pyvdpa.manage.client import run_words
 from pyvdpa.trace.command import add_trace_arguments, run_trace
 from pyvdpa.vdev import parse_size
 from pyvdpa.vhost_user.frontend import Frontend
@@ -159,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="conformance and robustness cases against a vhost-user back-end"
     )
     add_check_arguments(check)
+    for obj, help_text in (
+        ("mgmtdev", "management devices of a running pyvdpa run (mgmtdev show)"),
+        ("dev", "devices of a running pyvdpa run: show, add, del, config show, vstats show"),
+        ("stats", "every queue's counters of a running pyvdpa run, as JSON"),
+    ):
+        p = sub.add_parser(obj, help=help_text)
+        p.add_argument("-j", "--json", action="store_true", help="JSON output")
+        p.add_argument("-p", "--pretty", action="store_true", help="indented JSON")
+        p.add_argument("--control", metavar="PATH", help="control socket of the pyvdpa run")
+        p.add_argument("words", nargs=argparse.REMAINDER, help="as iproute2's vdpa takes them")
     return parser
 
 
@@ -265,6 +276,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_app(args)
         if args.command == "info":
             return _cmd_info(args)
+        if args.command in ("mgmtdev", "dev", "stats"):
+            return run_words(
+                [args.command, *args.words],
+                control=args.control,
+                json_output=args.json or args.command == "stats",
+                pretty=args.pretty,
+            )
         if args.command == "check":
             return run_check_command(args)
         if args.command == "trace":

@@ -117,7 +117,8 @@ def feature_list(features: int, device_id: int | None) -> list[str]:
         if not features & mask:
             continue
         known = [table._value2member_map_.get(mask) for table in tables]
-        name = next((member.name for member in known if member is not None), None)
+        # Flag arithmetic caches unnamed pseudo-members in the map: skip them.
+        name = next((member.name for member in known if member is not None and member.name), None)
         names.append(name if name else f"bit {number}")
     return names
 
