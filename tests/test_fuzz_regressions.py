@@ -15,6 +15,9 @@ import pytest
 
 from fuzz_targets import vdev
 from pyvdpa.app import parse_cpus
+from pyvdpa.devices.blk import BlkControl
+from pyvdpa.errors import ConfigError
+from pyvdpa.vdev import parse_size
 
 CPUS = os.cpu_count() or 1
 
@@ -28,3 +31,20 @@ def test_regression_cpu_range_refused_before_it_is_expanded() -> None:
     with pytest.raises(argparse.ArgumentTypeError, match="this machine has CPUs"):
         parse_cpus(f"0,{CPUS}-{10**30}")
     assert parse_cpus(f"0-{CPUS - 1}") == tuple(range(CPUS))
+
+
+def test_regression_ram_disk_larger_than_any_file_is_a_config_error() -> None:
+    # os.ftruncate raised OverflowError (and the memfd leaked) for a size
+    # past 2**63: a traceback for a typo on the command line.
+    vdev.test_one_input(b"\x00sim-blk,size=99999999999999999999T")
+    with pytest.raises(ConfigError, match="RAM disk that large"):
+        BlkControl(size=parse_size("99999999999999999999T"))
+
+
+def test_regression_serial_with_undecodable_bytes_is_a_config_error() -> None:
+    # A command line's bytes that are not UTF-8 reach Python as surrogates;
+    # encoding the serial raised UnicodeEncodeError.
+    vdev.test_one_input(b"\x04sim-blk,size=64M,readonly=on,serial=\x92\x96sk0,queues=2\x001-1")
+    serial = b"\x92\x96sk0".decode("utf-8", "surrogateescape")
+    with pytest.raises(ConfigError, match="serial is not valid UTF-8"):
+        BlkControl(size=1 << 20, serial=serial)

@@ -127,7 +127,12 @@ class BlkControl:
             raise ConfigError("sim-blk needs exactly one of path= or size=")
         if not 1 <= queues <= 64:
             raise ConfigError(f"queues must be 1..64, not {queues}")
-        if len(serial.encode()) > BLK_ID_BYTES:
+        try:
+            serial_id = serial.encode()
+        except UnicodeEncodeError:
+            # A command line's undecodable bytes arrive as surrogates.
+            raise ConfigError(f"serial is not valid UTF-8: {serial!r}") from None
+        if len(serial_id) > BLK_ID_BYTES:
             raise ConfigError(f"serial longer than {BLK_ID_BYTES} bytes: {serial!r}")
         if path is not None:
             p = Path(path)
@@ -144,14 +149,19 @@ class BlkControl:
             if size <= 0:
                 raise ConfigError(f"RAM disk size must be positive, not {size}")
             self.fd = os.memfd_create("pyvdpa-ramdisk", os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, size)
+            try:
+                os.ftruncate(self.fd, size)
+            except (OSError, OverflowError) as exc:
+                # size=99999999999999999999T: no file is that large.
+                os.close(self.fd)
+                raise ConfigError(f"cannot make a RAM disk that large: {exc}") from None
             disk_size = size
         self.capacity = disk_size // SECTOR_SIZE
         if self.capacity == 0:
             os.close(self.fd)
             raise ConfigError(f"disk smaller than one sector ({disk_size} bytes)")
         self.readonly = readonly
-        self.serial = serial.encode()
+        self.serial = serial_id
         self.num_queues = queues
         self.features = BLK_FEATURES | (BlkFeature.RO if readonly else 0)
         self.features |= BlkFeature.MQ if queues > 1 else 0
