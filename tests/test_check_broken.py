@@ -111,8 +111,8 @@ def _check(path: str) -> dict[str, tuple[str, str]]:
     )
     assert proc.returncode in (0, 1), proc.stderr
     assert "Traceback" not in proc.stderr
-    lines = proc.stderr.splitlines()
-    assert len([line for line in lines if line.startswith("[")]) == len(case_ids())
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert [line.split("]", 1)[1].split()[0] for line in progress] == case_ids()
     report = json.loads(proc.stdout)
     return {r["id"]: (r["verdict"], r["detail"]) for r in report["results"]}
 
