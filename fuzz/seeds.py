@@ -4,7 +4,8 @@ Seeds give each target a start in every region of its input space: the
 codec one message of each size each request's payload types take (zeroed,
 with the header made to agree), the chain walker a few well-formed rings,
 the IOTLB short operation lists, the inflight buffer what a device left
-in it with chains in flight, ``--vdev`` the documented examples.  The
+in it with chains in flight, ``--vdev`` the documented examples, the
+control socket one request per method, responses and command words.  The
 fuzzer's own finds are added beside them.
 
 Usage: ``python3 fuzz/seeds.py`` (idempotent: it rewrites the same files).
@@ -13,6 +14,7 @@ Usage: ``python3 fuzz/seeds.py`` (idempotent: it rewrites the same files).
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 import sys
 from collections.abc import Iterator
@@ -103,12 +105,54 @@ def vdev_seeds() -> Iterator[bytes]:
         yield bytes([index]) + example
 
 
+def control_seeds() -> Iterator[bytes]:
+    """One request per method, a response, command words, split across chunk sizes."""
+    requests: list[dict[str, object]] = [
+        {"method": "mgmtdev_show"},
+        {"method": "mgmtdev_show", "params": {"name": "sim-net"}},
+        {"method": "dev_show", "params": {"name": "net0"}},
+        {"method": "dev_config_show"},
+        {"method": "dev_vstats_show", "params": {"name": "net0", "qidx": 0}},
+        {"method": "dev_del", "params": {"name": "net0"}},
+        {"method": "stats"},
+        {
+            "method": "dev_add",
+            "params": {"name": "net1", "mgmtdev": "sim-net", "mac": "52:54:00:12:34:56",
+                       "mtu": 1500, "max_vqp": 2, "mode": "gen", "frame_size": 128,
+                       "uuid": "6fa1b0c2-6d2b-4a8e-9f1c-0a0b0c0d0e0f", "client": True,
+                       "socket": "/tmp/net1.sock"},
+        },
+        {
+            "method": "dev_add",
+            "params": {"name": "blk1", "mgmtdev": "sim-blk", "size": "64M", "readonly": True,
+                       "queues": 2, "serial": "disk1", "bus": "vduse"},
+        },
+    ]  # fmt: skip
+    for number, request in enumerate(requests):
+        line = json.dumps({"jsonrpc": "2.0", "id": number, **request}).encode()
+        yield bytes([number * 7]) + line + b"\n"
+    yield b"\x10" + b'{"jsonrpc":"2.0","id":1,"result":{"dev":{}}}\n'
+    yield b"\x03" + b'{"jsonrpc":"2.0","id":1,"error":{"code":-32001,"message":"no"}}\n'
+    words = [
+        b"dev add name net2 mgmtdev sim-net mac 52:54:00:00:00:01 max_vqp 2 client",
+        b"dev add name blk2 mgmtdev sim-blk path disk.img readonly queues 2",
+        b"dev vstats show net0 qidx 0x1",
+        b"mgmtdev show sim-blk",
+        b"dev config show net0",
+        b"d del net0",
+        b"stats",
+    ]
+    for number, line in enumerate(words):
+        yield bytes([number * 5 + 1]) + line + b"\n"
+
+
 SEEDS = {
     "codec": codec_seeds,
     "chain": chain.seeds,
     "iotlb": iotlb_seeds,
     "inflight": inflight.seeds,
     "vdev": vdev_seeds,
+    "control": control_seeds,
 }
 
 

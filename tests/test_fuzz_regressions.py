@@ -13,10 +13,15 @@ import os
 
 import pytest
 
-from fuzz_targets import vdev
+from fuzz_targets import control, vdev
 from pyvdpa.app import parse_cpus
+from pyvdpa.dataplane.engine import EngineMode
 from pyvdpa.devices.blk import BlkControl
 from pyvdpa.errors import ConfigError
+from pyvdpa.manage.methods import call
+from pyvdpa.manage.mgmtdev import dev_add_request
+from pyvdpa.manage.operations import Manager
+from pyvdpa.manage.rpc import INVALID_PARAMS, RpcError, parse_request
 from pyvdpa.vdev import parse_size
 
 CPUS = os.cpu_count() or 1
@@ -48,3 +53,19 @@ def test_regression_serial_with_undecodable_bytes_is_a_config_error() -> None:
     serial = b"\x92\x96sk0".decode("utf-8", "surrogateescape")
     with pytest.raises(ConfigError, match="serial is not valid UTF-8"):
         BlkControl(size=1 << 20, serial=serial)
+
+
+def test_regression_dev_add_name_with_a_lone_surrogate_is_invalid_params() -> None:
+    # JSON's "\ud800" decodes to a lone surrogate; measuring the name in
+    # UTF-8 raised UnicodeEncodeError, which the control socket answered as
+    # an internal error.
+    params = b'{"name":"\\ud800","mgmtdev":"sim-net"}'
+    line = b'{"jsonrpc":"2.0","id":1,"method":"dev_add","params":' + params + b"}"
+    control.test_one_input(b"\x05" + line + b"\n")
+    with pytest.raises(ConfigError, match="printable"):
+        dev_add_request(
+            {"name": "\ud800", "mgmtdev": "sim-net"}, engine=EngineMode.ADAPTIVE, cpus=None
+        )
+    with pytest.raises(RpcError) as info:
+        call(Manager(log=lambda line: None), parse_request(line))
+    assert info.value.code == INVALID_PARAMS

@@ -202,7 +202,8 @@ def dev_add_request(
         known = ", ".join(MGMTDEVS)
         raise ConfigError(f"mgmtdev must be one of {known}, not {mgmtdev_name!r}")
     mgmtdev = MGMTDEVS[mgmtdev_name]
-    if not isinstance(name, str) or not name or len(name.encode()) > NAME_MAX:
+    # JSON may carry lone surrogates: counted here, refused as unprintable below.
+    if not isinstance(name, str) or not name or len(name.encode(errors="surrogatepass")) > NAME_MAX:
         raise ConfigError(f"name must be a string of 1..{NAME_MAX} bytes, not {name!r}")
     if not name.isprintable() or any(c in name for c in " ,=/"):
         raise ConfigError(f"name {name!r}: printable, without spaces, ',', '=' or '/'")
