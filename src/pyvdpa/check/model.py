@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pyvdpa.drive.info import feature_list
 from pyvdpa.errors import PyvdpaError
 from pyvdpa.vhost_user.protocol import ProtocolFeature
-from pyvdpa.virtio.constants import DeviceId, VirtioFeature
+from pyvdpa.virtio.constants import DeviceId
 
 __all__ = [
     "CaseFailedError",
@@ -98,11 +98,6 @@ class Offer:
             return "PROTOCOL_FEATURES not offered"
         missing = [f.name or hex(f) for f in features if not self.protocol_features & f]
         return f"protocol feature {', '.join(missing)} not offered" if missing else None
-
-    @property
-    def packed(self) -> bool:
-        """Whether the packed layout is offered."""
-        return bool(self.features & VirtioFeature.RING_PACKED)
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,7 +3,8 @@
 Theory of operation: the runner first asks what the back-end offers
 (:meth:`~pyvdpa.check.target.Target.discover`), then runs each case of
 :data:`~pyvdpa.check.cases.CASES` on fresh connections.  A case that does
-not apply to the offer is ``n/a`` with the reason.  After every hostile
+not apply to the offer is ``n/a`` with the reason; one the front-end cannot
+send (pyvdpa's codec refuses to encode it) is ``skipped``.  After every hostile
 case and every failed case the runner probes the back-end (a fresh
 connection negotiates and moves one buffer): a hostile case after which
 the back-end no longer serves fails with that reason, and once the
@@ -29,6 +30,7 @@ from pyvdpa.check.model import (
 )
 from pyvdpa.check.target import Target
 from pyvdpa.drive.info import feature_list
+from pyvdpa.errors import LocalProtocolError
 from pyvdpa.virtio.constants import DeviceId
 
 __all__ = ["CheckReport", "run_check"]
@@ -108,6 +110,9 @@ def _run_one(target: Target, case: Case) -> tuple[Verdict, str]:
         return Verdict.NOT_APPLICABLE, _describe(exc)
     except CaseSkippedError as exc:
         return Verdict.SKIPPED, _describe(exc)
+    except LocalProtocolError as exc:
+        # pyvdpa's own codec would not send what the case needs.
+        return Verdict.SKIPPED, f"not sent: {_describe(exc)}"
     except Exception as exc:
         return Verdict.FAIL, _describe(exc)
 

@@ -422,10 +422,10 @@ class Traffic:
             if not hdr <= length <= _SLOT:
                 raise CaseFailedError(f"RX: used length {length} for a {_SLOT}-byte buffer")
             self.written.append(addr)
-            header = session_read(self.session, addr, hdr)
+            header = self.session.memory.read(addr, hdr)
             if hdr >= 12:
                 self.num_buffers.append(int.from_bytes(header[10:12], "little"))
-            frame = session_read(self.session, addr + hdr, length - hdr)
+            frame = self.session.memory.read(addr + hdr, length - hdr)
             verdict = check_frame(frame)
             if verdict is FrameCheck.CORRUPT:
                 raise CaseFailedError("RX: a frame came back corrupted")
@@ -492,11 +492,6 @@ class Traffic:
                 return False
             self.session.wait_call(0.02)
         return True
-
-
-def session_read(session: Session, addr: int, size: int) -> bytes:
-    """``size`` bytes of the session's memory at device address ``addr``."""
-    return session.memory.read(addr, size)
 
 
 class RawPeer:
