@@ -4,12 +4,15 @@ Input: a list of operations, each an opcode byte then its fields.  The
 opcode's low bits choose update, invalidate, translate, view (through
 :class:`~pyvdpa.memory.IotlbAddressSpace`), ``uaddr_ranges`` or clear;
 bit 3 makes the fields full 64-bit values instead of small offsets (small
-offsets make ranges meet, overlap and land in the mapped memory); bit 4
+offsets make ranges meet, overlap and land in the mapped memory), or
+builds the compiled data path's translation table
+(:func:`~pyvdpa.dataplane.queues.iotlb_table`); bit 4
 asks for a device write; bits 5-6 are the permission.
 
 Verdicts: every operation returns or raises a
 :class:`~pyvdpa.errors.GuestMemoryError`; the table stays sorted, without
-overlaps or empty entries and coalesced; and it agrees with a model that
+overlaps or empty entries and coalesced; the compiled data path's table
+cuts every entry into rows that cover it exactly; and it agrees with a model that
 answers for one address at a time from the history of operations (the
 last update or invalidation covering it wins): each entry's first and last
 byte translate as the model says, translations return what the model
@@ -20,6 +23,7 @@ reported at an address the model agrees about.
 from __future__ import annotations
 
 from fuzz_targets.reader import Reader
+from pyvdpa.dataplane.queues import iotlb_table
 from pyvdpa.errors import GuestMemoryError, IotlbMissError, IotlbPermissionError
 from pyvdpa.memory import GuestMemory, Iotlb, IotlbAddressSpace, MemoryRegion, allocate_shared
 from pyvdpa.memory.iotlb import IotlbEntry, IotlbPerm
@@ -115,6 +119,24 @@ def _check_translate(
     assert _allows(first_found[1], write) and _allows(last_found[1], write)
 
 
+def _check_kernel_table(space: IotlbAddressSpace) -> None:
+    """The compiled data path's table of the IOTLB covers each entry exactly, in order."""
+    rows = [tuple(int(v) for v in row) for row in iotlb_table(space)]
+    entries = space.iotlb.snapshot()
+    if not entries:
+        assert rows == [(0, 0, 0, 0, 0)], rows
+        return
+    at = 0
+    for entry in entries:
+        iova = entry.iova
+        while iova < entry.end:
+            row_iova, row_size = rows[at][0], rows[at][1]
+            assert row_iova == iova and 0 < row_size <= entry.end - iova, (entry, rows[at])
+            iova += row_size
+            at += 1
+    assert at == len(rows), (entries, rows)
+
+
 def test_one_input(data: bytes) -> None:
     """Apply the operations to an IOTLB; check it against the model after each."""
     reader = Reader(data)
@@ -155,6 +177,8 @@ def test_one_input(data: bytes) -> None:
             elif code == 5:
                 iotlb.clear()
                 history.append((0, _ADDRESS_LIMIT, None, perm))
+            elif code == 6:
+                _check_kernel_table(space)
         except GuestMemoryError:
             pass
         _check_table(iotlb.snapshot(), history)
