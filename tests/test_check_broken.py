@@ -8,7 +8,8 @@ put between its dispatcher and the socket:
 * ``ack-zero``: every REPLY_ACK says 0, refusals included (the request
   is still refused inside, the front-end is told otherwise);
 * ``crash-indirect``: the process exits at the first SET_VRING_KICK once
-  INDIRECT_DESC was negotiated.
+  INDIRECT_DESC was negotiated;
+* ``mute-vring-base``: GET_VRING_BASE stops the ring but is never answered.
 
 Each must fail exactly the cases its bug breaks, on top of what the
 same back-end without a bug fails, and nothing else.
@@ -65,6 +66,8 @@ def _serve(bug: str, path: str) -> None:
             except ValueError:
                 own_reply = False
             replies = handle(frame)
+            if bug == "mute-vring-base" and request == Request.GET_VRING_BASE:
+                return []
             if bug == "vring-base" and request == Request.GET_VRING_BASE:
                 index, num = struct.unpack_from("=II", replies[0].data, codec.HEADER.size)
                 body = struct.pack("=II", index, num + 1)
@@ -102,9 +105,20 @@ def broken(tmp_path: Path) -> Iterator[Callable[[str], str]]:
         proc.wait(timeout=20)
 
 
-def _check(path: str) -> dict[str, tuple[str, str]]:
+def _check(path: str, *options: str) -> dict[str, tuple[str, str]]:
     proc = subprocess.run(
-        [sys.executable, "-m", "pyvdpa", "check", "--socket", path, "--type", "net", "--json"],
+        [
+            sys.executable,
+            "-m",
+            "pyvdpa",
+            "check",
+            "--socket",
+            path,
+            "--type",
+            "net",
+            "--json",
+            *options,
+        ],
         capture_output=True,
         text=True,
         timeout=170,
@@ -167,6 +181,15 @@ def test_crash_on_indirect_fails_the_rest(broken: Callable[[str], str]) -> None:
             assert detail == "back-end gone after case data.indirect"
     before = ids[: ids.index("data.indirect")]
     assert _failed({case: results[case] for case in before}) == BASELINE
+
+
+def test_unanswered_vring_base_times_out_case_by_case(broken: Callable[[str], str]) -> None:
+    results = _check(broken("mute-vring-base"), "--timeout", "2")
+
+    expected = {"ring.base", "ring.stop", "data.packed", "data.indirect-packed"}
+    assert _failed(results) == BASELINE | expected
+    for case in expected:
+        assert results[case][1] == "no answer within 2 s", case
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pyvdpa.check.model import (
     Offer,
     Verdict,
 )
-from pyvdpa.check.target import Target
+from pyvdpa.check.target import Target, timed_out
 from pyvdpa.drive.info import feature_list
 from pyvdpa.errors import LocalProtocolError
 from pyvdpa.virtio.constants import DeviceId
@@ -96,25 +96,27 @@ def _result(case: Case, verdict: Verdict, detail: str, started: float) -> CaseRe
     )
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, timeout: float) -> str:
+    if timed_out(exc):
+        return f"no answer within {timeout:g} s"
     text = str(exc) or type(exc).__name__
-    return text.splitlines()[0] if text else type(exc).__name__
+    return text.splitlines()[0]
 
 
 def _run_one(target: Target, case: Case) -> tuple[Verdict, str]:
     try:
         return Verdict.PASS, case.run(target)
     except CaseFailedError as exc:
-        return Verdict.FAIL, _describe(exc)
+        return Verdict.FAIL, _describe(exc, target.timeout)
     except NotApplicableError as exc:
-        return Verdict.NOT_APPLICABLE, _describe(exc)
+        return Verdict.NOT_APPLICABLE, _describe(exc, target.timeout)
     except CaseSkippedError as exc:
-        return Verdict.SKIPPED, _describe(exc)
+        return Verdict.SKIPPED, _describe(exc, target.timeout)
     except LocalProtocolError as exc:
         # pyvdpa's own codec would not send what the case needs.
-        return Verdict.SKIPPED, f"not sent: {_describe(exc)}"
+        return Verdict.SKIPPED, f"not sent: {_describe(exc, target.timeout)}"
     except Exception as exc:
-        return Verdict.FAIL, _describe(exc)
+        return Verdict.FAIL, _describe(exc, target.timeout)
 
 
 def _still_serving(target: Target) -> str | None:
@@ -122,7 +124,7 @@ def _still_serving(target: Target) -> str | None:
     try:
         target.probe()
     except Exception as exc:
-        return _describe(exc)
+        return _describe(exc, target.timeout)
     return None
 
 

@@ -236,7 +236,9 @@ class Target:
         self._offer = Offer(device, features, protocol, offered, queues, loopback=False)
         loopback = False
         if device == DeviceId.NET:
-            with self.session() as session:
+            # A back-end whose data path does not work at all fails the cases
+            # that use it, one by one, rather than this question.
+            with contextlib.suppress(CaseFailedError), self.session() as session:
                 self.negotiate(session)
                 traffic = Traffic(self, session)
                 traffic.start()
