@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Run one fuzz target under atheris (libFuzzer), with coverage of pyvdpa's Python code.
 
 Usage::
@@ -21,6 +22,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +33,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from fuzz_targets import TARGETS  # noqa: E402
+
+#: Names the target to the processes libFuzzer starts (they get its options only).
+TARGET_VARIABLE = "PYVDPA_FUZZ_TARGET"
 
 #: The package numba compiles from its functions' bytecode: never instrumented.
 KERNELS = "pyvdpa.dataplane.kernels"
@@ -125,7 +130,14 @@ def main(argv: list[str]) -> int:
         print(__doc__.strip())
         print(f"\ntargets: {', '.join(TARGETS)}")
         return 0 if len(argv) >= 2 else 2
-    target, options = argv[1], argv[2:]
+    if argv[1] in TARGETS:
+        target, options = argv[1], argv[2:]
+        # libFuzzer runs this script again for -merge and -fork, without the name.
+        os.environ[TARGET_VARIABLE] = target
+    elif TARGET_VARIABLE in os.environ:
+        target, options = os.environ[TARGET_VARIABLE], argv[1:]
+    else:
+        raise SystemExit(f"unknown target {argv[1]!r}; targets: {', '.join(TARGETS)}")
     if options[:1] == ["--lines"]:
         entry = load(target, instrument=False)
         report = line_coverage(entry, options[1:] or [str(corpus_dir(target))])
