@@ -122,5 +122,5 @@ def test_report_renders_back_ends_side_by_side(tmp_path: Path) -> None:
     assert set(rows) == {case.id for case in CASES}
     assert rows["ring.base"].endswith("| **FAIL** | pass |")
     assert rows["data.packed"].endswith("| pass | n/a |")
-    assert "* **alpha** (net): 55 pass, 1 fail, 0 n/a, 0 skipped" in text
+    assert f"* **alpha** (net): {len(CASES) - 1} pass, 1 fail, 0 n/a, 0 skipped" in text
     assert CheckReport.from_dict(json.loads(json.dumps(one.as_dict()))) == one

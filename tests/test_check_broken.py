@@ -9,7 +9,9 @@ put between its dispatcher and the socket:
   is still refused inside, the front-end is told otherwise);
 * ``crash-indirect``: the process exits at the first SET_VRING_KICK once
   INDIRECT_DESC was negotiated;
-* ``mute-vring-base``: GET_VRING_BASE stops the ring but is never answered.
+* ``mute-vring-base``: GET_VRING_BASE stops the ring but is never answered;
+* ``no-call``: the device signals an eventfd of its own, never the front-end's
+  call eventfd.
 
 Each must fail exactly the cases its bug breaks, on top of what the
 same back-end without a bug fails, and nothing else.
@@ -61,6 +63,9 @@ def _serve(bug: str, path: str) -> None:
                 and features & VirtioFeature.RING_INDIRECT_DESC
             ):
                 os._exit(3)
+            if bug == "no-call" and request == Request.SET_VRING_CALL and frame.fds:
+                os.close(frame.fds[0])
+                frame.fds[0] = os.eventfd(0, os.EFD_CLOEXEC)
             try:
                 own_reply = codec.has_reply(Request(request))
             except ValueError:
@@ -190,6 +195,13 @@ def test_unanswered_vring_base_times_out_case_by_case(broken: Callable[[str], st
     assert _failed(results) == BASELINE | expected
     for case in expected:
         assert results[case][1] == "no answer within 2 s", case
+
+
+def test_no_used_buffer_notification_fails_the_call_case(broken: Callable[[str], str]) -> None:
+    results = _check(broken("no-call"))
+
+    assert _failed(results) == BASELINE | {"data.call"}
+    assert results["data.call"][1] == "vring 1: 8 chains used, no call eventfd signal"
 
 
 if __name__ == "__main__":

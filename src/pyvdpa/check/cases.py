@@ -151,6 +151,8 @@ CASES: tuple[Case, ...] = (
     Case("data.in-order", D, "IN_ORDER: buffers used in the order made available",
          f"{V12} 2.7.9 In-order use of descriptors", data.data_in_order,
          _feature(VirtioFeature.IN_ORDER)),
+    Case("data.call", D, "used buffers notified on the call eventfd",
+         f"{V12} 2.7.7 Used Buffer Notification Suppression", data.data_call),
     Case("data.wrap", D, "an 8-entry ring wrapped many times",
          f"{V12} 2.7.13 Supplying Buffers to The Device", data.data_wrap),
     # reset and reconnect

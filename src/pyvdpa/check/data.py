@@ -13,6 +13,7 @@ from pyvdpa.check.target import Target, Traffic, require_loopback
 from pyvdpa.virtio.constants import NetFeature, VirtioFeature
 
 __all__ = [
+    "data_call",
     "data_event_idx",
     "data_in_order",
     "data_indirect",
@@ -94,6 +95,22 @@ def data_in_order(t: Target) -> str:
     if traffic.out_of_order:
         raise CaseFailedError(f"{traffic.out_of_order} chains used out of order")
     return "64 chains used in order"
+
+
+def data_call(t: Target) -> str:
+    """Used buffers are notified on the call eventfd (no EVENT_IDX, no NO_INTERRUPT)."""
+    with t.session() as session:
+        t.negotiate(session)
+        traffic = Traffic(t, session)
+        traffic.start()
+        traffic.move(8)
+        ring = traffic.tx
+        # The last notification may still be on its way, or unread.
+        traffic.wait_call(ring, 1.0)
+        made = traffic.made[ring.index]
+        if not traffic.calls.get(ring.index):
+            raise CaseFailedError(f"vring {ring.index}: {made} chains used, no call eventfd signal")
+        return f"vring {ring.index}: {traffic.calls[ring.index]} notification(s) for {made} chains"
 
 
 def data_wrap(t: Target) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import select
 import socket
 import struct
 import time
@@ -283,6 +284,8 @@ class Traffic:
         self.num_buffers: list[int] = []
         #: Device addresses of the buffers the back-end wrote.
         self.written: list[int] = []
+        #: Used-buffer notifications (call eventfd signals) seen, by ring index.
+        self.calls: dict[int, int] = {}
         #: Chains made available, by ring index.
         self.made: dict[int, int] = {}
         #: Descriptors those chains took, by ring index (a packed ring's index counts these).
@@ -354,6 +357,15 @@ class Traffic:
             done += batch
         return f"{count} buffer(s) moved"
 
+    def wait_call(self, ring: DriverRing, timeout: float) -> bool:
+        """Wait up to ``timeout`` for ``ring``'s call eventfd; count and consume it."""
+        if ring.call_fd is None or not select.select([ring.call_fd], [], [], timeout)[0]:
+            return False
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(ring.call_fd)
+        self.calls[ring.index] = self.calls.get(ring.index, 0) + 1
+        return True
+
     def wait_used(self, ring: DriverRing, expected: list[int], what: str) -> list[tuple[int, int]]:
         """Wait until the chains ``expected`` (in this order) are used; return (id, len)."""
         got: list[tuple[int, int]] = []
@@ -367,7 +379,7 @@ class Traffic:
                         f"{len(pending)} of {len(expected)} {what} not used within "
                         f"{self.target.timeout:g} s"
                     )
-                self.session.wait_call(0.02)
+                self.wait_call(ring, 0.02)
                 continue
             if used[0] not in pending:
                 raise CaseFailedError(f"{what}: used id {used[0]} was not in flight")
@@ -414,7 +426,7 @@ class Traffic:
                     raise CaseFailedError(
                         f"{len(wanted)} of {len(frames)} frames never came back on RX"
                     )
-                self.session.wait_call(0.02)
+                self.wait_call(rx, 0.02)
                 continue
             head, length = used
             addr = self._rx_posted.pop(head, None)
