@@ -2,7 +2,8 @@
 
 Seeds give each target a start in every region of its input space: the
 codec one message of each size each request's payload types take (zeroed,
-with the header made to agree), the chain walker a few well-formed rings,
+with the header made to agree) and valid messages of the payload types a
+zeroed body gets wrong, the chain walker a few well-formed rings,
 the IOTLB short operation lists, the inflight buffer what a device left
 in it with chains in flight, ``--vdev`` the documented examples, the
 control socket one request per method, responses and command words.  The
@@ -24,9 +25,31 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from fuzz_targets import chain, inflight  # noqa: E402
+from pyvdpa.errors import ProtocolError  # noqa: E402
+from pyvdpa.memory import MemoryRegion  # noqa: E402
 from pyvdpa.vhost_user import codec  # noqa: E402
-from pyvdpa.vhost_user.messages import ConfigSpace, MemTable, Payload  # noqa: E402
-from pyvdpa.vhost_user.protocol import BackendRequest, Request  # noqa: E402
+from pyvdpa.vhost_user.messages import (  # noqa: E402
+    AsymSessionSetup,
+    ConfigSpace,
+    ConfigType,
+    CryptoSession,
+    CryptoSessionOp,
+    DeviceStateTransfer,
+    Inflight,
+    IotlbMsg,
+    IotlbPerm,
+    IotlbType,
+    LegacyCryptoSession,
+    MemTable,
+    MigrationPhase,
+    Payload,
+    SingleMemRegion,
+    SymSessionSetup,
+    TransferDirection,
+    VringAddr,
+    VringAddrFlags,
+)
+from pyvdpa.vhost_user.protocol import BackendRequest, HeaderFlags, Request  # noqa: E402
 
 
 def _payload_sizes(kind: type[Payload]) -> Iterator[int]:
@@ -42,8 +65,57 @@ def _payload_sizes(kind: type[Payload]) -> Iterator[int]:
                 return
 
 
+def _sample_payloads() -> list[Payload]:
+    """Valid payloads of the types whose fields a zeroed body gets wrong."""
+    region = MemoryRegion(0x0, 0x10_0000, 0x7F00_0000_0000, 0)
+    sym = SymSessionSetup(1, 0, 0, 0, 1, 1, 0, 0, b"k" * 16, b"a" * 8)
+    return [
+        IotlbMsg(0x1000, 0x1000, 0x7000, IotlbPerm.RW, IotlbType.UPDATE),
+        IotlbMsg(0x1000, 0x1000, 0, IotlbPerm.RO, IotlbType.INVALIDATE),
+        IotlbMsg(0x1000, 0, 0, IotlbPerm.RO, IotlbType.MISS),
+        MemTable((region, MemoryRegion(0x10_0000, 0x1000, 0x1000, 0x2000))),
+        SingleMemRegion(region),
+        ConfigSpace(0, 8, ConfigType.FRONTEND, bytes(range(8))),
+        VringAddr(0, VringAddrFlags(0), 0x1000, 0x2000, 0x3000, 0),
+        Inflight(4096, 0, 2, 256),
+        DeviceStateTransfer(TransferDirection.SAVE, MigrationPhase.STOPPED),
+        CryptoSession(CryptoSessionOp.CIPHER_CREATE_SESSION, 0, sym),
+        CryptoSession(
+            CryptoSessionOp.AKCIPHER_CREATE_SESSION, 5, AsymSessionSetup(1, 2, 3, 4, b"key")
+        ),
+        LegacyCryptoSession(CryptoSessionOp.HASH_CREATE_SESSION, 0, sym),
+    ]
+
+
+def _encoded(message: codec.Message) -> bytes | None:
+    try:
+        wire, _ = codec.encode(message)
+    except ProtocolError:
+        return None
+    return wire
+
+
 def codec_seeds() -> Iterator[bytes]:
-    """One input per (decoder, request, payload size)."""
+    """One input per (decoder, request, payload size), and valid messages of each kind."""
+    for payload in _sample_payloads():
+        for index, request in enumerate(Request):
+            spec = codec.REQUESTS[request]
+            count = spec.fds.value[1] if spec.fds is not codec.FdRule.PER_REGION else 2
+            if isinstance(payload, spec.payloads):
+                wire = _encoded(codec.Message(request, payload, fds=tuple(range(count))))
+                if wire is not None:
+                    yield bytes([0x80, index, count]) + wire
+            if isinstance(payload, spec.reply_payloads):
+                reply = codec.Message(request, payload, HeaderFlags.VERSION | HeaderFlags.REPLY)
+                wire = _encoded(reply)
+                if wire is not None:
+                    yield bytes([0x82, index, 0]) + wire
+        for index, backend in enumerate(BackendRequest):
+            spec = codec.BACKEND_REQUESTS[backend]
+            if isinstance(payload, spec.payloads):
+                wire = _encoded(codec.Message(backend, payload, fds=(0,) * spec.fds.value[0]))
+                if wire is not None:
+                    yield bytes([0x81, index, spec.fds.value[0]]) + wire
     header = codec.HEADER.pack(0, 1, 0)
     for index, request in enumerate(Request):
         spec = codec.REQUESTS[request]

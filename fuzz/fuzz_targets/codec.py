@@ -10,16 +10,28 @@ Verdicts: :func:`~pyvdpa.vhost_user.codec.decode_header` and the
 ``decode_*`` functions raise nothing but
 :class:`~pyvdpa.errors.RemoteProtocolError`; a message they accept encodes
 again (:func:`~pyvdpa.vhost_user.codec.encode` refuses nothing the
-decoder accepted) and decodes to the same message.
+decoder accepted) and decodes to the same message; with every protocol
+feature negotiated, :func:`~pyvdpa.vhost_user.codec.check_gate` lets every
+request through.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import operator
 
 from fuzz_targets.reader import Reader
 from pyvdpa.errors import RemoteProtocolError
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.codec import HEADER, U64, Header, Message
-from pyvdpa.vhost_user.protocol import HEADER_SIZE, BackendRequest, HeaderFlags, Request
+from pyvdpa.vhost_user.protocol import (
+    HEADER_SIZE,
+    BackendRequest,
+    HeaderFlags,
+    ProtocolFeature,
+    Request,
+)
 
 __all__ = ["test_one_input"]
 
@@ -28,10 +40,19 @@ _BACKEND_REQUESTS = tuple(BackendRequest)
 _REPLY = HeaderFlags.VERSION | HeaderFlags.REPLY
 #: First fd number handed to the decoders; they count fds and never use them.
 _FD_BASE = 1000
+_ALL_FEATURES = functools.reduce(operator.or_, ProtocolFeature)
+
+
+def _gates(message: Message) -> None:
+    # With every protocol feature negotiated no request is gated; with none, some are.
+    codec.check_gate(message.request, _ALL_FEATURES)
+    with contextlib.suppress(RemoteProtocolError):
+        codec.check_gate(message.request, ProtocolFeature(0))
 
 
 def _request(header: Header, body: bytes, fds: tuple[int, ...]) -> None:
     message = codec.decode_request(header, body, fds)
+    _gates(message)
     wire, sent_fds = codec.encode(message)
     again = codec.decode_request(codec.decode_header(wire[:HEADER_SIZE]), wire[HEADER_SIZE:], fds)
     assert sent_fds == fds, (message, sent_fds)
@@ -40,6 +61,7 @@ def _request(header: Header, body: bytes, fds: tuple[int, ...]) -> None:
 
 def _backend_request(header: Header, body: bytes, fds: tuple[int, ...]) -> None:
     message = codec.decode_backend_request(header, body, fds)
+    _gates(message)
     wire, sent_fds = codec.encode(message)
     again = codec.decode_backend_request(
         codec.decode_header(wire[:HEADER_SIZE]), wire[HEADER_SIZE:], fds
@@ -84,7 +106,7 @@ def test_one_input(data: bytes) -> None:
     fds = tuple(range(_FD_BASE, _FD_BASE + fd_count % 10))
     raw_header = reader.take(HEADER_SIZE)
     body = reader.rest()
-    mode = selector % 5
+    mode = (selector & 0x7F) % 5
     backend = mode in (1, 4)
     choices: tuple[Request, ...] | tuple[BackendRequest, ...] = (
         _BACKEND_REQUESTS if backend else _REQUESTS
