@@ -19,6 +19,7 @@ from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.frontend import BackendRefusedError
 from pyvdpa.vhost_user.protocol import ProtocolFeature, Request
 from pyvdpa.virtio.constants import DeviceId, VirtioFeature
+from pyvdpa.virtio.net import net_header_size
 from pyvdpa.virtio.ring import MAX_QUEUE_SIZE
 
 __all__ = [
@@ -289,7 +290,7 @@ def ring_kick_before(t: Target) -> str:
         ring = traffic.tx
         addr = session.alloc(4096, 64)
         if t.device == DeviceId.NET:
-            hdr = 12 if session.features & VirtioFeature.VERSION_1 else 10
+            hdr = net_header_size(session.features)
             session.memory.write(addr, bytes(hdr + 60))
             head = ring.queue.add([(addr, hdr + 60)], [])
         else:

@@ -1,14 +1,13 @@
-"""What a conformance check is made of: cases, verdicts, what a back-end offered.
+"""What a conformance check is made of: verdicts, what a back-end offered, results.
 
-A case (:class:`pyvdpa.check.cases.Case`) is a row of a table: an id, a title, the spec section it
-checks, a predicate on the :class:`Offer` (what the back-end offered when
-the run began) that says why it does not apply, and a run function.  The
-run function returns a detail line on success and raises to say anything
-else: :class:`CaseFailedError` (the back-end broke the rule),
-:class:`NotApplicableError` (found out while running, e.g. a net back-end that
-returns no frames), :class:`CaseSkippedError` (the case could not be run for a
-reason that is not the back-end's fault).
-"""
+A case (:class:`pyvdpa.check.cases.Case`) is a row of a table: an id, a
+title, the spec section it checks, a predicate on the :class:`Offer` (what
+the back-end offered when the run began) that says why it does not apply,
+and a run function.  The run function returns a detail line on success and
+raises to say anything else: :class:`CaseFailedError` (the back-end broke
+the rule), :class:`NotApplicableError` (found out while running, e.g. a net
+back-end that returns no frames).  A case whose request pyvdpa's own codec
+refuses to encode is skipped, with the reason."""
 
 from __future__ import annotations
 
@@ -23,7 +22,6 @@ from pyvdpa.virtio.constants import DeviceId
 __all__ = [
     "CaseFailedError",
     "CaseResult",
-    "CaseSkippedError",
     "Group",
     "NotApplicableError",
     "Offer",
@@ -60,10 +58,6 @@ class CaseFailedError(PyvdpaError):
 
 class NotApplicableError(PyvdpaError):
     """The case does not apply to this back-end (found while running)."""
-
-
-class CaseSkippedError(PyvdpaError):
-    """The case could not be run, for a reason that is not the back-end's fault."""
 
 
 @dataclass(frozen=True, slots=True)

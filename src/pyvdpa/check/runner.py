@@ -23,7 +23,6 @@ from pyvdpa.check.cases import CASES, Case
 from pyvdpa.check.model import (
     CaseFailedError,
     CaseResult,
-    CaseSkippedError,
     NotApplicableError,
     Offer,
     Verdict,
@@ -110,8 +109,6 @@ def _run_one(target: Target, case: Case) -> tuple[Verdict, str]:
         return Verdict.FAIL, _describe(exc, target.timeout)
     except NotApplicableError as exc:
         return Verdict.NOT_APPLICABLE, _describe(exc, target.timeout)
-    except CaseSkippedError as exc:
-        return Verdict.SKIPPED, _describe(exc, target.timeout)
     except LocalProtocolError as exc:
         # pyvdpa's own codec would not send what the case needs.
         return Verdict.SKIPPED, f"not sent: {_describe(exc, target.timeout)}"
