@@ -6,7 +6,8 @@ with the header made to agree) and valid messages of the payload types a
 zeroed body gets wrong, the chain walker a few well-formed rings,
 the IOTLB short operation lists, the inflight buffer what a device left
 in it with chains in flight, ``--vdev`` the documented examples, the
-control socket one request per method, responses and command words.  The
+control socket one request per method, responses and command words, the
+kernel target zeroed structs and well-formed vdpa netlink replies.  The
 fuzzer's own finds are added beside them.
 
 Usage: ``python3 fuzz/seeds.py`` (idempotent: it rewrites the same files).
@@ -24,7 +25,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from fuzz_targets import chain, inflight  # noqa: E402
+from fuzz_targets import chain, inflight, kernel  # noqa: E402
 from pyvdpa.errors import ProtocolError  # noqa: E402
 from pyvdpa.memory import MemoryRegion  # noqa: E402
 from pyvdpa.vhost_user import codec  # noqa: E402
@@ -218,6 +219,52 @@ def control_seeds() -> Iterator[bytes]:
         yield bytes([number * 5 + 1]) + line + b"\n"
 
 
+def _nla(kind: int, payload: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(payload), kind) + payload
+    return raw + bytes(-len(raw) % 4)
+
+
+def _nlmsg(kind: int, flags: int, payload: bytes) -> bytes:
+    raw = struct.pack("=IHHII", 16 + len(payload), kind, flags, kernel.SEQ, 0) + payload
+    return raw + bytes(-len(raw) % 4)
+
+
+def _datagrams(which: int, *datagrams: bytes) -> bytes:
+    selector = len(kernel.DECODERS)
+    framed = b"".join(len(d).to_bytes(2, "little") + d for d in datagrams)
+    return bytes([selector, which]) + framed
+
+
+def kernel_seeds() -> Iterator[bytes]:
+    """Zeroed structs of the sizes the kernel writes; well-formed vdpa netlink replies."""
+    sizes = (8, 16, 24, 32, 48, 64, 72, 152, 336)
+    for selector in range(len(kernel.DECODERS)):
+        for size in sizes:
+            yield bytes([selector, 0]) + bytes(size)
+    family, dev_new, mgmtdev_new, config_get = 0x10, 3, 1, 6
+    multi, done = 0x2, 3
+    genl = struct.pack("=BBH", 1, 2, 0)
+    ctrl = genl + _nla(2, b"vdpa\0") + _nla(1, struct.pack("=H", kernel.FAMILY))
+    yield _datagrams(0, _nlmsg(family, 0, ctrl))
+    device = struct.pack("=BBH", dev_new, 1, 0) + _nla(4, b"net0\0") + _nla(5, b"\1\0\0\0")
+    device += _nla(6, bytes(4)) + _nla(7, struct.pack("=I", 2)) + _nla(8, struct.pack("=H", 256))
+    yield _datagrams(2, _nlmsg(kernel.FAMILY, 0, device))
+    yield _datagrams(1, _nlmsg(kernel.FAMILY, multi, device), _nlmsg(done, multi, bytes(4)))
+    mgmt = struct.pack("=BBH", mgmtdev_new, 1, 0) + _nla(2, b"vduse\0")
+    mgmt += _nla(3, struct.pack("=Q", 0x6)) + _nla(15, struct.pack("=I", 64))
+    yield _datagrams(3, _nlmsg(kernel.FAMILY, multi, mgmt), _nlmsg(done, multi, bytes(4)))
+    config = struct.pack("=BBH", config_get, 1, 0) + _nla(4, b"net0\0")
+    config += (
+        _nla(10, bytes(6)) + _nla(11, struct.pack("=H", 1)) + _nla(13, struct.pack("=H", 1500))
+    )
+    config += _nla(14, struct.pack("=Q", 1 << 32))
+    yield _datagrams(6, _nlmsg(kernel.FAMILY, 0, config))
+    ack = struct.pack("=i", 0) + struct.pack("=IHHII", 36, kernel.FAMILY, 5, kernel.SEQ, 0)
+    yield _datagrams(4, _nlmsg(2, 0x100, ack))
+    refusal = struct.pack("=i", -17) + struct.pack("=IHHII", 36, kernel.FAMILY, 5, kernel.SEQ, 0)
+    yield _datagrams(5, _nlmsg(2, 0x200, refusal + _nla(1, b"device exists\0")))
+
+
 SEEDS = {
     "codec": codec_seeds,
     "chain": chain.seeds,
@@ -225,6 +272,7 @@ SEEDS = {
     "inflight": inflight.seeds,
     "vdev": vdev_seeds,
     "control": control_seeds,
+    "kernel": kernel_seeds,
 }
 
 

@@ -2,7 +2,7 @@
 
 The replay runs every input of ``fuzz/corpus/<target>/`` through the
 target in this process.  The bounded run starts ``fuzz/run.py`` (atheris,
-coverage-guided) for ``PYVDPA_FUZZ_SECONDS`` seconds per target (8 by
+coverage-guided) for ``PYVDPA_FUZZ_SECONDS`` seconds per target (7 by
 default) from the committed corpus, writing what it finds to a temporary
 directory; a finding fails the test with the fuzzer's report.  The long
 runs and how to add their finds to the corpus are in ``fuzz/README.md``.
@@ -21,7 +21,7 @@ import pytest
 from fuzz_targets import TARGETS
 
 FUZZ = Path(__file__).resolve().parent.parent / "fuzz"
-SECONDS = int(os.environ.get("PYVDPA_FUZZ_SECONDS", "8"))
+SECONDS = int(os.environ.get("PYVDPA_FUZZ_SECONDS", "7"))
 
 
 def corpus(target: str) -> list[Path]:

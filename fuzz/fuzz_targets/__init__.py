@@ -14,7 +14,7 @@ replays the committed corpus (``fuzz/corpus/<target>/``).
 
 from __future__ import annotations
 
-TARGETS = ("codec", "chain", "iotlb", "inflight", "vdev", "control")
+TARGETS = ("codec", "chain", "iotlb", "inflight", "vdev", "control", "kernel")
 """The target names: a module of this package and a directory of the corpus."""
 
 __all__ = ["TARGETS"]
