@@ -97,6 +97,9 @@ CASES: tuple[Case, ...] = (
          _protocol(PF.REPLY_ACK), hostile=True),
     Case("neg.queue-num", N, "GET_QUEUE_NUM answers at least one queue",
          f"{VU}: Multiple queue support", control.queue_num, _protocol(PF.MQ)),
+    Case("neg.status", N, "SET_STATUS read back by GET_STATUS, rings run after DRIVER_OK",
+         f"{VU}: VHOST_USER_SET_STATUS, VHOST_USER_GET_STATUS", control.status_cycle,
+         _protocol(PF.STATUS)),
     # memory
     Case("mem.two-regions", M, "SET_MEM_TABLE replaced by two regions, one at an mmap_offset",
          f"{VU}: VHOST_USER_SET_MEM_TABLE", control.mem_two_regions),
@@ -161,7 +164,7 @@ CASES: tuple[Case, ...] = (
     Case("reset.device", Group.RESET, "RESET_DEVICE, then set up again on the same connection",
          f"{VU}: VHOST_USER_RESET_DEVICE", control.reset_device, _protocol(PF.RESET_DEVICE)),
     # dirty log, IOTLB, config space
-    Case("log.dirty", Group.LOG, "LOG_ALL: written pages and used ring marked in the log",
+    Case("log.dirty", Group.LOG, "logging started mid-run marks written pages and used ring",
          f"{VU}: Migration", control.log_dirty,
          _all(_protocol(PF.LOG_SHMFD), _feature(VirtioFeature.LOG_ALL))),
     Case("iotlb.miss", Group.IOTLB, "IOTLB MISS answered with UPDATE, INVALIDATE honoured",

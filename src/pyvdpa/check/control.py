@@ -18,7 +18,7 @@ from pyvdpa.memory import MemoryRegion
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.frontend import BackendRefusedError
 from pyvdpa.vhost_user.protocol import ProtocolFeature, Request
-from pyvdpa.virtio.constants import DeviceId, VirtioFeature
+from pyvdpa.virtio.constants import DeviceId, DeviceStatus, VirtioFeature
 from pyvdpa.virtio.net import net_header_size
 from pyvdpa.virtio.ring import MAX_QUEUE_SIZE
 
@@ -49,6 +49,7 @@ __all__ = [
     "ring_order_qemu",
     "ring_stop",
     "ring_vring_base",
+    "status_cycle",
 ]
 
 #: A log page (vhost-user spec, "Migration": VHOST_LOG_PAGE).
@@ -148,6 +149,28 @@ def queue_num(t: Target) -> str:
     if count < 1:
         raise CaseFailedError(f"GET_QUEUE_NUM answered {count}")
     return f"{count} queue(s)"
+
+
+def status_cycle(t: Target) -> str:
+    """SET_STATUS is read back by GET_STATUS; rings run once DRIVER_OK is set."""
+    with t.session() as session:
+        t.negotiate(session, protocol=BASE_PROTOCOL | ProtocolFeature.STATUS)
+        fe = session.frontend
+        status = DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK
+        fe.set_status(status)
+        got = fe.get_status()
+        if got != status:
+            raise CaseFailedError(f"GET_STATUS {got:#x} after SET_STATUS {status.value:#x}")
+        traffic = Traffic(t, session)
+        traffic.setup()
+        session.enable_rings()
+        fe.set_status(status | DeviceStatus.DRIVER_OK)
+        traffic.post_rx()
+        moved = traffic.move(4)
+        got = fe.get_status()
+        if not got & DeviceStatus.DRIVER_OK:
+            raise CaseFailedError(f"GET_STATUS {got:#x} lost DRIVER_OK")
+    return f"status {status.value:#x} read back; {moved} after DRIVER_OK"
 
 
 # ---------------------------------------------------------------------- memory
@@ -405,25 +428,34 @@ def reset_device(t: Target) -> str:
 
 
 def log_dirty(t: Target) -> str:
-    """With LOG_ALL and SET_LOG_BASE, every page the back-end writes is marked in the log."""
+    """Logging started while rings run marks every page the back-end writes afterwards.
+
+    As QEMU starts a migration: SET_FEATURES with LOG_ALL added, SET_LOG_BASE,
+    then SET_VRING_ADDR again with the LOG flag and the used ring's guest
+    address.
+    """
     require_loopback(t)
     with t.session() as session:
-        session.log_used = True
-        t.negotiate(
-            session, VirtioFeature.LOG_ALL, protocol=BASE_PROTOCOL | ProtocolFeature.LOG_SHMFD
-        )
+        t.negotiate(session, protocol=BASE_PROTOCOL | ProtocolFeature.LOG_SHMFD)
+        traffic = Traffic(t, session)
+        traffic.start()
+        traffic.move(2)
+        fe = session.frontend
         size = ((GPA_BASE + session.memory_size) // LOG_PAGE + 7) // 8
         fd = os.memfd_create("pyvdpa-check-log", os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
-            session.frontend.set_log_base(fd, size)
-            traffic = Traffic(t, session)
-            traffic.start()
+            fe.set_features(session.features | VirtioFeature.LOG_ALL)
+            fe.set_log_base(fd, size)
+            for ring in traffic.rings:
+                desc, avail, used = session.areas[ring.index]
+                fe.set_vring_addr(session.vring_addr(ring.index, desc, avail, used, log=used))
+            before = len(traffic.written)
             traffic.move(4)
             log = os.pread(fd, size, 0)
         finally:
             os.close(fd)
-        pages = {addr // LOG_PAGE for addr in traffic.written}
+        pages = {addr // LOG_PAGE for addr in traffic.written[before:]}
         _, _, used = session.areas[traffic.rings[0].index]
         pages.add(used // LOG_PAGE)
         missing = sorted(page for page in pages if not log[page // 8] >> (page % 8) & 1)
@@ -432,7 +464,7 @@ def log_dirty(t: Target) -> str:
             f"{len(missing)} of {len(pages)} written pages not logged "
             f"(first {missing[0] * LOG_PAGE:#x})"
         )
-    return f"{len(pages)} written pages (buffers and used ring) logged"
+    return f"{len(pages)} pages written after logging started (buffers, used ring): all logged"
 
 
 # ---------------------------------------------------------------------- IOTLB

@@ -106,8 +106,6 @@ class CheckSession(Session):
         super().__init__(frontend, memory_size=SESSION_MEMORY, iommu=iommu)
         self.order = order
         self.hold_kick = hold_kick
-        #: Log the used rings' writes (SET_VRING_ADDR's LOG flag, at their guest address).
-        self.log_used = False
         #: Device addresses of each ring's areas (desc, avail or driver, used or device).
         self.areas: dict[int, tuple[int, int, int]] = {}
 
@@ -118,8 +116,7 @@ class CheckSession(Session):
             fe.set_vring_call(ring.index, ring.call_fd)
         fe.set_vring_num(ring.index, ring.queue.size)
         fe.set_vring_base(ring.index, 0x8000 if self.packed else 0)
-        log = used if self.log_used else None
-        fe.set_vring_addr(self.vring_addr(ring.index, desc, avail, used, log))
+        fe.set_vring_addr(self.vring_addr(ring.index, desc, avail, used))
         if not self.hold_kick:
             self.send_kick(ring)
         if self.order is RingOrder.QEMU:
