@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import struct
 
 import pytest
 
-from fuzz_targets import control, vdev
+from fuzz_targets import chain, control, vdev
 from pyvdpa.app import parse_cpus
 from pyvdpa.dataplane.engine import EngineMode
 from pyvdpa.devices.blk import BlkControl
@@ -69,3 +70,33 @@ def test_regression_dev_add_name_with_a_lone_surrogate_is_invalid_params() -> No
     with pytest.raises(RpcError) as info:
         call(Manager(log=lambda line: None), parse_request(line))
     assert info.value.code == INVALID_PARAMS
+
+
+def _split_ring_past_2_64() -> bytes:
+    """A split ring of 4 behind an identity-mapped IOMMU; its one buffer runs past 2**64."""
+    image = bytearray(0x600)
+    struct.pack_into("<QIHH", image, 0x0, 0xFFFF_FFFF_FFFF_F000, 0x2000, 2, 0)  # WRITE
+    struct.pack_into("<HHH", image, 0x200, 0, 1, 0)  # avail: idx 1, ring[0] = 0
+    iommu = bytes([0x10, 2, 0, 0]) + bytes([1, 0, 0, 3, 3])  # 4 pages one to one, RW
+    return iommu + bytes(image)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the compiled kernels (src/pyvdpa/dataplane/kernels) ask for an IOTLB "
+    "translation of a buffer running past 2**64 and stall, where the Python walker breaks "
+    "the ring with BufferAddressError",
+)
+@pytest.mark.parametrize(
+    "data",
+    [
+        # The fuzzer's input, minimised: a packed ring of 8 whose first descriptor
+        # is 0xff000707 bytes at 0xffffffffffffff00.
+        bytes.fromhex("1f070080010000030300ffffffffffffff070700ff00008107"),
+        _split_ring_past_2_64(),
+    ],
+    ids=["packed", "split"],
+)
+def test_regression_buffer_past_2_64_behind_an_iommu_breaks_the_ring(data: bytes) -> None:
+    chain.check(data, tolerate_known=False)
