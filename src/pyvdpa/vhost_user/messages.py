@@ -449,14 +449,26 @@ class IotlbMsg(Payload):
 
     @classmethod
     def decode(cls, data: bytes) -> Self:
-        """Parse 32 bytes."""
+        """Parse 32 bytes.
+
+        An INVALIDATE means only its ``iova`` and ``size``: its permission
+        byte is read as NONE whatever it holds, because QEMU (7.2 at least)
+        sends it uninitialised; refusing it would leave the translation in
+        place, and the device would go on writing to a page the guest has
+        given to something else.
+        """
         iova, size, uaddr, perm, kind = _unpack(cls.LAYOUT, data)
+        kind = _member(IotlbType, kind, "IOTLB type")
         msg = cls(
             iova,
             size,
             uaddr,
-            _member(IotlbPerm, perm, "IOTLB permission"),
-            _member(IotlbType, kind, "IOTLB type"),
+            (
+                IotlbPerm.NONE
+                if kind is IotlbType.INVALIDATE
+                else _member(IotlbPerm, perm, "IOTLB permission")
+            ),
+            kind,
         )
         msg.validate()
         return msg
