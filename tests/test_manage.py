@@ -163,12 +163,12 @@ class Running:
             return client.call(method, params)
 
     def cli(self, *words: str) -> tuple[int, str, str]:
-        """``pyvdpa WORDS --control PATH`` in this process (as the command runs)."""
+        """``pyvdpa --control PATH WORDS`` in this process (as the command runs)."""
         out, err = io.StringIO(), io.StringIO()
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(sys, "stdout", out)
             patch.setattr(sys, "stderr", err)
-            code = main([words[0], "--control", str(self.control), *words[1:]])
+            code = main(["--control", str(self.control), *words])
         return code, out.getvalue(), err.getvalue()
 
     def fds(self) -> int:
@@ -235,7 +235,7 @@ def test_devices_added_served_shown_and_deleted(running: Running) -> None:
         f"bus vhost-user uuid 0e1e7b5c-3a52-4a35-9a47-0e0b7a3c1f10 socket {sock_net} "
         "role server connected false",
     ]
-    code, out, _ = running.cli("dev", "-j", "show", "net0")
+    code, out, _ = running.cli("-j", "dev", "show", "net0")
     assert json.loads(out) == {
         "dev": {
             "net0": {

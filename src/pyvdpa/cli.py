@@ -31,7 +31,7 @@ from pyvdpa.drive.net import run_net
 from pyvdpa.drive.session import DriverSession, Session
 from pyvdpa.drive.vhost_vdpa import VdpaSession
 from pyvdpa.errors import ConfigError, PyvdpaError
-from pyvdpa.manage.client import run_words
+from pyvdpa.manage.client import leading_options, run_words
 from pyvdpa.trace.command import add_trace_arguments, run_trace
 from pyvdpa.vdev import parse_size
 from pyvdpa.vhost_user.frontend import Frontend
@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench.main(arguments[1:])
     try:
-        args = build_parser().parse_args(arguments)
+        args = build_parser().parse_args(leading_options(arguments))
     except ConfigError as exc:
         print(f"pyvdpa: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -24,7 +24,10 @@ from pyvdpa.manage.commands import parse_words, render
 from pyvdpa.manage.rpc import MAX_MESSAGE, MessageReader, encode_request, parse_response
 from pyvdpa.manage.server import DEFAULT_CONTROL
 
-__all__ = ["ControlClient", "control_path", "run_words"]
+__all__ = ["OBJECTS", "ControlClient", "control_path", "leading_options", "run_words"]
+
+#: The objects of the client, as ``pyvdpa`` subcommands.
+OBJECTS = ("mgmtdev", "dev", "stats")
 
 #: Longest reply the client reads (a stats of a full device table fits).
 MAX_REPLY = 64 * MAX_MESSAGE
@@ -35,6 +38,24 @@ def control_path(given: str | None) -> Path:
     if given:
         return Path(given)
     return Path(os.environ.get("PYVDPA_CONTROL") or DEFAULT_CONTROL)
+
+
+def leading_options(arguments: Sequence[str]) -> list[str]:
+    """``-j -p --control PATH OBJECT ...`` (iproute2 order) as ``OBJECT -j -p --control PATH ...``.
+
+    Other command lines are returned as they are.
+    """
+    index = 0
+    while index < len(arguments):
+        if arguments[index] in ("-j", "--json", "-p", "--pretty"):
+            index += 1
+        elif arguments[index] == "--control" and index + 1 < len(arguments):
+            index += 2
+        else:
+            break
+    if index and index < len(arguments) and arguments[index] in OBJECTS:
+        return [arguments[index], *arguments[:index], *arguments[index + 1 :]]
+    return list(arguments)
 
 
 class ControlClient:
