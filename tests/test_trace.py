@@ -27,6 +27,8 @@ from pyvdpa.vhost_user.codec import (
     Message,
     NoPayload,
     Payload,
+    VringAddr,
+    VringAddrFlags,
     VringState,
     decode_header,
     encode,
@@ -240,6 +242,22 @@ def test_json_lines_carry_every_field() -> None:
         "reply_to": 2,
         "latency_us": 500.0,
     }
+
+
+def test_text_lines() -> None:
+    conv = negotiated()
+    addr = VringAddr(1, VringAddrFlags(0), 0x7F0000001000, 0x7F0000003000, 0x7F0000002000, 0)
+    sent = feed(conv, MAIN, FE, request(Request.SET_VRING_ADDR, addr, NEED), now=1.5)
+    ack = feed(conv, MAIN, BE, encode_reply(Request.SET_VRING_ADDR, U64(0)), now=1.500250)
+    assert format_text(sent) == (
+        "    1.500000 c1 #2 main F>B SET_VRING_ADDR [VERSION|NEED_REPLY] size=40 index=1 "
+        "flags=0 desc_user_addr=0x7f0000001000 used_user_addr=0x7f0000003000 "
+        "avail_user_addr=0x7f0000002000 log_guest_addr=0x0"
+    )
+    assert format_text(ack) == (
+        "    1.500250 c1 #3 main B>F reply SET_VRING_ADDR [VERSION|REPLY] size=8 u64=0x0 "
+        "result=success reply-to=#2 latency=250us"
+    )
 
 
 def test_describe_fd() -> None:

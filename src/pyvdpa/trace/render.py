@@ -324,7 +324,7 @@ def format_text(record: MessageRecord | ConnectionRecord) -> str:
         "main" if record.channel is ChannelKind.MAIN else "back",
         _ARROW[record.sender],
         ("reply " if record.is_reply else "") + record.request,
-        "flags=" + "|".join(flag_names(record.flags)),
+        "[" + "|".join(flag_names(record.flags)) + "]",
         f"size={record.size}",
     ]
     if record.fields:
