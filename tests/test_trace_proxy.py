@@ -38,6 +38,7 @@ from pyvdpa.trace import (
     Side,
     TraceProxy,
 )
+from pyvdpa.trace.proxy import MAX_BACKEND_CHANNELS
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.vhost_user.protocol import HeaderFlags, ProtocolFeature, Request
@@ -470,3 +471,43 @@ def test_command_errors_are_one_line(args: list[str], message: str) -> None:
     assert proc.returncode != 0
     assert proc.stderr.startswith("pyvdpa: error: ") and message in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_backend_channels_handed_over_again_and_again_are_bounded(
+    sock_dir: Path, fake: tuple[Path, FakeBackend], records: Records
+) -> None:
+    """Channels the back-end still holds count; closed ones are reaped; past the bound, as-is."""
+    path, backend = fake
+    with proxy(sock_dir, path, records) as trace:
+        peer = RawSocket.connect(trace.frontend.path)
+        be = backend.accept()
+        held = []
+        frontend_ends = []
+
+        def hand_over() -> int:
+            ours, theirs = socket.socketpair()
+            frontend_ends.append(ours)
+            peer.send(Request.SET_BACKEND_REQ_FD, fds=(theirs.fileno(),))
+            theirs.close()
+            _, _, fds = be.recv()
+            held.append(fds[0])
+            return fds[0]
+
+        for _ in range(MAX_BACKEND_CHANNELS + 1):
+            hand_over()
+        os.close(held.pop(0))
+        records.wait(lambda r: isinstance(r, ConnectionRecord) and r.event.startswith("backend"))
+        hand_over()
+        for fd in held:
+            os.close(fd)
+        for sock in frontend_ends:
+            sock.close()
+        peer.close()
+        be.close()
+        records.wait(closed(1))
+    notes = [m.note for m in records.messages() if m.request == "SET_BACKEND_REQ_FD"]
+    interposed = "back-end channel interposed"
+    assert notes == [interposed] * MAX_BACKEND_CHANNELS + [
+        f"not interposed: {MAX_BACKEND_CHANNELS} back-end channels open",
+        interposed,
+    ]

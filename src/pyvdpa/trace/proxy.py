@@ -56,10 +56,14 @@ from pyvdpa.vhost_user.codec import HEADER
 from pyvdpa.vhost_user.protocol import Request
 from pyvdpa.vhost_user.transport import Channel, Frame, Listener, close_fds, connect
 
-__all__ = ["Endpoint", "Record", "TraceProxy"]
+__all__ = ["MAX_BACKEND_CHANNELS", "Endpoint", "Record", "TraceProxy"]
 
 Record = MessageRecord | ConnectionRecord
 Sink = Callable[[Record], None]
+
+#: Back-end channels interposed at once on one pair; a front-end handing over
+#: more before the back-end closes the old ones gets its sockets passed on as they are.
+MAX_BACKEND_CHANNELS = 4
 
 #: Seconds between attempts to open a pair after a failure.
 _RETRY_INTERVAL = 0.2
@@ -101,6 +105,11 @@ class _Link:
             channel.shutdown()
         return first
 
+    @property
+    def finished(self) -> bool:
+        """Whether the link has ended and both its threads are gone."""
+        return self.reason is not None and not any(t.is_alive() for t in self.threads)
+
     def join(self) -> None:
         for thread in self.threads:
             thread.join()
@@ -120,6 +129,15 @@ class _Pair:
         self.backend_links: list[_Link] = []
         self.lock = threading.Lock()
         self.closing = False
+
+    def backend_room(self) -> bool:
+        """Close the back-end channels that have ended; whether another may be interposed."""
+        with self.lock:
+            finished = [link for link in self.backend_links if link.finished]
+            for link in finished:
+                self.backend_links.remove(link)
+                link.close()
+            return len(self.backend_links) < MAX_BACKEND_CHANNELS
 
     def add_backend_link(self, link: _Link) -> bool:
         with self.lock:
@@ -336,7 +354,11 @@ class TraceProxy:
             and header.request == Request.SET_BACKEND_REQ_FD
             and len(frame.fds) == 1
         ):
-            frontend_side = _stream_socket(frame.fds[0])
+            if not pair.backend_room():
+                note = f"not interposed: {MAX_BACKEND_CHANNELS} back-end channels open"
+                frontend_side = None
+            else:
+                frontend_side = _stream_socket(frame.fds[0])
             if frontend_side is not None:
                 # The front-end's socket is now the proxy's to close.
                 frame.fds.clear()
