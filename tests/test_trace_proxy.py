@@ -29,6 +29,7 @@ from pyvdpa.devices.net import NetDevice
 from pyvdpa.drive.blk import run_blk
 from pyvdpa.drive.net import run_net
 from pyvdpa.drive.session import Session
+from pyvdpa.errors import TransportError
 from pyvdpa.trace import (
     ChannelKind,
     ConnectionRecord,
@@ -511,3 +512,21 @@ def test_backend_channels_handed_over_again_and_again_are_bounded(
         f"not interposed: {MAX_BACKEND_CHANNELS} back-end channels open",
         interposed,
     ]
+
+
+def test_a_trace_that_cannot_be_written_stops_the_command(
+    sock_dir: Path, net_backend: Path
+) -> None:
+    fe = sock_dir / "fe.sock"
+    argv = [sys.executable, "-m", "pyvdpa", "trace", "--listen", str(fe)]
+    argv += ["--connect", str(net_backend), "--out", "/dev/full"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The first record (the pair opening) fails: the proxy stops and the pair ends.
+        with Frontend.connect(fe, timeout=20) as frontend, pytest.raises(TransportError):
+            frontend.get_features()
+    finally:
+        _, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 1
+    assert stderr == "pyvdpa: error: cannot write the trace: No space left on device\n"
+    assert not fe.exists()

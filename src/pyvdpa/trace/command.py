@@ -10,6 +10,7 @@ SIGTERM, printing one line per record on standard output or in ``--out``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -18,7 +19,7 @@ from types import FrameType
 from typing import TextIO
 
 from pyvdpa.drive.info import DEVICE_TYPES
-from pyvdpa.errors import ConfigError
+from pyvdpa.errors import ConfigError, PyvdpaError
 from pyvdpa.trace.proxy import Endpoint, Record, TraceProxy
 from pyvdpa.trace.render import format_json, format_text
 
@@ -77,16 +78,26 @@ def _open_out(path: str | None) -> TextIO:
 
 
 def run_trace(args: argparse.Namespace) -> int:
-    """Run the proxy until SIGINT or SIGTERM."""
+    """Run the proxy until SIGINT or SIGTERM, or until the trace cannot be written."""
     frontend, backend = _endpoints(args)
     out = _open_out(args.out)
     formatter = format_json if args.json else format_text
 
-    def write(record: Record) -> None:
-        out.write(formatter(record) + "\n")
-        out.flush()
-
     stop = threading.Event()
+    failed: list[str] = []
+
+    def write(record: Record) -> None:
+        # Relaying untraced would hide what the user asked to see: the proxy
+        # stops (ending the pair) and the command says why.
+        if failed:
+            return
+        try:
+            out.write(formatter(record) + "\n")
+            out.flush()
+        except OSError as exc:
+            failed.append(f"cannot write the trace: {exc.strerror or exc}")
+            stop.set()
+
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -105,5 +116,8 @@ def run_trace(args: argparse.Namespace) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         if out is not sys.stdout:
-            out.close()
+            with contextlib.suppress(OSError):
+                out.close()
+    if failed:
+        raise PyvdpaError(failed[0])
     return 0
