@@ -213,7 +213,7 @@ class Conversation:
                 self._postcopy = False
             return
         if is_reply and request is Request.GET_FEATURES and not self._device_id_given:
-            self.device_id = infer_device_type(payload.value)
+            self.device_id = infer_device_type(payload.value) or self.device_id
         elif not is_reply and request is Request.SET_FEATURES:
             self._features = payload.value
         elif not is_reply and request is Request.SET_PROTOCOL_FEATURES:
