@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import struct
@@ -530,3 +531,37 @@ def test_a_trace_that_cannot_be_written_stops_the_command(
     assert proc.returncode == 1
     assert stderr == "pyvdpa: error: cannot write the trace: No space left on device\n"
     assert not fe.exists()
+
+
+@pytest.mark.parametrize("sender", [Side.FRONTEND, Side.BACKEND])
+def test_random_framed_messages_arrive_byte_for_byte(
+    sock_dir: Path, fake: tuple[Path, FakeBackend], records: Records, sender: Side
+) -> None:
+    """Whatever decodes or not, every framed message reaches the other side unchanged."""
+    path, backend = fake
+    rng = random.Random(f"trace-{sender.name}")
+    sent = []
+    with proxy(sock_dir, path, records) as trace:
+        peer = RawSocket.connect(trace.frontend.path)
+        be = backend.accept()
+        source, sink = (peer, be) if sender is Side.FRONTEND else (be, peer)
+        for _ in range(200):
+            code = rng.choice([rng.randrange(0, 64), int(Request.GET_FEATURES), 5, 13])
+            flags = rng.choice([1, 5, 9, 13])
+            body = rng.randbytes(rng.choice([0, 8, 40, rng.randrange(0, 300)]))
+            fds = (_eventfd(),) if rng.random() < 0.1 else ()
+            source.send(code, body, flags, fds)
+            for fd in fds:
+                os.close(fd)
+            sent.append(((code, flags, len(body)), body, len(fds)))
+            header, got, got_fds = sink.recv()
+            for fd in got_fds:
+                assert os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+                os.close(fd)
+            assert (header, got, len(got_fds)) == sent[-1]
+        peer.close()
+        be.close()
+        records.wait(closed(1))
+    messages = records.messages()
+    assert [(m.code, m.flags, m.size) for m in messages] == [s[0] for s in sent]
+    assert all(m.sender is sender for m in messages)
