@@ -8,6 +8,7 @@ JSON-RPC, including garbage.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -31,6 +32,7 @@ from pyvdpa.errors import ConfigError, PyvdpaError
 from pyvdpa.manage.client import ControlClient
 from pyvdpa.manage.commands import parse_words
 from pyvdpa.manage.methods import DEVICE_EXISTS, NO_SUCH_DEVICE
+from pyvdpa.manage.metrics import parse_address, render_openmetrics
 from pyvdpa.manage.rpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -46,6 +48,7 @@ from pyvdpa.manage.rpc import (
 from pyvdpa.vdpa.registry import MAX_VDPA_DEVICES
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.virtio.constants import DeviceId
+from test_vdpa_port import wait_for
 
 NOBODY = 65534
 #: An interpreter another user may run (the test interpreter may sit under /root).
@@ -510,3 +513,72 @@ def test_console_runs_the_same_operations(sock_dir: Path) -> None:
     assert again.strip() == "c0: cannot register: a device of that name exists"
     assert "device c0 deleted" in delete
     assert empty == "\n" or empty == ""
+
+
+def test_client_role_and_vduse_refusal(running: Running) -> None:
+    sock = running.dir / "listen.sock"
+    found: list[Frontend] = []
+    waiter = threading.Thread(target=lambda: found.append(Frontend.listen(sock, timeout=30)))
+    waiter.start()
+    wait_for(sock.exists, timeout=10)
+    code, _, err = running.cli(
+        "dev", "add", "name", "cli0", "mgmtdev", "sim-blk", "size", "1M", "socket", str(sock),
+        "client",
+    )  # fmt: skip
+    assert code == 0, err
+    waiter.join(30)
+    with Session(found[0], memory_size=8 << 20) as blk:
+        result = run_blk(blk, rw="randwrite", bs=4096, iodepth=4, verify=True, ios=32)
+        assert result.errors == result.verify_errors == 0
+        shown = running.call("dev_show", name="cli0")
+        assert shown["cli0"]["role"] == "client"  # type: ignore[index]
+        assert shown["cli0"]["connected"] is True  # type: ignore[index]
+    running.call("dev_del", name="cli0")
+    if not Path("/dev/vduse/control").exists():
+        with pytest.raises(RpcError) as caught:
+            running.call("dev_add", name="vd0", mgmtdev="sim-blk", size="1M", bus="vduse")
+        assert caught.value.code == -32000 and "vduse" in caught.value.message
+    with pytest.raises(RpcError) as caught:
+        running.call(
+            "dev_add", name="vd0", mgmtdev="sim-blk", size="1M", bus="vduse", socket="/tmp/x"
+        )
+    assert caught.value.code == INVALID_PARAMS
+    assert running.call("dev_show") == {}
+
+
+def test_openmetrics_rendering_and_addresses() -> None:
+    stats: dict[str, object] = {
+        "devices": {
+            'n"0': {
+                "mgmtdev": "sim-net",
+                "bus": "vhost-user",
+                "queues": [
+                    {"queue_index": 0, "queue_type": "rx", "received_desc": 3, "packets": 2},
+                    {"queue_index": 1, "queue_type": "tx", "received_desc": 5, "packets": 4},
+                ],
+            }
+        }
+    }
+    text = render_openmetrics(stats)
+    assert text.splitlines() == [
+        "# TYPE pyvdpa_devices gauge",
+        "# HELP pyvdpa_devices Devices this pyvdpa run serves.",
+        "pyvdpa_devices 1",
+        "# TYPE pyvdpa_queue_received_desc counter",
+        "# HELP pyvdpa_queue_received_desc Per-queue received_desc (dev vstats show).",
+        'pyvdpa_queue_received_desc_total{device="n\\"0",mgmtdev="sim-net",queue="0",'
+        'queue_type="rx"} 3',
+        'pyvdpa_queue_received_desc_total{device="n\\"0",mgmtdev="sim-net",queue="1",'
+        'queue_type="tx"} 5',
+        "# TYPE pyvdpa_queue_packets counter",
+        "# HELP pyvdpa_queue_packets Per-queue packets (dev vstats show).",
+        'pyvdpa_queue_packets_total{device="n\\"0",mgmtdev="sim-net",queue="0",queue_type="rx"} 2',
+        'pyvdpa_queue_packets_total{device="n\\"0",mgmtdev="sim-net",queue="1",queue_type="tx"} 4',
+        "# EOF",
+    ]
+    assert parse_address("9464") == ("127.0.0.1", 9464)
+    assert parse_address("0.0.0.0:80") == ("0.0.0.0", 80)
+    assert parse_address("[::1]:9") == ("::1", 9)
+    for bad in ("x", "1:99999", "host:"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_address(bad)

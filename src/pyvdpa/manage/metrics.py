@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import http.server
+import socket
 import threading
 from collections.abc import Callable
 from typing import Final
@@ -104,8 +105,11 @@ class MetricsServer:
             def log_message(self, format: str, *args: object) -> None:
                 """Quiet: scrapes come every few seconds."""
 
+        class Server(http.server.ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+
         try:
-            self._httpd = http.server.ThreadingHTTPServer(address, Handler)
+            self._httpd = Server(address, Handler)
         except OSError as exc:
             raise ConfigError(f"--metrics {address[0]}:{address[1]}: {exc.strerror}") from None
         self._httpd.daemon_threads = True
