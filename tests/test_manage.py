@@ -582,3 +582,25 @@ def test_openmetrics_rendering_and_addresses() -> None:
     for bad in ("x", "1:99999", "host:"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_address(bad)
+
+
+def test_add_and_delete_cycles_leak_no_fd(running: Running) -> None:
+    def cycle() -> None:
+        for name, params in (
+            ("cyc-blk", {"mgmtdev": "sim-blk", "size": "1M", "queues": 2}),
+            ("cyc-net", {"mgmtdev": "sim-net", "max_vqp": 2, "mode": "drop"}),
+        ):
+            running.call("dev_add", name=name, **params)
+            with Session(Frontend.connect(running.dir / f"{name}.sock"), memory_size=4 << 20):
+                pass
+            running.call("dev_del", name=name)
+
+    cycle()  # the first loads the programs and starts the engine's workers
+    before = running.fds()
+    for _ in range(3):
+        cycle()
+    deadline = time.monotonic() + 5
+    while running.fds() != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running.fds() == before
+    assert running.call("dev_show") == {}
