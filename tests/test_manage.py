@@ -271,7 +271,7 @@ def test_devices_added_served_shown_and_deleted(running: Running) -> None:
         with Session(frontend, memory_size=8 << 20) as net:
             sent = run_net(net, mode="io", duration=0.3)
             assert sent.rx_packets > 0
-            code, out, _ = running.cli("dev", "-j", "-p", "config", "show", "net0")
+            code, out, _ = running.cli("-jp", "dev", "config", "show", "net0")
             config = json.loads(out)["config"]["net0"]
             assert out.startswith('{\n    "config"')
             fields = ("mac", "link", "link_announce", "max_vq_pairs", "mtu")

@@ -50,7 +50,7 @@ from typing import TextIO
 from pyvdpa.dataplane.engine import EngineMode, warm_up
 from pyvdpa.devices.net import NetControl
 from pyvdpa.errors import ConfigError, PyvdpaError
-from pyvdpa.manage.commands import parse_words, render
+from pyvdpa.manage.commands import parse_words, render, split_flags
 from pyvdpa.manage.methods import call
 from pyvdpa.manage.metrics import MetricsServer, parse_address
 from pyvdpa.manage.operations import DEFAULT_SOCKET_DIR, Manager
@@ -267,9 +267,7 @@ class Console:
 
     def _manage(self, words: list[str]) -> bool:
         """``mgmtdev``, ``dev``, ``stats``: as ``pyvdpa`` prints them (``-j``, ``-p`` too)."""
-        json_output = "-j" in words
-        pretty = "-p" in words
-        words = [word for word in words if word not in ("-j", "-p")]
+        words, json_output, pretty = split_flags(words)
         command = parse_words(words)
         result = self.app.request(command.method, command.params)
         text = render(command, result, json_output=json_output, pretty=pretty)

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import TextIO
 
 from pyvdpa.errors import TransportError
-from pyvdpa.manage.commands import parse_words, render
+from pyvdpa.manage.commands import FLAGS, parse_words, render, split_flags
 from pyvdpa.manage.rpc import MAX_MESSAGE, MessageReader, encode_request, parse_response
 from pyvdpa.manage.server import DEFAULT_CONTROL
 
@@ -47,7 +47,7 @@ def leading_options(arguments: Sequence[str]) -> list[str]:
     """
     index = 0
     while index < len(arguments):
-        if arguments[index] in ("-j", "--json", "-p", "--pretty"):
+        if arguments[index] in FLAGS:
             index += 1
         elif arguments[index] == "--control" and index + 1 < len(arguments):
             index += 2
@@ -119,16 +119,13 @@ def run_words(
     out: TextIO | None = None,
 ) -> int:
     """Run one ``mgmtdev``/``dev``/``stats`` command line against a running ``pyvdpa run``."""
+    # iproute2 takes its options before the object; these take them anywhere too.
+    pending, json_flag, pretty_flag = split_flags(words)
+    json_output, pretty = json_output or json_flag, pretty or pretty_flag
     rest = []
-    pending = list(words)
     while pending:
-        # iproute2 takes its options before the object; these take them anywhere too.
         word = pending.pop(0)
-        if word in ("-j", "--json"):
-            json_output = True
-        elif word in ("-p", "--pretty"):
-            pretty = True
-        elif word == "--control" and pending:
+        if word == "--control" and pending:
             control = pending.pop(0)
         else:
             rest.append(word)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pyvdpa.errors import ConfigError
 from pyvdpa.manage.mgmtdev import MGMTDEVS
 
-__all__ = ["USAGE", "Command", "parse_words", "render"]
+__all__ = ["FLAGS", "USAGE", "Command", "parse_words", "render", "split_flags"]
 
 USAGE = """Usage: pyvdpa [ --control PATH ] [ -j ] [ -p ] OBJECT COMMAND
   pyvdpa mgmtdev show [ MGMTDEV ]
@@ -37,6 +37,9 @@ USAGE = """Usage: pyvdpa [ --control PATH ] [ -j ] [ -p ] OBJECT COMMAND
   pyvdpa dev vstats show DEV qidx N
   pyvdpa stats"""
 
+#: iproute2's output flags, alone or together: JSON (``j``), pretty (``p``).
+FLAGS = ("-j", "--json", "-p", "--pretty", "-jp", "-pj")
+
 _BOOLEANS = {"on": True, "true": True, "yes": True, "off": False, "false": False, "no": False}
 
 
@@ -47,6 +50,14 @@ class Command:
     method: str
     params: dict[str, object]
     section: str | None
+
+
+def split_flags(words: Sequence[str]) -> tuple[list[str], bool, bool]:
+    """``words`` without the output flags, and whether JSON and pretty were asked."""
+    flags = [word for word in words if word in FLAGS]
+    json_output = any("j" in flag for flag in flags)
+    pretty = any("p" in flag for flag in flags)
+    return [word for word in words if word not in FLAGS], json_output, pretty
 
 
 def _matches(word: str, command: str) -> bool:
