@@ -565,3 +565,15 @@ def test_random_framed_messages_arrive_byte_for_byte(
     messages = records.messages()
     assert [(m.code, m.flags, m.size) for m in messages] == [s[0] for s in sent]
     assert all(m.sender is sender for m in messages)
+
+
+def test_a_backend_that_is_not_there_closes_the_frontend(sock_dir: Path, records: Records) -> None:
+    fe, missing = sock_dir / "fe.sock", sock_dir / "missing.sock"
+    with TraceProxy(Endpoint(fe, True), Endpoint(missing, False), records, connect_timeout=0.3):
+        peer = RawSocket.connect(fe)
+        failure = records.wait(lambda r: isinstance(r, ConnectionRecord))
+        assert peer.at_eof()
+        peer.close()
+    assert isinstance(failure, ConnectionRecord) and failure.event == "failed"
+    assert failure.detail == f"back-end: cannot connect to {missing}: no listener"
+    assert failure.connection == 1
