@@ -227,8 +227,12 @@ def test_devices_added_served_shown_and_deleted(running: Running) -> None:
         "0e1e7b5c-3a52-4a35-9a47-0e0b7a3c1f10",
     )  # fmt: skip
     assert code == 0, err
+    code, out, _ = running.cli("mgmtdev", "show", "sim-blk")
+    assert out.splitlines()[-1] == "  devices blk0"
     free_now = running.call("mgmtdev_show", name="sim-net")
-    assert free_now["sim-net"]["supported_types"]["sim-net"]["available_instances"] == free - 2  # type: ignore[index]
+    net_type = free_now["sim-net"]["supported_types"]["sim-net"]  # type: ignore[index]
+    assert net_type["available_instances"] == free - 2
+    assert net_type["devices"] == ["net0"]
 
     code, out, _ = running.cli("dev", "show")
     assert out.splitlines() == [

@@ -190,6 +190,9 @@ def _text_mgmtdev(result: dict[str, dict[str, object]]) -> list[str]:
                 f"{type_entry.get('available_instances')}"
             )
             lines.append(f"  keys {' '.join(keys)}")
+            devices = type_entry.get("devices")
+            if devices:
+                lines.append(f"  devices {' '.join(map(str, devices))}")
     return lines
 
 

@@ -88,8 +88,11 @@ class MgmtDev:
         """The key called ``name``, common or of this type."""
         return next((key for key in (*COMMON_KEYS, *self.keys) if key.name == name), None)
 
-    def describe(self, available_instances: int) -> dict[str, object]:
-        """The management device as ``mgmtdev show`` reports it (before feature names)."""
+    def describe(self, available_instances: int, devices: list[str]) -> dict[str, object]:
+        """The management device as ``mgmtdev show`` reports it (before feature names).
+
+        ``devices`` are the devices of its type, as an mdev type's ``devices/``.
+        """
         return {
             "supported_classes": [self.device_class],
             "max_supported_vqs": self.max_supported_vqs,
@@ -99,6 +102,7 @@ class MgmtDev:
                     "name": self.name,
                     "device_api": self.device_api,
                     "available_instances": available_instances,
+                    "devices": devices,
                     "keys": {key.name: key.describe() for key in (*COMMON_KEYS, *self.keys)},
                 }
             },

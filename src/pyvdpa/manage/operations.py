@@ -340,9 +340,11 @@ class Manager:
             raise NoSuchDeviceError(f"no management device named {name!r}")
         shown: dict[str, dict[str, object]] = {}
         free = self.available_instances()
+        entries = self._entries(None)
         for mgmtdev in MGMTDEVS.values():
             if name is None or mgmtdev.name == name:
-                entry = mgmtdev.describe(free)
+                devices = [e.name for e in entries if e.mgmtdev == mgmtdev.name]
+                entry = mgmtdev.describe(free, devices)
                 entry["dev_features"] = feature_list(mgmtdev.dev_features, mgmtdev.device_id)
                 shown[mgmtdev.name] = entry
         return shown
