@@ -126,6 +126,13 @@ _BACKEND_FEATURES = VirtioFeature.PROTOCOL_FEATURES
 #: Feature bits that may change while rings run (migration toggles logging).
 _LIVE_FEATURES = VirtioFeature.LOG_ALL
 
+#: Test only: with PYVDPA_TEST_NO_DIRTY_LOG=1 in the environment of the process,
+#: read once when this module is imported, the log SET_LOG_BASE maps never
+#: reaches the rings, so the device's writes to guest memory are not logged and
+#: a live migration loses them.  The migration tests use it to show that they
+#: catch exactly that; nothing else may set it.
+TEST_NO_DIRTY_LOG = os.environ.get("PYVDPA_TEST_NO_DIRTY_LOG") == "1"
+
 
 @dataclass(eq=False)
 class Vring:
@@ -312,7 +319,8 @@ class BackendHandler:
         else:
             addrs = self._ring_gpas(vring.num, addr)
             space = self.memory
-        dirty = self.dirty_log if self.features & VirtioFeature.LOG_ALL else None
+        logging_on = self.features & VirtioFeature.LOG_ALL and not TEST_NO_DIRTY_LOG
+        dirty = self.dirty_log if logging_on else None
         # Behind an IOMMU the log address is an IOVA too (DPDK and Linux vhost
         # translate it).
         log_addr = addr.log_guest_addr if addr.flags & codec.VringAddrFlags.LOG else None
@@ -462,6 +470,8 @@ class BackendHandler:
     def set_log_base(self, fd: int, size: int, offset: int) -> None:
         """SET_LOG_BASE: map the dirty log; running rings restart with it."""
         new_log = DirtyLog(fd, size, offset)
+        if TEST_NO_DIRTY_LOG:
+            log.warning("%s: PYVDPA_TEST_NO_DIRTY_LOG=1: the rings ignore the dirty log", self.name)
 
         def apply() -> None:
             old, self.dirty_log = self.dirty_log, new_log
