@@ -260,10 +260,13 @@ class Manager:
         request = dev_add_request(params, engine=self.engine, cpus=self.cpus)
         with self._lock:
             self._check_new(request)
-            if request.bus == "vduse":
-                # Before the program loads: a refusal comes at once.
-                VduseControl().close()
-            program, seconds = self.load_program(request.spec)
+        if request.bus == "vduse":
+            # Before the program loads: a refusal comes at once.
+            VduseControl().close()
+        # Outside the lock: a cold load takes seconds, other operations go on.
+        program, seconds = self.load_program(request.spec)
+        with self._lock:
+            self._check_new(request)
             entry = self._probe(request.spec, request.uuid)
             try:
                 if request.bus == "vduse":
