@@ -8,7 +8,9 @@
 * ``pyvdpa trace`` sits between a vhost-user front-end and back-end and
   prints every message it relays (:mod:`pyvdpa.trace`);
 * ``pyvdpa check`` runs conformance and robustness cases against a vhost-user
-  back-end (:mod:`pyvdpa.check`).
+  back-end (:mod:`pyvdpa.check`);
+* ``pyvdpa mgmtdev|dev|stats`` manage a running ``pyvdpa run`` over its
+  control socket, as iproute2's ``vdpa`` (:mod:`pyvdpa.manage.client`).
 
 Every failure the user can cause prints one line, ``pyvdpa: error: ...``,
 and exits non-zero; tracebacks are for bugs only.
