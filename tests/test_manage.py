@@ -277,6 +277,11 @@ def test_devices_added_served_shown_and_deleted(running: Running) -> None:
             assert sent.rx_packets > 0
             code, out, _ = running.cli("-jp", "dev", "config", "show", "net0")
             config = json.loads(out)["config"]["net0"]
+            code, text, _ = running.cli("dev", "config", "show", "net0")
+            assert text.splitlines() == [
+                "net0: mac 52:54:00:aa:bb:cc link up link_announce false max_vq_pairs 2 mtu 9000",
+                "  negotiated_features " + " ".join(config["negotiated_features"]),
+            ]
             assert out.startswith('{\n    "config"')
             fields = ("mac", "link", "link_announce", "max_vq_pairs", "mtu")
             assert {k: config[k] for k in fields} == {
@@ -286,7 +291,10 @@ def test_devices_added_served_shown_and_deleted(running: Running) -> None:
             assert config["negotiated_features"] == feature_list(net.features, DeviceId.NET)
             code, out, _ = running.cli("dev", "vstats", "show", "net0", "qidx", "1")
             tx = running.call("dev_vstats_show", name="net0", qidx=1)["net0"]  # type: ignore[index]
-            assert out.strip().startswith("net0: queue_index 1 queue_type tx received_desc ")
+            # Field by field: the text line carries the JSON result's values, in order.
+            assert out == "net0: " + " ".join(f"{k} {v}" for k, v in tx.items()) + "\n"
+            assert list(tx)[:4] == ["queue_index", "queue_type", "received_desc", "completed_desc"]
+            assert (tx["queue_index"], tx["queue_type"]) == (1, "tx")
             assert tx["packets"] >= sent.tx_packets
             code, out, err = running.cli("dev", "del", "net0")
             assert (code, out) == (0, ""), err
