@@ -65,8 +65,8 @@ STEERED_FLOWS = 32
 PING_SUMMARY = re.compile(
     r"^(\d+) packets transmitted, (\d+) packets received, (\d+)% packet loss$", re.M
 )
-_UPLOAD = re.compile(r"^upload: ([0-9a-f]{32}) reply: ([0-9a-f]{32}) (\d+)$", re.M)
-_DOWNLOAD = re.compile(r"^download: ([0-9a-f]{32}) (\d+)$", re.M)
+UPLOAD = re.compile(r"^upload: ([0-9a-f]{32}) reply: ([0-9a-f]{32}) (\d+)$", re.M)
+DOWNLOAD = re.compile(r"^download: ([0-9a-f]{32}) (\d+)$", re.M)
 _QUEUES = re.compile(r"^queues: (.*)$", re.M)
 # testpmd's verbose dump of one received frame.
 _RX_DUMP = re.compile(
@@ -141,11 +141,11 @@ def test_guest_pings_and_streams_through_the_tap(peers: PeerPool, variant: NetVa
     ping = PING_SUMMARY.search(console)
     assert ping is not None, console
     assert ping.groups() == (str(PINGS), str(PINGS), "0"), console
-    upload = _UPLOAD.search(console)
+    upload = UPLOAD.search(console)
     assert upload is not None, console
     assert upload[2] == upload[1] and int(upload[3]) == STREAM_SIZE, console
     assert server.wait_transfer("sink").md5 == upload[1]
-    download = _DOWNLOAD.search(console)
+    download = DOWNLOAD.search(console)
     assert download is not None, console
     source = server.wait_transfer("source")
     assert (download[1], int(download[2])) == (source.md5, STREAM_SIZE), console
