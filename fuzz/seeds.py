@@ -165,7 +165,7 @@ def iotlb_seeds() -> Iterator[bytes]:
 
 
 def vdev_seeds() -> Iterator[bytes]:
-    """The documented ``--vdev`` and ``--cpus`` forms."""
+    """The documented ``--vdev``, ``--cpus`` and ``--metrics`` forms."""
     examples = [
         b"sim-net,name=net0,mode=loopback\0" + b"1",
         b"sim-net,name=vn0,mode=tap,ifname=pyv0,bus=vduse\0" + b"0-1",
@@ -173,6 +173,9 @@ def vdev_seeds() -> Iterator[bytes]:
         b"sim-blk,name=blk0,path=disk.img\0" + b"0",
         b"sim-blk,size=64M,readonly=on,serial=disk0,queues=2\0" + b"1-1",
         b"sim-blk,name=vd0,path=disk.img,bus=vduse",
+        b"sim-net\0" + b"0\0" + b"127.0.0.1:9100",
+        b"sim-blk,size=1G\0" + b"1\0" + b"[::1]:9100",
+        b"sim-net,mode=drop\0" + b"0-1\0" + b"9100",
     ]
     for index, example in enumerate(examples):
         yield bytes([index]) + example

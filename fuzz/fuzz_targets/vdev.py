@@ -1,18 +1,20 @@
-"""``--vdev`` and ``--cpus``: what a user (or a script) types on ``pyvdpa run``'s command line.
+"""``--vdev``, ``--cpus``, ``--metrics``: what a user types on ``pyvdpa run``'s command line.
 
 Input: a byte naming the device index, then the ``--vdev`` text, then,
-after a NUL byte, the ``--cpus`` text; both are decoded as the command
-line is (UTF-8, undecodable bytes kept as surrogates).
+after a NUL byte, the ``--cpus`` text and, after another, the
+``--metrics`` address; each is decoded as the command line is (UTF-8,
+undecodable bytes kept as surrogates).
 
 The text is parsed by :func:`~pyvdpa.vdev.parse_vdev`, the kind's driver
 names its data path program (checking ``mode=``), and the driver builds
 the simulated hardware and releases it again, parsing every value on the
 way, as ``pyvdpa run`` does.  Devices that would touch the host are left
 unbuilt: a disk image (``path=``) and a TAP interface (``mode=tap``).
-``--cpus`` goes to :func:`~pyvdpa.app.parse_cpus`.
+``--cpus`` goes to :func:`~pyvdpa.app.parse_cpus`, ``--metrics`` to
+:func:`~pyvdpa.manage.metrics.parse_address`.
 
 Verdict: each step returns or raises
-:class:`~pyvdpa.errors.ConfigError` (``--cpus``: the
+:class:`~pyvdpa.errors.ConfigError` (``--cpus`` and ``--metrics``: the
 :class:`argparse.ArgumentTypeError` argparse turns into a usage error).
 """
 
@@ -23,6 +25,7 @@ import argparse
 from fuzz_targets.reader import Reader
 from pyvdpa.app import parse_cpus
 from pyvdpa.errors import ConfigError
+from pyvdpa.manage.metrics import parse_address
 from pyvdpa.vdev import VdevSpec, parse_vdev
 from pyvdpa.vdpa.driver import DRIVERS
 
@@ -34,10 +37,11 @@ def _touches_host(spec: VdevSpec) -> bool:
 
 
 def test_one_input(data: bytes) -> None:
-    """Parse ``--vdev`` and ``--cpus`` as ``pyvdpa run`` does."""
+    """Parse ``--vdev``, ``--cpus`` and ``--metrics`` as ``pyvdpa run`` does."""
     reader = Reader(data)
     index = reader.u8()
-    vdev_text, _, cpus_text = reader.rest().partition(b"\0")
+    vdev_text, _, rest = reader.rest().partition(b"\0")
+    cpus_text, _, metrics_text = rest.partition(b"\0")
     try:
         spec = parse_vdev(vdev_text.decode("utf-8", "surrogateescape"), index)
         assert spec.kind in DRIVERS and spec.name, spec
@@ -50,5 +54,10 @@ def test_one_input(data: bytes) -> None:
     try:
         cpus = parse_cpus(cpus_text.decode("utf-8", "surrogateescape"))
         assert cpus and all(cpu >= 0 for cpu in cpus), cpus
+    except argparse.ArgumentTypeError:
+        pass
+    try:
+        host, port = parse_address(metrics_text.decode("utf-8", "surrogateescape"))
+        assert host and 0 <= port <= 0xFFFF, (host, port)
     except argparse.ArgumentTypeError:
         pass
