@@ -616,3 +616,37 @@ def test_add_and_delete_cycles_leak_no_fd(running: Running) -> None:
         time.sleep(0.05)
     assert running.fds() == before
     assert running.call("dev_show") == {}
+
+
+def test_console_and_socket_share_one_device_table(sock_dir: Path) -> None:
+    control = sock_dir / "ctl.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyvdpa", "run", "-i", "--control", str(control)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(control.exists, timeout=60)
+        with ControlClient(control) as client:
+            client.call("dev_add", {"name": "s0", "mgmtdev": "sim-blk", "size": "1M"})
+        out, err = proc.communicate("dev show s0\nlist\nstats s0 0\ndev -j del s0\nquit\n", 30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    chunks = out.split(PROMPT)
+    show, listing, stats, delete, end = chunks[1:]
+    assert end.strip() == ""
+    # The socket's dev add logged its lines meanwhile; the console's answer comes last.
+    assert "device s0 added (mgmtdev sim-blk)" in show
+    assert show.strip().splitlines()[-1] == (
+        "s0: type block mgmtdev sim-blk vendor_id 0 max_vqs 1 max_vq_size 32768 "
+        f"bus vhost-user socket {sock_dir / 's0.sock'} role server connected false"
+    )
+    assert listing.splitlines()[1].startswith("s0\t\t1\t\t0x")
+    assert "\tVirtq 0:" in stats
+    assert "device s0 deleted" in delete
+    assert not control.exists() and not (sock_dir / "s0.sock").exists()
