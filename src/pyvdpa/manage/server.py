@@ -123,6 +123,9 @@ class ControlServer:
         self._take_lock()
         try:
             self._listener = self._bind()
+        except OSError as exc:
+            self._release_lock()
+            raise ConfigError(f"control socket {self.path}: {exc}") from None
         except BaseException:
             self._release_lock()
             raise
