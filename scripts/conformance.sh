@@ -1,11 +1,13 @@
 #!/bin/sh
 # Regenerate docs/CONFORMANCE.md: `pyvdpa check` against DPDK's net_vhost
-# (testpmd, io forwarding on a looped port, so frames come back), the
-# vhost-user-blk export of qemu-storage-daemon (a scratch 16 MiB image) and
-# pyvdpa run's own sim-net (loopback) and sim-blk, one after the other; each
-# run is saved with --json and the pages are rendered side by side with
-# `pyvdpa check --report`.  Needs what scripts/setup.sh installs.  About
-# two minutes on a 2-core machine.
+# (testpmd, io forwarding on a looped port, so frames come back; with
+# iommu-support=1, so that it offers ACCESS_PLATFORM and the IOTLB case
+# applies), the vhost-user-blk export of qemu-storage-daemon (a scratch
+# 16 MiB image) and pyvdpa run's own sim-net (loopback) and sim-blk, one
+# after the other; each run is saved with --json and the pages are rendered
+# side by side with `pyvdpa check --report`.  Needs what scripts/setup.sh installs.  Under a
+# minute on a 2-core machine.
+# Run it as `flock /tmp/pyvdpa-heavy.lock scripts/conformance.sh` on a shared machine.
 set -eu
 cd "$(dirname "$0")/.."
 out=${1:-docs/CONFORMANCE.md}
@@ -48,7 +50,7 @@ qsd=$(qemu-storage-daemon --version | sed -n 's/^qemu-storage-daemon version \([
 mkfifo "$work/testpmd.in"
 dpdk-testpmd -l 0,1 --main-lcore 0 --no-pci \
     --no-huge -m 1024 --file-prefix="pyvdpa-conformance-$$" \
-    --vdev "net_vhost0,iface=$work/vh.sock,queues=1" -- \
+    --vdev "net_vhost0,iface=$work/vh.sock,queues=1,iommu-support=1" -- \
     --forward-mode=io --port-topology=loop --nb-cores=1 --no-mlockall --auto-start \
     <"$work/testpmd.in" >"$work/testpmd.log" 2>&1 &
 peer=$!
