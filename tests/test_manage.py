@@ -31,8 +31,9 @@ from pyvdpa.drive.session import Session
 from pyvdpa.errors import ConfigError, PyvdpaError
 from pyvdpa.manage.client import ControlClient
 from pyvdpa.manage.commands import parse_words
-from pyvdpa.manage.methods import DEVICE_EXISTS, NO_SUCH_DEVICE
+from pyvdpa.manage.methods import DEVICE_EXISTS, NO_INSTANCES, NO_SUCH_DEVICE, call
 from pyvdpa.manage.metrics import parse_address, render_openmetrics
+from pyvdpa.manage.operations import Manager
 from pyvdpa.manage.rpc import (
     INVALID_PARAMS,
     INVALID_REQUEST,
@@ -40,12 +41,13 @@ from pyvdpa.manage.rpc import (
     METHOD_NOT_FOUND,
     PARSE_ERROR,
     MessageReader,
+    Request,
     RpcError,
     encode_request,
     parse_request,
     parse_response,
 )
-from pyvdpa.vdpa.registry import MAX_VDPA_DEVICES
+from pyvdpa.vdpa.registry import MAX_VDPA_DEVICES, VdpaRegistry
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.virtio.constants import DeviceId
 from test_vdpa_port import wait_for
@@ -650,3 +652,24 @@ def test_console_and_socket_share_one_device_table(sock_dir: Path) -> None:
     assert "\tVirtq 0:" in stats
     assert "device s0 deleted" in delete
     assert not control.exists() and not (sock_dir / "s0.sock").exists()
+
+
+def test_a_full_table_has_no_available_instances(sock_dir: Path) -> None:
+    manager = Manager(log=lambda line: None, socket_dir=sock_dir, registry=VdpaRegistry(1))
+    try:
+
+        def request(method: str, **params: object) -> object:
+            return call(manager, Request(method, params, 1))
+
+        request("dev_add", name="only", mgmtdev="sim-blk", size="64K")
+        shown = request("mgmtdev_show", name="sim-net")
+        assert shown["sim-net"]["supported_types"]["sim-net"]["available_instances"] == 0  # type: ignore[index]
+        with pytest.raises(RpcError) as caught:
+            request("dev_add", name="more", mgmtdev="sim-net")
+        assert caught.value.code == NO_INSTANCES
+        assert caught.value.message == "sim-net: no available instances (1 devices)"
+        request("dev_del", name="only")
+        shown = request("mgmtdev_show")
+        assert shown["sim-net"]["supported_types"]["sim-net"]["available_instances"] == 1  # type: ignore[index]
+    finally:
+        manager.close()
