@@ -4,7 +4,10 @@ The proxy runs as the command a user starts (``pyvdpa trace --json --out``)
 and everything that works without it must work through it:
 
 * DPDK's virtio-user (testpmd, txonly) sends frames through the trace into
-  DPDK's net_vhost back-end (testpmd, rxonly), which counts every one;
+  DPDK's net_vhost back-end (testpmd, rxonly), which counts every one, and
+  again with both in the other socket role (virtio-user ``server=1``,
+  net_vhost ``client=1``, the trace ``--connect-frontend`` and
+  ``--listen-backend``);
 * ``pyvdpa drive blk`` writes, reads back and verifies a disk exported by
   qemu-storage-daemon through the trace;
 * a Linux guest under QEMU boots with a virtio-blk disk on
@@ -47,13 +50,20 @@ DISK_SIZE = 16 << 20
 
 
 class TraceRun(PeerProcess):
-    """``pyvdpa trace --listen FE --connect BE --json --out FILE`` as its own process."""
+    """``pyvdpa trace --listen FE --connect BE --json --out FILE`` as its own process.
 
-    def __init__(self, frontend: Path, backend: Path, out: Path, *extra: str) -> None:
+    With ``inverted`` the roles swap: ``--connect-frontend FE --listen-backend BE``.
+    """
+
+    def __init__(self, frontend: Path, backend: Path, out: Path, *, inverted: bool = False) -> None:
         self.frontend = check_socket_path(frontend)
+        self.listening = check_socket_path(backend if inverted else frontend)
         self.out = out
-        argv = [sys.executable, "-u", "-m", "pyvdpa", "trace", "--listen", str(frontend)]
-        argv += ["--connect", str(backend), "--json", "--out", str(out), *extra]
+        argv = [sys.executable, "-u", "-m", "pyvdpa", "trace", "--json", "--out", str(out)]
+        if inverted:
+            argv += ["--connect-frontend", str(frontend), "--listen-backend", str(backend)]
+        else:
+            argv += ["--listen", str(frontend), "--connect", str(backend)]
         super().__init__(argv, name=f"pyvdpa trace {frontend.name}", program=sys.executable)
 
     def records(self) -> list[dict[str, Any]]:
@@ -86,9 +96,9 @@ class TraceRun(PeerProcess):
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 20
-        while not self.frontend.is_socket():
+        while not self.listening.is_socket():
             if not self.running or time.monotonic() > deadline:
-                raise PeerTimeoutError(self._describe(f"did not listen on {self.frontend}"))
+                raise PeerTimeoutError(self._describe(f"did not listen on {self.listening}"))
             time.sleep(0.05)
 
     def _request_exit(self) -> None:
@@ -161,6 +171,41 @@ def test_virtio_user_into_net_vhost_through_the_trace(peers: PeerPool) -> None:
     assert len(table["fds"]) == len(regions)
     kicks = [m for m in requests(messages) if m["request"] == "SET_VRING_KICK"]
     assert all(m["fds"] == ["eventfd"] for m in kicks)
+
+
+def test_virtio_user_server_and_net_vhost_client_through_the_inverted_trace(
+    peers: PeerPool,
+) -> None:
+    """Both DPDK ends in the other role: the trace connects to virtio-user, net_vhost to it."""
+    frontend_sock = peers.sock_dir / "vu.sock"
+    backend_sock = peers.sock_dir / "tr.sock"
+    frontend = peers.start(
+        virtio_user(frontend_sock, server=True, mode="txonly", app_args=[f"--txpkts={FRAME_SIZE}"])
+    )
+    trace = peers.start(
+        TraceRun(frontend_sock, backend_sock, peers.workdir / "inv.jsonl", inverted=True)
+    )
+    backend = peers.start(net_vhost(backend_sock, client=True, mode="rxonly"))
+    frontend.wait_prompt()
+    backend.start_forwarding()
+    frontend.start_forwarding()
+    time.sleep(1.0)
+    frontend.stop_forwarding()
+    sent = frontend.port_stats()[0]
+    deadline = time.monotonic() + 5
+    while backend.port_stats()[0].rx_packets < sent.tx_packets and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    assert sent.tx_packets > 0 and backend.port_stats()[0].rx_packets == sent.tx_packets
+    records = trace.records()
+    assert records[0]["event"] == "open"
+    assert records[0]["detail"] == (
+        f"front-end connected to {frontend_sock}, back-end accepted on {backend_sock}"
+    )
+    check_paired(trace.messages())
+    names = [m["request"] for m in requests(trace.messages())]
+    # virtio-user opens with SET_OWNER, then asks the features.
+    assert names[:2] == ["SET_OWNER", "GET_FEATURES"] and "SET_MEM_TABLE" in names
 
 
 def test_drive_blk_into_storage_daemon_through_the_trace(peers: PeerPool) -> None:
