@@ -34,7 +34,6 @@ from pathlib import Path
 from pyvdpa.dataplane import kernels as k
 from pyvdpa.dataplane.engine import EngineMode, warm_up
 from pyvdpa.dataplane.kernels.layout import PROGRAM_NAMES
-from pyvdpa.devices.net import NetControl
 from pyvdpa.drive.info import feature_list
 from pyvdpa.errors import PyvdpaError
 from pyvdpa.manage.mgmtdev import MGMTDEVS, DevAddRequest, dev_add_request
@@ -387,9 +386,8 @@ class Manager:
         if port is not None:
             vhost = port.vhost
             return vhost.negotiated_features if vhost is not None else None
-        hardware = self.drivers[entry.mgmtdev].hardware(entry.device)
-        if entry.backend is not None and isinstance(hardware, NetControl):
-            return hardware.negotiated or None
+        if entry.backend is not None:
+            return entry.backend.negotiated or None
         return None
 
     def _config(self, entry: ManagedDevice) -> dict[str, object]:
