@@ -329,11 +329,17 @@ def test_cpus_pins_the_data_path_workers(sock_dir: Path) -> None:
     proc = pyvdpa("run", "--vdev", "sim-net", "--cpus", str(cpu), "--iface", str(sock))
     try:
         wait_for(lambda: Path(f"{sock}0").exists(), timeout=60)
-        workers = {}
-        for task in Path(f"/proc/{proc.pid}/task").iterdir():
-            if (task / "comm").read_text().startswith(WORKER_THREAD_PREFIX):
-                workers[task.name] = os.sched_getaffinity(int(task.name))
-        assert list(workers.values()) == [{cpu}]
+
+        def workers() -> list[set[int]]:
+            return [
+                os.sched_getaffinity(int(task.name))
+                for task in Path(f"/proc/{proc.pid}/task").iterdir()
+                if (task / "comm").read_text().startswith(WORKER_THREAD_PREFIX)
+            ]
+
+        # The socket may be served a moment before the worker thread starts.
+        wait_for(lambda: bool(workers()), timeout=30)
+        assert workers() == [{cpu}]
         # The control plane is left to the system.
         assert os.sched_getaffinity(proc.pid) == os.sched_getaffinity(0)
     finally:
