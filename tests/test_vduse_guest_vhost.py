@@ -13,7 +13,8 @@ QEMU TCG, two vCPUs):
 * a sim-blk disk whose ``pyvdpa run`` is killed with SIGKILL three times
   while the guest writes to it, and restarted each time: the new process
   takes the device over, the writer sees no I/O error, and every write the
-  kernel acknowledged is in the host file.
+  kernel acknowledged is in the host file; the file then grows while no
+  process serves it, and the next process tells the guest the new capacity.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from peers.vduse_guest import GuestResult, VduseGuest
 pytestmark = pytest.mark.peers
 
 CRASH_BLOCKS = 6000
+#: The disk file's size once grown between two processes (it starts at half).
+GROWN_SIZE = CRASH_BLOCKS * BLOCK * 3
 KILLS = 3
 GUEST_TIMEOUT = 280.0
 HERE = Path(__file__).resolve().parent
@@ -105,6 +108,13 @@ for i in $(seq {KILLS}); do
 done
 wait $writer_pid; fact writer.exit $?
 fact acked "$(wc -l <"$WORK/acked")"
+# Grown while no process serves it: the next one tells the driver.
+kill -9 $blk_pid; wait $blk_pid 2>/dev/null
+truncate -s {GROWN_SIZE} $WORK/crash.img
+start_blk
+grown() {{ test "$(cat /sys/block/${{disk#/dev/}}/size)" -eq {GROWN_SIZE // 512}; }}
+wait_until 60 grown; fact grown $?
+fact grown.size "$(cat /sys/block/${{disk#/dev/}}/size)"
 kill -INT $blk_pid; wait $blk_pid; fact blk.exit $?
 """
 
@@ -189,3 +199,10 @@ def test_kills_lose_no_acknowledged_write(run: Run) -> None:
     for index in acked:
         assert image[index * BLOCK : (index + 1) * BLOCK] == pattern(index), index
     assert run.fact("blk.exit") == "0"
+
+
+def test_a_restart_tells_the_driver_the_config_it_serves(run: Run) -> None:
+    # The file grew while no process served the disk: the process taking
+    # the device over pushes its config space and a config interrupt, and
+    # the guest's virtio_blk sees the new capacity.
+    assert (run.fact("grown"), run.fact("grown.size")) == ("0", str(GROWN_SIZE // 512))

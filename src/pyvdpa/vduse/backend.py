@@ -197,6 +197,9 @@ class VduseBackend:
         if self.reconnected:
             with self._lock:
                 self._resume()
+            # The kernel kept the previous process's config space; this
+            # device's may differ (a disk file grown while no one served it).
+            self.config_changed()
         self.device.config_listener = self.config_changed
         self._thread = threading.Thread(target=self._serve, name=f"vduse-{self.name}", daemon=True)
         self._thread.start()
