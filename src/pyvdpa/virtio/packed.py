@@ -29,6 +29,17 @@ position and wrap counter; notification is due when the producer's position
 passed it, as :func:`~pyvdpa.virtio.ring.need_event` decides once an event
 of the other wrap counter is counted one lap behind (section 2.8.10).
 
+With ``VIRTIO_F_IN_ORDER`` (section 2.8.8) a driver names each chain by
+the ring slot of its head (as the drivers of DPDK and Linux do, and as the
+batching below needs to tell chains apart); the device refuses another id
+(:class:`~pyvdpa.virtio.ring.OutOfOrderError`).  Completing a batch
+(:meth:`PackedDeviceQueue.push_batch`), it writes one used descriptor for a
+run of chains: chains it used completely
+(:func:`~pyvdpa.virtio.ring.used_completely`) leave it to the next chain of
+the batch, and the descriptor, written at the run's first slot with the
+wrap counter there, carries the buffer id and length of the run's last
+chain; the used position skips every slot of the run.
+
 GET_VRING_BASE reports bits 0-14 the next available slot, bit 15 its wrap
 counter, bits 16-30 the used position and bit 31 its wrap counter;
 SET_VRING_BASE carries the low 16 bits only, and the used state restarts
@@ -38,6 +49,7 @@ equal to the available state.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -55,6 +67,7 @@ from pyvdpa.virtio.ring import (
     DescriptorIndexError,
     DescriptorLoopError,
     DirtyLogger,
+    OutOfOrderError,
     QueueBrokenError,
     QueueFullError,
     RingAreas,
@@ -64,6 +77,7 @@ from pyvdpa.virtio.ring import (
     log_written,
     need_event,
     store_u16,
+    used_completely,
     walk_chain,
 )
 
@@ -227,11 +241,12 @@ class PackedDeviceQueue:
         base: int = 1 << _WRAP_SHIFT,
         log: DirtyLogger | None = None,
         log_addr: int | None = None,
+        in_order: bool = False,
     ) -> None:
         layout = PackedLayout(size)
         check_packed_base(base, size)
         areas = layout.map(mem, desc_addr, driver_event_addr, device_event_addr)
-        self._setup(mem, layout, areas, event_idx, indirect, base, log, log_addr)
+        self._setup(mem, layout, areas, event_idx, indirect, base, log, log_addr, in_order)
 
     @classmethod
     def on_areas(
@@ -245,6 +260,7 @@ class PackedDeviceQueue:
         base: int = 1 << _WRAP_SHIFT,
         log: DirtyLogger | None = None,
         log_addr: int | None = None,
+        in_order: bool = False,
     ) -> PackedDeviceQueue:
         """A queue over ring areas already mapped and checked (by :meth:`PackedLayout.map`).
 
@@ -252,7 +268,9 @@ class PackedDeviceQueue:
         """
         check_packed_base(base, size)
         queue = cls.__new__(cls)
-        queue._setup(mem, PackedLayout(size), areas, event_idx, indirect, base, log, log_addr)
+        queue._setup(
+            mem, PackedLayout(size), areas, event_idx, indirect, base, log, log_addr, in_order
+        )
         return queue
 
     def _setup(
@@ -265,6 +283,7 @@ class PackedDeviceQueue:
         base: int,
         log: DirtyLogger | None,
         log_addr: int | None,
+        in_order: bool,
     ) -> None:
         if log is not None and log_addr is None:
             raise ValueError("dirty logging needs the descriptor ring's log_addr")
@@ -286,11 +305,17 @@ class PackedDeviceQueue:
         self._unsignalled = 0
         self._notify = True
         self._broken = False
+        self._in_order = in_order
 
     @property
     def size(self) -> int:
         """Number of descriptors in the ring."""
         return self._size
+
+    @property
+    def in_order(self) -> bool:
+        """Whether ``VIRTIO_F_IN_ORDER`` was negotiated for the queue."""
+        return self._in_order
 
     @property
     def broken(self) -> bool:
@@ -341,6 +366,10 @@ class PackedDeviceQueue:
         )
         buffer_id = _U16.unpack_from(self._desc, walk.last * DESCRIPTOR_SIZE + _ID_OFFSET)[0]
         check_index(buffer_id, self._size, "buffer id")
+        if self._in_order and buffer_id != self._avail_idx:
+            raise OutOfOrderError(
+                f"in-order ring: chain at slot {self._avail_idx} carries buffer id {buffer_id}"
+            )
         if self._inflight_slots + walk.desc_count > self._size:
             raise AvailIndexError(
                 f"chain of {walk.desc_count} slots made available while "
@@ -358,23 +387,43 @@ class PackedDeviceQueue:
 
     def push(self, chain: DescriptorChain, written: int) -> None:
         """Return a chain to the driver with ``written`` bytes written to its writable buffers."""
+        self.push_batch(((chain, written),))
+
+    def push_batch(self, completions: Sequence[tuple[DescriptorChain, int]]) -> None:
+        """Return chains, each with the bytes written to it.
+
+        The chains must be in flight and, with ``VIRTIO_F_IN_ORDER``, in the
+        order they were popped; then a run of chains used completely and the
+        chain after it share one used descriptor (see the module's theory of
+        operation).
+        """
         self._check_usable()
-        if self._inflight == 0:
-            raise ValueError("push without a chain in flight")
-        check_written(chain, written)
-        slot = self._used_idx * DESCRIPTOR_SIZE
-        flags = (_AVAIL_USED if self._used_wrap else 0) | (_WRITE if written else 0)
-        _LEN_ID.pack_into(self._desc, slot + 8, written, chain.id)
-        store_u16(self._desc, slot + _FLAGS_OFFSET, flags)
-        self._used_idx, self._used_wrap = _advance(
-            self._used_idx, self._used_wrap, chain.desc_count, self._size
-        )
-        self._inflight_slots -= chain.desc_count
-        self._inflight -= 1
-        self._unsignalled += chain.desc_count
-        if self._log is not None:
-            log_written(self._log, chain, written)
-            self._log.log_write(self._log_addr + slot, DESCRIPTOR_SIZE)
+        if len(completions) > self._inflight:
+            raise ValueError(f"push of {len(completions)} chains, {self._inflight} in flight")
+        for chain, written in completions:
+            check_written(chain, written)
+        run: tuple[int, int] | None = None
+        for i, (chain, written) in enumerate(completions):
+            if run is None:
+                run = (self._used_idx, self._used_wrap)
+            self._used_idx, self._used_wrap = _advance(
+                self._used_idx, self._used_wrap, chain.desc_count, self._size
+            )
+            self._inflight_slots -= chain.desc_count
+            self._inflight -= 1
+            self._unsignalled += chain.desc_count
+            if self._log is not None:
+                log_written(self._log, chain, written)
+            last = i == len(completions) - 1
+            if self._in_order and used_completely(chain, written) and not last:
+                continue
+            slot = run[0] * DESCRIPTOR_SIZE
+            flags = (_AVAIL_USED if run[1] else 0) | (_WRITE if written else 0)
+            _LEN_ID.pack_into(self._desc, slot + 8, written, chain.id)
+            store_u16(self._desc, slot + _FLAGS_OFFSET, flags)
+            if self._log is not None:
+                self._log.log_write(self._log_addr + slot, DESCRIPTOR_SIZE)
+            run = None
 
     def should_notify(self) -> bool:
         """Return whether the driver wants a used-buffer notification now.
@@ -521,6 +570,9 @@ class PackedDriverQueue:
     ``indirect_addr``, when given, is an area of ``size * size * 16`` bytes:
     the indirect table of buffer id ``i`` lives at
     ``indirect_addr + i * size * 16`` and holds up to ``size`` descriptors.
+    With ``in_order`` (``VIRTIO_F_IN_ORDER`` negotiated) a chain's buffer id
+    is the slot of its head, and a used descriptor may stand for a batch of
+    chains: those before the one it names were used completely.
     """
 
     def __init__(
@@ -533,6 +585,7 @@ class PackedDriverQueue:
         *,
         event_idx: bool,
         indirect_addr: int | None = None,
+        in_order: bool = False,
     ) -> None:
         layout = PackedLayout(size)
         layout.check_addresses(desc_addr, driver_event_addr, device_event_addr)
@@ -549,9 +602,15 @@ class PackedDriverQueue:
             else (indirect_addr, mem.view(indirect_addr, size * layout.desc_size))
         )
         self._event_idx = event_idx
+        self._in_order = in_order
         # Popping from the end hands out buffer id 0 first.
         self._free_ids = list(range(size - 1, -1, -1))
         self._slots = [0] * size
+        # In order: buffer ids in flight in ring order, each chain's writable bytes, and the
+        # used descriptor of the batch being taken apart.
+        self._order: deque[int] = deque()
+        self._writable = [0] * size
+        self._batch: tuple[int, int] | None = None
         self._num_free = size
         self._avail_idx = 0
         self._avail_wrap = 1
@@ -594,7 +653,7 @@ class PackedDriverQueue:
         needed = 1 if indirect else len(buffers)
         if needed > self._num_free:
             raise QueueFullError(f"{needed} ring slots needed, {self._num_free} free")
-        buffer_id = self._free_ids.pop()
+        buffer_id = self._avail_idx if self._in_order else self._free_ids.pop()
         if area is not None:
             area_addr, area_view = area
             table = buffer_id * self._layout.desc_size
@@ -619,6 +678,9 @@ class PackedDriverQueue:
         store_u16(self._desc, head + _FLAGS_OFFSET, head_flags)
         self._avail_idx, self._avail_wrap = idx, wrap
         self._slots[buffer_id] = needed
+        self._writable[buffer_id] = sum(length for _, length in writable)
+        if self._in_order:
+            self._order.append(buffer_id)
         self._num_free -= needed
         self._unkicked += needed
         return buffer_id
@@ -645,23 +707,33 @@ class PackedDriverQueue:
         Raises :class:`~pyvdpa.virtio.ring.DescriptorIndexError` when the
         device names a buffer id that is not in flight.
         """
-        slot = self._used_idx * DESCRIPTOR_SIZE
-        flags = _U16.unpack_from(self._desc, slot + _FLAGS_OFFSET)[0]
-        if not _is_used(flags, self._used_wrap):
-            return None
-        length, buffer_id = _LEN_ID.unpack_from(self._desc, slot + 8)
-        count = self._slots[buffer_id] if buffer_id < self._size else 0
-        if count == 0:
-            raise DescriptorIndexError(f"used descriptor names buffer {buffer_id}, not in flight")
+        if self._batch is None:
+            slot = self._used_idx * DESCRIPTOR_SIZE
+            flags = _U16.unpack_from(self._desc, slot + _FLAGS_OFFSET)[0]
+            if not _is_used(flags, self._used_wrap):
+                return None
+            length, named = _LEN_ID.unpack_from(self._desc, slot + 8)
+            if named >= self._size or self._slots[named] == 0:
+                raise DescriptorIndexError(f"used descriptor names buffer {named}, not in flight")
+            self._batch = (named, length if flags & _WRITE else 0)
+        named, length = self._batch
+        buffer_id = self._order.popleft() if self._in_order else named
+        if buffer_id == named:
+            self._batch = None
+        else:
+            # Skipped over by the batch's descriptor: used completely (section 2.8.8).
+            length = self._writable[buffer_id]
+        count = self._slots[buffer_id]
         self._slots[buffer_id] = 0
-        self._free_ids.append(buffer_id)
+        if not self._in_order:
+            self._free_ids.append(buffer_id)
         self._num_free += count
         self._used_idx, self._used_wrap = _advance(
             self._used_idx, self._used_wrap, count, self._size
         )
         if self._event_idx and self._interrupts:
             store_u16(self._driver_event, 0, _event_off_wrap(self._used_idx, self._used_wrap))
-        return buffer_id, length if flags & _WRITE else 0
+        return buffer_id, length
 
     def disable_interrupts(self) -> None:
         """Ask the device not to interrupt (driver event flags DISABLE)."""
@@ -680,5 +752,7 @@ class PackedDriverQueue:
             store_u16(self._driver_event, _EVENT_FLAGS_OFFSET, _DESC)
         else:
             store_u16(self._driver_event, _EVENT_FLAGS_OFFSET, _ENABLE)
+        if self._batch is not None:
+            return True
         flags = _U16.unpack_from(self._desc, self._used_idx * DESCRIPTOR_SIZE + _FLAGS_OFFSET)[0]
         return _is_used(flags, self._used_wrap)

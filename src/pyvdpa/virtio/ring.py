@@ -81,6 +81,7 @@ __all__ = [
     "DirtyLogger",
     "DriverQueue",
     "IndirectDescriptorError",
+    "OutOfOrderError",
     "QueueBrokenError",
     "QueueFullError",
     "RingArea",
@@ -94,6 +95,7 @@ __all__ = [
     "map_buffer",
     "need_event",
     "store_u16",
+    "used_completely",
     "walk_chain",
 ]
 
@@ -184,6 +186,15 @@ class BufferAddressError(RingError):
 
 class ChainLayoutError(RingError):
     """A device-readable descriptor follows a device-writable one."""
+
+
+class OutOfOrderError(RingError):
+    """With ``VIRTIO_F_IN_ORDER``, a chain is not where ring order puts it (2.7.9, 2.8.8).
+
+    A split chain must start at the descriptor after the previous chain's
+    last and take consecutive descriptors; a packed chain must carry the
+    buffer id of its head slot.
+    """
 
 
 class QueueBrokenError(RingError):
@@ -486,6 +497,16 @@ def check_written(chain: DescriptorChain, written: int) -> None:
         raise ValueError(
             f"written length {written} outside 0..{chain.writable_len()} for chain {chain.id}"
         )
+
+
+def used_completely(chain: DescriptorChain, written: int) -> bool:
+    """Whether the device wrote every writable byte of ``chain`` (none for a read-only chain).
+
+    With ``VIRTIO_F_IN_ORDER`` such a chain needs no used entry of its own:
+    the entry of a later chain in the same batch covers it, and the driver
+    takes it as used completely (sections 2.7.9 and 2.8.8).
+    """
+    return written == chain.writable_len()
 
 
 def log_written(log: DirtyLogger, chain: DescriptorChain, written: int) -> None:

@@ -23,6 +23,19 @@ notifications off under EVENT_IDX, a side writes an event index one behind
 the position it has reached, which the other side cannot pass before the
 16-bit index wraps.
 
+With ``VIRTIO_F_IN_ORDER`` (section 2.7.9) the driver uses descriptors in
+ring order: each chain starts at the descriptor after the previous chain's
+last and takes consecutive ones, wrapping at the end of the table.  The
+device checks where each chain starts and ends (the first chain after a
+start is taken as the reference) and refuses one out of order
+(:class:`~pyvdpa.virtio.ring.OutOfOrderError`).  Completing a batch
+(:meth:`SplitDeviceQueue.push_batch`), it writes one used element for a run
+of chains: a chain it used completely
+(:func:`~pyvdpa.virtio.ring.used_completely`) leaves its element to the
+next chain of the batch, and the element of the run's last chain, written
+in the run's first slot, names that chain; ``used.idx`` still advances by
+one per chain.  The driver infers the chains skipped over.
+
 The driver (:class:`SplitDriverQueue`) is what a VMM or a virtio driver does:
 it owns the free list, writes descriptors, then the available ring slot, then
 ``avail.idx``.  It keeps its own record of which descriptors each chain holds
@@ -32,6 +45,7 @@ and never trusts the used ring to tell it.
 from __future__ import annotations
 
 import struct
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntFlag
@@ -48,6 +62,7 @@ from pyvdpa.virtio.ring import (
     DescriptorChain,
     DescriptorIndexError,
     DirtyLogger,
+    OutOfOrderError,
     QueueBrokenError,
     QueueFullError,
     RingAreas,
@@ -57,6 +72,7 @@ from pyvdpa.virtio.ring import (
     log_written,
     need_event,
     store_u16,
+    used_completely,
     walk_chain,
 )
 
@@ -196,11 +212,12 @@ class SplitDeviceQueue:
         base: int = 0,
         log: DirtyLogger | None = None,
         log_addr: int | None = None,
+        in_order: bool = False,
     ) -> None:
         layout = SplitLayout(size)
         check_split_base(base)
         areas = layout.map(mem, desc_addr, avail_addr, used_addr)
-        self._setup(mem, layout, areas, event_idx, indirect, base, log, log_addr)
+        self._setup(mem, layout, areas, event_idx, indirect, base, log, log_addr, in_order)
 
     @classmethod
     def on_areas(
@@ -214,6 +231,7 @@ class SplitDeviceQueue:
         base: int = 0,
         log: DirtyLogger | None = None,
         log_addr: int | None = None,
+        in_order: bool = False,
     ) -> SplitDeviceQueue:
         """A queue over ring areas already mapped and checked (by :meth:`SplitLayout.map`).
 
@@ -221,7 +239,9 @@ class SplitDeviceQueue:
         """
         check_split_base(base)
         queue = cls.__new__(cls)
-        queue._setup(mem, SplitLayout(size), areas, event_idx, indirect, base, log, log_addr)
+        queue._setup(
+            mem, SplitLayout(size), areas, event_idx, indirect, base, log, log_addr, in_order
+        )
         return queue
 
     def _setup(
@@ -234,6 +254,7 @@ class SplitDeviceQueue:
         base: int,
         log: DirtyLogger | None,
         log_addr: int | None,
+        in_order: bool,
     ) -> None:
         if log is not None and log_addr is None:
             raise ValueError("dirty logging needs the used ring's log_addr")
@@ -253,6 +274,9 @@ class SplitDeviceQueue:
         self._notify = True
         self._inflight = 0
         self._broken = False
+        self._in_order = in_order
+        # In order: the descriptor the next chain must start at (None until the first chain).
+        self._next_head: int | None = None
 
     @property
     def size(self) -> int:
@@ -268,6 +292,11 @@ class SplitDeviceQueue:
     def inflight(self) -> int:
         """Chains popped and not yet pushed."""
         return self._inflight
+
+    @property
+    def in_order(self) -> bool:
+        """Whether ``VIRTIO_F_IN_ORDER`` was negotiated for the queue."""
+        return self._in_order
 
     @property
     def base(self) -> int:
@@ -311,12 +340,29 @@ class SplitDeviceQueue:
         walk = walk_chain(
             self._mem, self._desc, self._size, head, packed=False, indirect=self._indirect
         )
+        if self._in_order:
+            self._check_order(head, walk.last, walk.desc_count)
         self._last_avail = (self._last_avail + 1) & 0xFFFF
         self._inflight += 1
         if self._notify and self._event_idx:
             # Keep asking for a kick at the next buffer the driver adds.
             self._write_avail_event(self._last_avail)
         return DescriptorChain(head, walk.readable, walk.writable, walk.desc_count)
+
+    def _check_order(self, head: int, last: int, desc_count: int) -> None:
+        """Refuse a chain that is not where ring order puts it (section 2.7.9)."""
+        mask = self._size - 1
+        expected = self._next_head
+        if expected is not None and head != expected:
+            raise OutOfOrderError(
+                f"in-order ring: chain starts at descriptor {head}, ring order expects {expected}"
+            )
+        if last != (head + desc_count - 1) & mask:
+            raise OutOfOrderError(
+                f"in-order ring: chain of {desc_count} descriptors from {head} ends at {last}, "
+                "not on consecutive descriptors"
+            )
+        self._next_head = (last + 1) & mask
 
     @property
     def used_idx(self) -> int:
@@ -344,19 +390,34 @@ class SplitDeviceQueue:
 
     def push(self, chain: DescriptorChain, written: int) -> None:
         """Return a chain to the driver with ``written`` bytes written to its writable buffers."""
+        self.push_batch(((chain, written),))
+
+    def push_batch(self, completions: Sequence[tuple[DescriptorChain, int]]) -> None:
+        """Return chains, each with the bytes written to it, and publish ``used.idx`` once.
+
+        The chains must be in flight and, with ``VIRTIO_F_IN_ORDER``, in the
+        order they were popped; then a chain used completely gets no used
+        element of its own (see the module's theory of operation).
+        """
         self._check_usable()
-        if self._inflight == 0:
-            raise ValueError("push without a chain in flight")
-        check_written(chain, written)
-        elem = self._layout.used_slot_offset(self._used_idx)
-        _USED_ELEM.pack_into(self._used, elem, chain.id, written)
-        self._used_idx = (self._used_idx + 1) & 0xFFFF
+        if len(completions) > self._inflight:
+            raise ValueError(f"push of {len(completions)} chains, {self._inflight} in flight")
+        for chain, written in completions:
+            check_written(chain, written)
+        batch_slot: int | None = None
+        for chain, written in completions:
+            slot = self._used_idx if batch_slot is None else batch_slot
+            elem = self._layout.used_slot_offset(slot)
+            _USED_ELEM.pack_into(self._used, elem, chain.id, written)
+            batch_slot = slot if self._in_order and used_completely(chain, written) else None
+            self._used_idx = (self._used_idx + 1) & 0xFFFF
+            if self._log is not None:
+                log_written(self._log, chain, written)
+                self._log.log_write(self._log_addr + elem, _USED_ELEM.size)
         store_u16(self._used, 2, self._used_idx)
-        self._inflight -= 1
-        self._unsignalled += 1
+        self._inflight -= len(completions)
+        self._unsignalled += len(completions)
         if self._log is not None:
-            log_written(self._log, chain, written)
-            self._log.log_write(self._log_addr + elem, _USED_ELEM.size)
             self._log.log_write(self._log_addr + 2, _U16.size)
 
     def should_notify(self) -> bool:
@@ -416,7 +477,10 @@ class SplitDriverQueue:
     The constructor zeroes the three ring areas.  ``indirect_addr``, when
     given, is an area of ``size * size * 16`` bytes: the indirect table of the
     chain whose head is ``h`` lives at ``indirect_addr + h * size * 16`` and
-    holds up to ``size`` descriptors.
+    holds up to ``size`` descriptors.  With ``in_order`` (``VIRTIO_F_IN_ORDER``
+    negotiated) chains take descriptors in ring order and a used element may
+    stand for a batch of chains: those before the one it names were used
+    completely.
     """
 
     def __init__(
@@ -429,6 +493,7 @@ class SplitDriverQueue:
         *,
         event_idx: bool,
         indirect_addr: int | None = None,
+        in_order: bool = False,
     ) -> None:
         layout = SplitLayout(size)
         layout.check_addresses(desc_addr, avail_addr, used_addr)
@@ -445,9 +510,16 @@ class SplitDriverQueue:
             else (indirect_addr, mem.view(indirect_addr, size * layout.desc_size))
         )
         self._event_idx = event_idx
-        # Popping from the end hands out descriptor 0 first.
-        self._free = list(range(size - 1, -1, -1))
+        self._in_order = in_order
+        # Out of order, the free list is a stack (popped from the end, descriptor 0 first);
+        # in order, a queue in ring order.
+        self._free = deque(range(size) if in_order else range(size - 1, -1, -1))
         self._chains: list[list[int] | None] = [None] * size
+        # In order: heads in flight in ring order, each chain's writable bytes, and the
+        # used element of the batch being taken apart.
+        self._order: deque[int] = deque()
+        self._writable = [0] * size
+        self._batch: tuple[int, int] | None = None
         self._avail_idx = 0
         self._last_used = 0
         self._unkicked = 0
@@ -487,7 +559,8 @@ class SplitDriverQueue:
         needed = 1 if indirect else len(buffers)
         if needed > len(self._free):
             raise QueueFullError(f"{needed} descriptors needed, {len(self._free)} free")
-        descs = [self._free.pop() for _ in range(needed)]
+        take = self._free.popleft if self._in_order else self._free.pop
+        descs = [take() for _ in range(needed)]
         head = descs[0]
         if area is not None:
             area_addr, area_view = area
@@ -504,6 +577,9 @@ class SplitDriverQueue:
         else:
             self._write_linked(self._desc, 0, descs, buffers)
         self._chains[head] = descs
+        self._writable[head] = sum(length for _, length in writable)
+        if self._in_order:
+            self._order.append(head)
         store_u16(self._avail, self._layout.avail_slot_offset(self._avail_idx), head)
         self._avail_idx = (self._avail_idx + 1) & 0xFFFF
         store_u16(self._avail, 2, self._avail_idx)
@@ -544,12 +620,24 @@ class SplitDriverQueue:
         """
         if _U16.unpack_from(self._used, 2)[0] == self._last_used:
             return None
-        head, length = _USED_ELEM.unpack_from(
-            self._used, self._layout.used_slot_offset(self._last_used)
-        )
-        descs = self._chains[head] if head < self._size else None
-        if descs is None:
-            raise DescriptorIndexError(f"used element names chain {head}, which is not in flight")
+        if self._batch is None:
+            self._batch = _USED_ELEM.unpack_from(
+                self._used, self._layout.used_slot_offset(self._last_used)
+            )
+        named, length = self._batch
+        if named >= self._size or self._chains[named] is None:
+            self._batch = None
+            raise DescriptorIndexError(f"used element names chain {named}, which is not in flight")
+        head = self._order[0] if self._in_order else named
+        descs = self._chains[head]
+        assert descs is not None
+        if head == named:
+            self._batch = None
+        else:
+            # Skipped over by the batch's element: used completely (section 2.7.9).
+            length = self._writable[head]
+        if self._in_order:
+            self._order.popleft()
         self._chains[head] = None
         self._free.extend(descs)
         self._last_used = (self._last_used + 1) & 0xFFFF
