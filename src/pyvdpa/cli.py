@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--duration", type=_seconds, default=5.0, help="seconds (default 5)")
         p.add_argument("--packed", action="store_true", help="use the packed ring layout")
+        p.add_argument("--no-in-order", action="store_true", help="do not ask VIRTIO_F_IN_ORDER")
         p.add_argument(
             "--inband",
             action="store_true",
@@ -235,6 +236,7 @@ def _cmd_drive(args: argparse.Namespace) -> int:
                 queues=args.queues,
                 packed=args.packed,
                 mrg_rxbuf=not args.no_mrg_rxbuf,
+                in_order=not args.no_in_order,
                 ring_size=args.ring_size,
                 duration=args.duration,
                 progress=progress,
@@ -252,6 +254,7 @@ def _cmd_drive(args: argparse.Namespace) -> int:
             ios=args.ios,
             ring_size=args.ring_size,
             packed=args.packed,
+            in_order=not args.no_in_order,
             progress=progress,
         )
         _print_result(blk.as_dict(), args.json)

@@ -59,6 +59,7 @@ from typing import Self
 import numpy as np
 
 from pyvdpa.dataplane import kernels as k
+from pyvdpa.dataplane.kernels.layout import CHAIN, HELD
 from pyvdpa.dataplane.queues import CompiledQueue, Int64Array
 from pyvdpa.device import RingNotifiers
 from pyvdpa.errors import ConfigError
@@ -251,8 +252,8 @@ class _Worker:
         self._nunits = 0
         self._segs_t = np.zeros((k.SEG_CAP, 4), dtype=np.int64)
         self._segs_r = np.zeros((k.SEG_CAP, 4), dtype=np.int64)
-        self._held = np.zeros((k.HELD_CAP, 3), dtype=np.int64)
-        self._chains = np.zeros((k.MAX_BURST, 5), dtype=np.int64)
+        self._held = np.zeros((k.HELD_CAP, HELD.width), dtype=np.int64)
+        self._chains = np.zeros((k.MAX_BURST, CHAIN.width), dtype=np.int64)
         self._sink = np.zeros(k.SINK_SIZE, dtype=np.uint8)
         self._zeros = np.zeros(16, dtype=np.uint8)
         self._iov = np.zeros((k.IOV_MAX, 2), dtype=np.int64)

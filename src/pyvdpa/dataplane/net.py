@@ -341,7 +341,9 @@ class EngineNetDevice(EngineIommu, NetControl, Device):
         """Build the ring's compiled queue and hand it to the engine."""
         pair, role = divmod(spec.index, 2)
         role = RX if role == 0 else TX
-        queue = CompiledQueue.from_spec(spec, stats=self._counters[spec.index])
+        # In order, a receive queue still writes every used element: DPDK's
+        # in-order receive path reads each element's length.
+        queue = CompiledQueue.from_spec(spec, stats=self._counters[spec.index], batch=role == TX)
         with self._lock:
             self._port(pair).attach(role, queue, spec.notifiers, armed=role in _ARMED[self.mode])
             if role == RX:

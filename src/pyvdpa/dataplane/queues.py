@@ -48,6 +48,7 @@ from pyvdpa.virtio.ring import (
     DescriptorIndexError,
     DescriptorLoopError,
     IndirectDescriptorError,
+    OutOfOrderError,
     QueueBrokenError,
     RingAreas,
     Segment,
@@ -104,6 +105,11 @@ _ERRORS: dict[int, tuple[type[RingError], str]] = {
     k.E_BUFFER: (
         BufferAddressError,
         "guest address range [{a:#x}, +{b:#x}) is not inside one mapped region",
+    ),
+    k.E_ORDER: (OutOfOrderError, "in-order ring: chain names {a} where ring order expects {b}"),
+    k.E_ORDER_LINKS: (
+        OutOfOrderError,
+        "in-order ring: chain from descriptor {a} ends at {b}, not on consecutive descriptors",
     ),
 }
 
@@ -214,6 +220,9 @@ class CompiledQueue:
     With ``log``, every byte written to guest memory is logged in the shared
     bitmap, ring writes at ``log_addr``.  ``stats``, when given, is the
     ``int64[NSTATS]`` array the engine counts this queue's work in.
+    ``in_order`` says VIRTIO_F_IN_ORDER was negotiated; ``batch`` (by default
+    the same) lets a chain used completely share the used entry of the next
+    chain pushed before a publish.
     """
 
     def __init__(
@@ -232,6 +241,8 @@ class CompiledQueue:
         log_addr: int | None = None,
         stats: Int64Array | None = None,
         space: AddressSpace | None = None,
+        in_order: bool = False,
+        batch: bool | None = None,
     ) -> None:
         if space is None:
             space = mem
@@ -244,19 +255,25 @@ class CompiledQueue:
         self._setup(
             space, areas, size, packed=packed, event_idx=event_idx, indirect=indirect,
             base=base, log=log, log_addr=log_addr, stats=stats, owns_areas=True,
+            in_order=in_order, batch=in_order if batch is None else batch,
         )  # fmt: skip
 
     @classmethod
-    def from_spec(cls, spec: RingSpec, stats: Int64Array | None = None) -> CompiledQueue:
+    def from_spec(
+        cls, spec: RingSpec, stats: Int64Array | None = None, *, batch: bool = True
+    ) -> CompiledQueue:
         """The compiled queue of the ring ``spec`` describes, over its mapped areas.
 
-        The spec's owner releases the areas; :meth:`release` leaves them alone.
+        ``batch``: with VIRTIO_F_IN_ORDER, chains used completely may share
+        a used entry (a device turns it off where its drivers read every
+        entry's length, as receive queues).  The spec's owner releases the
+        areas; :meth:`release` leaves them alone.
         """
         queue = cls.__new__(cls)
         queue._setup(
             spec.space, spec.areas, spec.size, packed=spec.packed, event_idx=spec.event_idx,
             indirect=spec.indirect, base=spec.base, log=spec.dirty_log, log_addr=spec.log_addr,
-            stats=stats, owns_areas=False,
+            stats=stats, owns_areas=False, in_order=spec.in_order, batch=batch,
         )  # fmt: skip
         return queue
 
@@ -274,6 +291,8 @@ class CompiledQueue:
         log_addr: int | None,
         stats: Int64Array | None,
         owns_areas: bool,
+        in_order: bool,
+        batch: bool,
     ) -> None:
         if log is not None and log_addr is None:
             raise ValueError("dirty logging needs the ring's log_addr")
@@ -306,6 +325,9 @@ class CompiledQueue:
         row[k.Q_PACKED] = packed
         row[k.Q_EVENT_IDX] = event_idx
         row[k.Q_INDIRECT] = indirect
+        row[k.Q_IN_ORDER] = in_order
+        row[k.Q_BATCH] = in_order and batch
+        row[k.Q_NEXT_HEAD] = -1
         row[k.Q_DESC], row[k.Q_DRIVER], row[k.Q_DEVICE] = (host_address(v) for v in views)
         row[k.Q_REGS] = self._regions.ctypes.data
         row[k.Q_NREGS] = self._regions.shape[0]
@@ -479,20 +501,33 @@ class CompiledQueue:
 
     def push(self, chain: DescriptorChain, written: int) -> None:
         """Return a chain to the driver with ``written`` bytes written to its writable buffers."""
+        self.push_batch(((chain, written),))
+
+    def push_batch(self, completions: Sequence[tuple[DescriptorChain, int]]) -> None:
+        """Return chains, in the order popped, and publish them together.
+
+        As :meth:`pyvdpa.virtio.split.SplitDeviceQueue.push_batch`: with
+        VIRTIO_F_IN_ORDER and batching, chains used completely share the used
+        entry of the next chain.
+        """
         self._check_usable()
-        if self.row[k.Q_INFLIGHT] == 0:
-            raise ValueError("push without a chain in flight")
-        check_written(chain, written)
-        k.push(self.row, chain.id, written, chain.desc_count)
+        if len(completions) > self.row[k.Q_INFLIGHT]:
+            raise ValueError(
+                f"push of {len(completions)} chains, {self.row[k.Q_INFLIGHT]} in flight"
+            )
+        for chain, written in completions:
+            check_written(chain, written)
+        for chain, written in completions:
+            k.push(self.row, chain.id, written, chain.desc_count, chain.writable_len())
+            if self._log is not None:
+                remaining = written
+                for seg in chain.writable:
+                    if remaining <= 0:
+                        break
+                    count = min(seg.length, remaining)
+                    k.log_write(self.row, _signed(seg.addr), count)
+                    remaining -= count
         k.publish(self.row)
-        if self._log is not None:
-            remaining = written
-            for seg in chain.writable:
-                if remaining <= 0:
-                    break
-                count = min(seg.length, remaining)
-                k.log_write(self.row, _signed(seg.addr), count)
-                remaining -= count
 
     def should_notify(self) -> bool:
         """Return whether the driver wants a used-buffer notification now."""
@@ -533,11 +568,12 @@ class CompiledSplitQueue(CompiledQueue):
         log: DirtyLog | None = None,
         log_addr: int | None = None,
         stats: Int64Array | None = None,
+        in_order: bool = False,
     ) -> None:
         super().__init__(
             mem, size, desc_addr, avail_addr, used_addr,
             packed=False, event_idx=event_idx, indirect=indirect, base=base,
-            log=log, log_addr=log_addr, stats=stats,
+            log=log, log_addr=log_addr, stats=stats, in_order=in_order,
         )  # fmt: skip
 
 
@@ -558,9 +594,10 @@ class CompiledPackedQueue(CompiledQueue):
         log: DirtyLog | None = None,
         log_addr: int | None = None,
         stats: Int64Array | None = None,
+        in_order: bool = False,
     ) -> None:
         super().__init__(
             mem, size, desc_addr, driver_event_addr, device_event_addr,
             packed=True, event_idx=event_idx, indirect=indirect, base=base,
-            log=log, log_addr=log_addr, stats=stats,
+            log=log, log_addr=log_addr, stats=stats, in_order=in_order,
         )  # fmt: skip

@@ -267,7 +267,8 @@ class RingSpec:
     where processing resumes; ``dirty_log`` with ``log_addr`` (the device
     address at which the used ring, or packed descriptor ring, is logged)
     when the driver logs dirty pages; ``inflight`` the ring's inflight
-    record when the control plane tracks in-flight requests for a restart.
+    record when the control plane tracks in-flight requests for a restart;
+    ``in_order`` when VIRTIO_F_IN_ORDER was negotiated.
     """
 
     index: int
@@ -282,6 +283,7 @@ class RingSpec:
     dirty_log: DirtyLog | None = None
     log_addr: int | None = None
     inflight: SplitInflightQueue | PackedInflightQueue | None = None
+    in_order: bool = False
 
     @property
     def addrs(self) -> tuple[int, int, int]:
@@ -361,5 +363,5 @@ def describe_ring(
         raise RingSetupError(f"vring {index}: {exc}") from exc
     return RingSpec(
         index, size, packed, event_idx, indirect, areas, position, space, notifiers,
-        dirty_log, log_addr, inflight,
+        dirty_log, log_addr, inflight, bool(features & VirtioFeature.IN_ORDER),
     )  # fmt: skip

@@ -62,7 +62,7 @@ class Virtqueue:
         self.queue: SplitDeviceQueue | PackedDeviceQueue = queue_type.on_areas(
             spec.space, spec.areas, spec.size,
             event_idx=spec.event_idx, indirect=spec.indirect, base=spec.base,
-            log=spec.logger, log_addr=spec.log_addr,
+            log=spec.logger, log_addr=spec.log_addr, in_order=spec.in_order,
         )  # fmt: skip
         self.inflight: SplitInflightQueue | PackedInflightQueue | None = None
         self.resubmit: list[int | InflightChain] = []

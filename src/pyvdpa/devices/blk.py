@@ -65,6 +65,7 @@ BLK_FEATURES = (
     | VirtioFeature.RING_EVENT_IDX
     | VirtioFeature.RING_INDIRECT_DESC
     | VirtioFeature.RING_PACKED
+    | VirtioFeature.IN_ORDER
     | VirtioFeature.LOG_ALL
     | BlkFeature.SEG_MAX
     | BlkFeature.BLK_SIZE

@@ -82,6 +82,7 @@ NET_FEATURES = (
     | VirtioFeature.RING_EVENT_IDX
     | VirtioFeature.RING_INDIRECT_DESC
     | VirtioFeature.RING_PACKED
+    | VirtioFeature.IN_ORDER
     | VirtioFeature.LOG_ALL
     | NetFeature.MAC
     | NetFeature.MTU
@@ -351,6 +352,14 @@ class NetDevice(NetControl, ThreadedDevice):
             capacity = chain.writable_len()
             if capacity < (header_len if not chains else 1):
                 stats.invalid_buffer += 1
+                if chains and queue.in_order:
+                    # In order, the chains held go back first: the frame is lost.
+                    for held, _ in chains:
+                        queue.push(held, 0)
+                    queue.push(chain, 0)
+                    stats.completion_errors += 1
+                    self.dropped += 1
+                    return True
                 queue.push(chain, 0)
                 stats.completion_errors += 1
                 continue

@@ -35,6 +35,7 @@ BLK_WANTED = (
     | VirtioFeature.RING_EVENT_IDX
     | VirtioFeature.RING_INDIRECT_DESC
     | VirtioFeature.PROTOCOL_FEATURES
+    | VirtioFeature.IN_ORDER
     | BlkFeature.SIZE_MAX
     | BlkFeature.SEG_MAX
     | BlkFeature.BLK_SIZE
@@ -115,9 +116,13 @@ def run_blk(
     ios: int | None = None,
     ring_size: int = 128,
     packed: bool = False,
+    in_order: bool = True,
     progress: bool = False,
 ) -> BlkResult:
-    """Negotiate a blk device on ``session`` and run I/O; return the figures."""
+    """Negotiate a blk device on ``session`` and run I/O; return the figures.
+
+    ``in_order``: ask VIRTIO_F_IN_ORDER (used when the back-end offers it).
+    """
     if rw not in WORKLOADS:
         raise ConfigError(f"unknown workload {rw!r} ({', '.join(WORKLOADS)})")
     if bs <= 0 or bs % SECTOR_SIZE:
@@ -127,7 +132,8 @@ def run_blk(
     if size is not None and size < bs * iodepth:
         raise ConfigError(f"size {size} holds fewer than iodepth={iodepth} blocks of {bs}")
     required = VirtioFeature.VERSION_1 | (VirtioFeature.RING_PACKED if packed else 0)
-    features = session.negotiate(BLK_WANTED, required, device=DeviceId.BLOCK)
+    wanted = BLK_WANTED & ~(0 if in_order else VirtioFeature.IN_ORDER)
+    features = session.negotiate(wanted, required, device=DeviceId.BLOCK)
     capacity = read_capacity(session)
     area = min(size if size is not None else capacity, capacity)
     area -= area % bs

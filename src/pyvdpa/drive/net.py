@@ -127,6 +127,7 @@ NET_WANTED = (
     | VirtioFeature.RING_EVENT_IDX
     | VirtioFeature.RING_INDIRECT_DESC
     | VirtioFeature.PROTOCOL_FEATURES
+    | VirtioFeature.IN_ORDER
     | NetFeature.MAC
     | NetFeature.STATUS
 )
@@ -210,15 +211,20 @@ def run_net(
     queues: int = 1,
     packed: bool = False,
     mrg_rxbuf: bool = True,
+    in_order: bool = True,
     ring_size: int = 256,
     duration: float = 5.0,
     packets: int | None = None,
     progress: bool = False,
 ) -> NetResult:
-    """Negotiate a net device on ``session`` and run traffic; return the figures."""
+    """Negotiate a net device on ``session`` and run traffic; return the figures.
+
+    ``in_order``: ask VIRTIO_F_IN_ORDER (used when the back-end offers it).
+    """
     if mode not in ("txonly", "rxonly", "io"):
         raise ConfigError(f"unknown mode {mode!r} (txonly, rxonly, io)")
     wanted = NET_WANTED | (NetFeature.MRG_RXBUF if mrg_rxbuf else 0)
+    wanted &= ~(0 if in_order else VirtioFeature.IN_ORDER)
     wanted |= NetFeature.MQ if queues > 1 else 0
     required = VirtioFeature.RING_PACKED if packed else 0
     features = session.negotiate(wanted, required, device=DeviceId.NET)

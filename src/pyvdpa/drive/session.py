@@ -295,6 +295,7 @@ class DriverSession(abc.ABC):
     def setup_ring(self, index: int, size: int, *, indirect_area: bool = False) -> DriverRing:
         """Allocate, describe and start ring ``index`` of ``size`` descriptors."""
         event_idx = bool(self.features & VirtioFeature.RING_EVENT_IDX)
+        in_order = bool(self.features & VirtioFeature.IN_ORDER)
         indirect_addr = self.alloc(size * size * 16, 16) if indirect_area else None
         queue: DriverQueue
         if self.packed:
@@ -303,7 +304,7 @@ class DriverSession(abc.ABC):
             device = self.alloc(4, 4)
             queue = PackedDriverQueue(
                 self.memory, size, desc, driver, device,
-                event_idx=event_idx, indirect_addr=indirect_addr,
+                event_idx=event_idx, indirect_addr=indirect_addr, in_order=in_order,
             )  # fmt: skip
             avail, used = driver, device
         else:
@@ -312,7 +313,7 @@ class DriverSession(abc.ABC):
             used = self.alloc(SplitLayout(size).used_size, 4)
             queue = SplitDriverQueue(
                 self.memory, size, desc, avail, used,
-                event_idx=event_idx, indirect_addr=indirect_addr,
+                event_idx=event_idx, indirect_addr=indirect_addr, in_order=in_order,
             )  # fmt: skip
         ring = self._new_ring(index, queue)
         self.rings.append(ring)

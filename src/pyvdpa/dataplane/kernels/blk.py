@@ -303,7 +303,7 @@ def blk_requests(u: Unit, w: Worker) -> int:
             stats.packets += 1
             stats.bytes += reply + rlen - BLK_HEADER
             written = reply + 1
-        push(q, ident, written, dc)
+        push(q, ident, written, dc, wlen)
         stats.completed_desc += 1
         count += 1
     if count:

@@ -75,6 +75,8 @@ __all__ = [
     "E_LAYOUT",
     "E_LOOP",
     "E_NEXT_INDEX",
+    "E_ORDER",
+    "E_ORDER_LINKS",
     "E_TOO_BIG",
     "E_TOO_MANY",
     "HELD",
@@ -103,6 +105,9 @@ __all__ = [
     "Q_ATTN_FD",
     "Q_AVAIL_SEEN",
     "Q_AVAIL_WRAP",
+    "Q_BATCH",
+    "Q_BATCH_OPEN",
+    "Q_BATCH_SLOT",
     "Q_CALL_FD",
     "Q_DESC",
     "Q_DEVICE",
@@ -114,6 +119,7 @@ __all__ = [
     "Q_INDIRECT",
     "Q_INFLIGHT",
     "Q_INFLIGHT_SLOTS",
+    "Q_IN_ORDER",
     "Q_IOTLB",
     "Q_LAST_AVAIL",
     "Q_LOG",
@@ -122,6 +128,7 @@ __all__ = [
     "Q_LOG_SIZE",
     "Q_MISS_ACCESS",
     "Q_MISS_ADDR",
+    "Q_NEXT_HEAD",
     "Q_NOTIFY",
     "Q_NREGS",
     "Q_PACKED",
@@ -379,6 +386,16 @@ Q_MISS_ACCESS = QUEUE.field("miss_access")
 """The access (``ACCESS_READ`` or ``ACCESS_WRITE``) the missing translation must allow."""
 Q_ATTN_FD = QUEUE.field("attn_fd")
 """Eventfd signalled when the queue stalls on a miss, -1 for none."""
+Q_IN_ORDER = QUEUE.field("in_order")
+"""1 with VIRTIO_F_IN_ORDER: a chain out of ring order breaks the ring."""
+Q_BATCH = QUEUE.field("batch")
+"""1 when, in order, a chain used completely leaves its used entry to the next one pushed."""
+Q_NEXT_HEAD = QUEUE.field("next_head")
+"""Split, in order: the descriptor the next chain must start at, -1 until the first chain."""
+Q_BATCH_OPEN = QUEUE.field("batch_open")
+"""1 while the last chain pushed, used completely, waits for the next one's used entry."""
+Q_BATCH_SLOT = QUEUE.field("batch_slot")
+"""Split: the used index whose element the open batch writes."""
 QCOLS = QUEUE.close()
 
 # --------------------------------------------------------------------------- counters
@@ -496,10 +513,11 @@ zeroed header; ``iov``: iovecs for one system call; ``events``: room for
 
 SEGMENT = Row("segment", fields=("gpa", "host", "length", "writable"))
 """One buffer of a chain: its device address, host address, length, and 1 if writable."""
-HELD = Row("held", fields=("id", "desc_count", "length"))
-"""A receive chain holding part of a frame, and the bytes it got."""
-CHAIN = Row("chain", fields=("id", "desc_count", "first", "nread", "rlen"))
-"""A chain of a transmit burst: its first segment, readable segments and bytes."""
+HELD = Row("held", fields=("id", "desc_count", "length", "wlen"))
+"""A receive chain holding part of a frame, the bytes it got and the bytes it had room for."""
+CHAIN = Row("chain", fields=("id", "desc_count", "first", "nread", "rlen", "wlen"))
+"""A chain of a transmit burst: its first segment, readable segments and bytes, writable
+bytes."""
 IOVEC = Row("iovec", fields=("base", "length"))
 """``struct iovec`` on 64-bit Linux."""
 TRANSLATION = Row("translation", fields=("start", "size", "host", "access", "gpa"), unsigned=True)
@@ -563,6 +581,8 @@ E_TOO_MANY = next(_rule)
 E_TOO_BIG = next(_rule)
 E_LAYOUT = next(_rule)
 E_BUFFER = next(_rule)
+E_ORDER = next(_rule)
+E_ORDER_LINKS = next(_rule)
 
 # Capacities.
 SEG_CAP = 32768

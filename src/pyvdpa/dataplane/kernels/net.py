@@ -185,7 +185,7 @@ def rx_deliver(
                 return NO_BUFFER
             # A skipped chain lies among them: the frame is lost, the chains go back empty.
             for k in range(nheld):
-                push(rxq, held[k].id, 0, held[k].desc_count)
+                push(rxq, held[k].id, 0, held[k].desc_count, held[k].wlen)
             stats.dropped += 1
             return DROPPED
         if status == ERROR:
@@ -194,7 +194,15 @@ def rx_deliver(
         stats.received_desc += 1
         if wlen < (hdr if nheld == 0 else 1):
             stats.invalid_buffer += 1
-            push(rxq, ident, 0, dc)
+            if nheld and rxq.in_order:
+                # In order, the chains held go back first: the frame is lost.
+                for k in range(nheld):
+                    push(rxq, held[k].id, 0, held[k].desc_count, held[k].wlen)
+                push(rxq, ident, 0, dc, wlen)
+                stats.completion_errors += 1
+                stats.dropped += 1
+                return DROPPED
+            push(rxq, ident, 0, dc, wlen)
             stats.completion_errors += 1
             if nheld:
                 rewindable = False
@@ -209,7 +217,7 @@ def rx_deliver(
                 gather(host + hdr, src, s_first, s_end, s_offset, frame_len)
             if rxq.log:
                 log_write(rxq, segs[nread].gpa, remaining)
-            push(rxq, ident, remaining, dc)
+            push(rxq, ident, remaining, dc, wlen)
             stats.completed_desc += 1
             stats.packets += 1
             stats.bytes += frame_len
@@ -217,7 +225,7 @@ def rx_deliver(
         take = min(wlen, remaining)
         if mrg == 0 and take < remaining:
             stats.invalid_buffer += 1
-            push(rxq, ident, 0, dc)
+            push(rxq, ident, 0, dc, wlen)
             stats.dropped += 1
             return DROPPED
         offset = 0
@@ -245,6 +253,7 @@ def rx_deliver(
         chain.id = ident
         chain.desc_count = dc
         chain.length = take
+        chain.wlen = wlen
         nheld += 1
         pos += take
         remaining -= take
@@ -252,7 +261,7 @@ def rx_deliver(
         st_u8(nb_lo, nheld & _BYTE)
         st_u8(nb_hi, nheld >> _BYTE_BITS)
     for k in range(nheld):
-        push(rxq, held[k].id, held[k].length, held[k].desc_count)
+        push(rxq, held[k].id, held[k].length, held[k].desc_count, held[k].wlen)
         stats.completed_desc += 1
     stats.packets += 1
     stats.bytes += frame_len
@@ -272,7 +281,7 @@ def take_burst(u: Unit, txq: Queue, segs: Table, chains: Table) -> int:
     count = 0
     base = 0
     while count < limit and base + size <= segs.shape[0]:
-        status, ident, nseg, nread, rlen, _, dc = ring_pop(txq, segs, base)
+        status, ident, nseg, nread, rlen, wlen, dc = ring_pop(txq, segs, base)
         if status == EMPTY:
             break
         if status == ERROR:
@@ -286,6 +295,7 @@ def take_burst(u: Unit, txq: Queue, segs: Table, chains: Table) -> int:
         chain.first = base
         chain.nread = nread
         chain.rlen = rlen
+        chain.wlen = wlen
         base += nseg
         count += 1
     return count
@@ -307,7 +317,7 @@ def frame_length(stats: Stats, chain: Record, hdr: int) -> int:
 @inlined
 def give_back(txq: Queue, stats: Stats, chain: Record) -> None:
     """Return a transmitted chain (nothing written) and count it."""
-    push(txq, chain.id, 0, chain.desc_count)
+    push(txq, chain.id, 0, chain.desc_count, chain.wlen)
     stats.completed_desc += 1
 
 

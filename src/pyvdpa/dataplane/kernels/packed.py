@@ -26,6 +26,14 @@ that the driver takes the whole burst at once and the ring's cache lines,
 which the driver writes too, change hands once per burst (as DPDK's shadow
 used ring does).
 
+*In order* (``VIRTIO_F_IN_ORDER``, section 2.8.8): a chain's buffer id
+must be the slot of its head, or the ring breaks.  With ``batch``, a chain
+used completely leaves the batch open: the next chain pushed replaces its
+shadow entry (id, WRITE and length; the slot and wrap bits stay the
+batch's first), so one used descriptor stands for the batch and the used
+position skips all its slots.  The rule is
+:meth:`pyvdpa.virtio.packed.PackedDeviceQueue.push_batch`'s.
+
 *Notifications* (section 2.8.10): the device writes its event area's flags
 (ENABLE, DISABLE, or DESC with the slot and wrap counter at which it wants a
 kick) and reads the driver's: DESC with EVENT_IDX means interrupt when the
@@ -49,6 +57,7 @@ from pyvdpa.dataplane.kernels.intrinsics import (
 from pyvdpa.dataplane.kernels.layout import (
     E_AVAIL_SLOTS,
     E_ID_INDEX,
+    E_ORDER,
     EMPTY,
     ERROR,
     MISS,
@@ -121,6 +130,8 @@ def pop(q: Queue, segs: Table, base: int) -> Popped:
     ident = ld_u16(desc + DESC_SIZE * last + PACKED_DESC_ID)
     if ident >= size:
         return fail(q, E_ID_INDEX, ident, size)
+    if q.in_order and ident != idx:
+        return fail(q, E_ORDER, ident, idx)
     if q.inflight_slots + dc > size:
         return fail(q, E_AVAIL_SLOTS, dc, q.inflight_slots)
     idx += dc
@@ -149,18 +160,29 @@ def unpop(q: Queue, slots: int) -> None:
 
 
 @inlined
-def push(q: Queue, ident: int, written: int, desc_count: int) -> None:
-    """Record the used descriptor of chain ``ident`` (``desc_count`` slots) in the shadow."""
+def push(q: Queue, ident: int, written: int, desc_count: int, whole: bool) -> None:
+    """Record the used descriptor of chain ``ident`` (``desc_count`` slots) in the shadow.
+
+    ``whole``: the device wrote every writable byte of the chain.
+    """
     size = q.size
     used = q.used_idx
     flags = (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED) if q.used_wrap else 0
+    n = q.unpublished
+    if q.batch_open:
+        # The open batch's descriptor, at its first slot with that slot's wrap bits.
+        n -= 1
+        entry = shadow_at(q.shadow, size)[n]
+        flags = (entry.entry >> _FLAGS_SHIFT) & (PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED)
+    else:
+        entry = shadow_at(q.shadow, size)[n]
+        entry.slot = used
     if written:
         flags |= DESC_F_WRITE
-    n = q.unpublished
-    entry = shadow_at(q.shadow, size)[n]
-    entry.slot = used
     entry.entry = ident | (flags << _FLAGS_SHIFT) | (written << _LEN_SHIFT)
     q.unpublished = n + 1
+    if q.batch:
+        q.batch_open = whole
     used += desc_count
     if used >= size:
         used -= size

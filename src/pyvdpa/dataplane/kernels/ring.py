@@ -93,21 +93,26 @@ def unpop(q: Queue, count: int, slots: int) -> None:
     if q.packed:
         packed.unpop(q, slots)
     else:
-        split.unpop(q, count)
+        split.unpop(q, count, slots)
     q.inflight -= count
 
 
 @inlined
-def push(queue: Queue | Int64Row, ident: int, written: int, desc_count: int) -> None:
+def push(queue: Queue | Int64Row, ident: int, written: int, desc_count: int, writable: int) -> None:
     """Return a chain: write its used element (split) or record its used descriptor (packed).
 
     Nothing is visible to the driver before :func:`publish`, once per burst.
+    ``writable`` is the chain's writable bytes: with VIRTIO_F_IN_ORDER, a
+    chain whose every writable byte was written (none for a read-only chain)
+    may share the used entry of the next chain pushed
+    (:func:`pyvdpa.virtio.ring.used_completely`).
     """
     q = queue_of(queue)
+    whole = written == writable
     if q.packed:
-        packed.push(q, ident, written, desc_count)
+        packed.push(q, ident, written, desc_count, whole)
     else:
-        split.push(q, ident, written)
+        split.push(q, ident, written, whole)
     q.inflight -= 1
 
 
@@ -124,6 +129,7 @@ def publish(queue: Queue | Int64Row) -> None:
     if n == 0:
         return
     q.unpublished = 0
+    q.batch_open = 0
     if q.packed:
         packed.publish(q, n)
     else:

@@ -19,6 +19,15 @@ than the queue size ahead is a broken ring.  The head at ``last_avail`` is walke
 place; :func:`publish` makes a burst of them visible with one release store
 of ``used.idx``.  Every ring write is logged when the queue logs.
 
+*In order* (``VIRTIO_F_IN_ORDER``, section 2.7.9): a chain must start at
+``next_head``, the descriptor after the previous chain's last (unknown
+until the first chain), and end ``desc_count - 1`` descriptors further on;
+anything else breaks the ring.  With ``batch``, a chain used completely
+leaves the batch open: the next chain pushed writes its element in the same
+slot, so one element, naming the batch's last chain, stands for the whole
+batch, while ``used.idx`` counts every chain; :func:`publish` closes it.
+The rule is :meth:`pyvdpa.virtio.split.SplitDeviceQueue.push_batch`'s.
+
 *Notifications* (sections 2.7.7 and 2.7.10): without EVENT_IDX the device
 sets ``used.flags`` NO_NOTIFY to ask not to be kicked and honours the
 driver's ``avail.flags`` NO_INTERRUPT; with it, it writes ``avail_event``
@@ -43,6 +52,8 @@ from pyvdpa.dataplane.kernels.intrinsics import (
 from pyvdpa.dataplane.kernels.layout import (
     E_AVAIL_JUMP,
     E_HEAD_INDEX,
+    E_ORDER,
+    E_ORDER_LINKS,
     EMPTY,
     ERROR,
     MISS,
@@ -119,9 +130,15 @@ def pop(q: Queue, segs: Table, base: int) -> Popped:
     head = ld_u16(avail + RING_ENTRIES + AVAIL_ENTRY_SIZE * (last & (size - 1)))
     if head >= size:
         return fail(q, E_HEAD_INDEX, head, size)
-    status, nseg, nread, rlen, wlen, dc, _ = walk(q, segs, base, q.desc, size, head, False)
+    status, nseg, nread, rlen, wlen, dc, end = walk(q, segs, base, q.desc, size, head, False)
     if status != POPPED:
         return (EMPTY if status == MISS else ERROR, 0, 0, 0, 0, 0, 0)
+    if q.in_order:
+        if q.next_head >= 0 and head != q.next_head:
+            return fail(q, E_ORDER, head, q.next_head)
+        if end != (head + dc - 1) & (size - 1):
+            return fail(q, E_ORDER_LINKS, head, end)
+        q.next_head = (end + 1) & (size - 1)
     last = (last + 1) & RING_IDX_MASK
     q.last_avail = last
     q.inflight += 1
@@ -132,17 +149,26 @@ def pop(q: Queue, segs: Table, base: int) -> Popped:
 
 
 @inlined
-def unpop(q: Queue, count: int) -> None:
-    """Give back the last ``count`` chains taken."""
+def unpop(q: Queue, count: int, descs: int) -> None:
+    """Give back the last ``count`` chains taken, ``descs`` table descriptors in all."""
     q.last_avail = (q.last_avail - count) & RING_IDX_MASK
+    if q.in_order and q.next_head >= 0:
+        q.next_head = (q.next_head - descs) & (q.size - 1)
 
 
 @inlined
-def push(q: Queue, ident: int, written: int) -> None:
-    """Write the used element of chain ``ident``, unpublished until :func:`publish`."""
+def push(q: Queue, ident: int, written: int, whole: bool) -> None:
+    """Write the used element of chain ``ident``, unpublished until :func:`publish`.
+
+    ``whole``: the device wrote every writable byte of the chain.
+    """
     used = q.used_idx
-    offset = RING_ENTRIES + USED_ENTRY_SIZE * (used & (q.size - 1))
+    slot = q.batch_slot if q.batch_open else used
+    offset = RING_ENTRIES + USED_ENTRY_SIZE * (slot & (q.size - 1))
     st_u64(q.device + offset, ident | (written << _LEN_SHIFT))
+    if q.batch:
+        q.batch_open = whole
+        q.batch_slot = slot
     q.used_idx = (used + 1) & RING_IDX_MASK
     q.unpublished += 1
     q.unsignalled += 1

@@ -187,7 +187,7 @@ def tap_receive(u: Unit, w: Worker) -> int:
         if direct and got <= room:
             write_header(segs[nread].host, hdr, 1)
             log_segments(rxq, segs, nread, nseg, hdr + got)
-            push(rxq, ident, hdr + got, dc)
+            push(rxq, ident, hdr + got, dc, wlen)
             stats.received_desc += 1
             stats.completed_desc += 1
             stats.packets += 1
