@@ -177,3 +177,42 @@ def test_blk_request_without_status_byte_is_refused_unserved(app: tuple[PyvdpaRu
     assert _digest(disk.read_bytes()) == _digest(before)
     _net_still_loops_back(run)
     _blk_still_serves(run, disk, before)
+
+
+def test_chain_out_of_ring_order_breaks_only_its_ring(app: tuple[PyvdpaRun, Path]) -> None:
+    """With IN_ORDER negotiated, a TX chain that skips descriptors is a broken ring."""
+    run, disk = app
+    before = disk.read_bytes()
+    session = Session(Frontend.connect(run.sockets[0]), memory_size=4 << 20)
+    err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        wanted = VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES
+        features = session.negotiate(wanted | VirtioFeature.IN_ORDER, 0)
+        assert features & VirtioFeature.IN_ORDER
+        for index in range(2):
+            session.setup_ring(index, RING)
+        session.frontend.set_vring_err(1, err)
+        session.enable_rings()
+        tx = session.rings[1]
+        frame = session.alloc(64)
+        desc: memoryview = tx.queue._desc  # type: ignore[attr-defined]
+        avail: memoryview = tx.queue._avail  # type: ignore[attr-defined]
+        # In ring order: descriptor 0, then the chain at descriptor 1 (here at 4).
+        _DESC.pack_into(desc, 0, frame, 64, 0, 0)
+        _DESC.pack_into(desc, 4 * 16, frame, 64, 0, 0)
+        struct.pack_into("<HH", avail, 4, 0, 4)
+        struct.pack_into("<H", avail, 2, 2)
+        del desc, avail
+        os.eventfd_write(tx.kick_fd, 1)
+        assert _signalled(err), "the broken queue's error eventfd was not signalled"
+        stats = run.stats("net0")
+        assert stats[1]["bad_desc_errors"] == 1
+        assert stats[1]["received_desc"] == 1
+        assert stats[0]["bad_desc_errors"] == 0
+    finally:
+        session.close()
+        os.close(err)
+    broken = f"{run.sockets[0]}: vring 1 broken: in-order ring: chain names 4 where ring order"
+    run.wait_for(re.compile(re.escape(broken)), timeout=5)
+    _net_still_loops_back(run)
+    _blk_still_serves(run, disk, before)
