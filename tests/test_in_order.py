@@ -10,13 +10,25 @@ used in part, and refuse chains out of ring order as a broken ring.
 
 from __future__ import annotations
 
+import os
 import random
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from peers.app import PyvdpaRun
 from pyvdpa.dataplane.queues import CompiledQueue
+from pyvdpa.devices.blk import BlkDevice
+from pyvdpa.devices.net import NetDevice
+from pyvdpa.drive.blk import run_blk
+from pyvdpa.drive.net import run_net
+from pyvdpa.drive.session import Session
+from pyvdpa.vhost_user.frontend import Frontend
+from pyvdpa.vhost_user.server import BackendServer
+from pyvdpa.virtio.constants import VirtioFeature
 from pyvdpa.virtio.packed import PackedDeviceQueue, PackedDriverQueue
 from pyvdpa.virtio.ring import (
     DESCRIPTOR,
@@ -285,3 +297,59 @@ def test_packed_buffer_id_other_than_head_slot_breaks_the_ring(compiled: bool) -
     assert ring.device.broken
     with pytest.raises(QueueBrokenError):
         ring.device.push(chain, 0)
+
+
+# --------------------------------------------------------------------------- drive <-> devices
+
+
+def _negotiated_in_order(session: Session) -> bool:
+    return bool(session.features & VirtioFeature.IN_ORDER)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_drive_against_python_devices(tmp_path: Path, packed: bool) -> None:
+    net = NetDevice(mode="loopback")
+    with (
+        BackendServer(tmp_path / "net.sock", lambda: net),
+        Session(Frontend.connect(tmp_path / "net.sock"), memory_size=8 << 20) as session,
+    ):
+        result = run_net(session, mode="io", packed=packed, duration=0.5)
+        assert _negotiated_in_order(session)
+    assert result.rx_packets > 100 and result.rx_bad == 0 and result.errors == 0
+    blk = BlkDevice(size=4 << 20)
+    with (
+        BackendServer(tmp_path / "blk.sock", lambda: blk),
+        Session(Frontend.connect(tmp_path / "blk.sock"), memory_size=8 << 20) as session,
+    ):
+        io = run_blk(session, rw="randwrite", verify=True, ios=512, size=1 << 20, packed=packed)
+        assert _negotiated_in_order(session)
+    assert io.ios >= 512 and io.errors == 0 and io.verify_errors == 0
+    blk.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PyvdpaRun]:
+    work = tmp_path_factory.mktemp("inorder")
+    disk = work / "disk.img"
+    disk.write_bytes(os.urandom(4 << 20))
+    vdevs = ["sim-net,name=net0", f"sim-blk,name=blk0,path={disk}"]
+    with PyvdpaRun(vdevs, work / "vdpa") as run:
+        yield run
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("mrg", [True, False], ids=["mrg", "nomrg"])
+def test_drive_net_against_compiled_sim_net(app: PyvdpaRun, packed: bool, mrg: bool) -> None:
+    with Session(Frontend.connect(app.sockets[0]), memory_size=8 << 20) as session:
+        result = run_net(session, mode="io", packed=packed, mrg_rxbuf=mrg, duration=0.5)
+        assert _negotiated_in_order(session)
+    assert result.rx_packets > 100 and result.rx_bad == 0 and result.errors == 0
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+@pytest.mark.parametrize("rw", ["randwrite", "read"])
+def test_drive_blk_against_compiled_sim_blk(app: PyvdpaRun, packed: bool, rw: str) -> None:
+    with Session(Frontend.connect(app.sockets[1]), memory_size=8 << 20) as session:
+        io = run_blk(session, rw=rw, verify=True, ios=512, size=1 << 20, packed=packed)
+        assert _negotiated_in_order(session)
+    assert io.ios >= 512 and io.errors == 0 and io.verify_errors == 0
