@@ -2,8 +2,8 @@
 
 * back-end: DPDK's virtio-user driver (testpmd) negotiates with a simulated
   virtio-net device served in this process, for split and packed rings, one
-  and two queue pairs, with and without MRG_RXBUF, and forwards frames
-  round trip through its loopback;
+  and two queue pairs, with and without MRG_RXBUF, IN_ORDER included, and
+  forwards frames round trip through its loopback;
 * front-end: ``pyvdpa drive`` (the real command, as a separate program)
   sends frames into DPDK's net_vhost back-end and receives frames from it,
   and writes, reads and verifies a disk exported by qemu-storage-daemon;
@@ -196,6 +196,8 @@ def test_virtio_user_forwards_through_sim_net(
     # virtio-user does not wait for the last SET_VRING_ENABLE to be handled.
     _until(lambda: all(vring.running for vring in rings))
     assert connection.features_set
+    # virtio-user asks IN_ORDER (in_order=1 by default) and the device offers it.
+    assert connection.features & VirtioFeature.IN_ORDER
     assert bool(connection.features & VirtioFeature.RING_PACKED) == packed
     assert bool(connection.features & NetFeature.MRG_RXBUF) == mrg_rxbuf
     assert bool(connection.features & NetFeature.MQ) == (queues > 1)

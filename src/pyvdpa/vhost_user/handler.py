@@ -403,6 +403,7 @@ class BackendHandler:
             self.device.set_features(features)
 
         self._restart_running(apply)
+        log.info("%s: features %#x negotiated", self.name, features)
         if not features & VirtioFeature.PROTOCOL_FEATURES:
             # Without protocol features, rings are enabled as soon as features are set.
             for vring in self.vrings:
