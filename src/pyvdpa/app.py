@@ -47,6 +47,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from pyvdpa.dataplane import shared_engines
 from pyvdpa.dataplane.engine import EngineMode, warm_up
 from pyvdpa.devices.net import NetControl
 from pyvdpa.errors import ConfigError, PyvdpaError
@@ -327,7 +328,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         type=parse_cpus,
         metavar="LIST",
         help="pin the data path: one worker per CPU listed, e.g. 1 or 2,3 or 2-5 "
-        "(default: one worker the system schedules)",
+        "(default: one worker; in poll mode pinned to the highest-numbered CPU the process "
+        "may use that no other polling worker of it holds, elsewhere scheduled by the system)",
     )
     parser.add_argument(
         "--iface", metavar="PREFIX", help="socket path prefix: PREFIX0, PREFIX1… in --vdev order"
@@ -415,6 +417,14 @@ def run(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.s
             programs = {app.drivers[spec.kind].program(spec) for spec in specs}
             warm_up(lambda line: print(f"pyvdpa: {line}", file=sys.stderr, flush=True), programs)
         app.probe(args.vdev)
+        if app.engine is EngineMode.POLL and app.cpus is None:
+            for engine in shared_engines():
+                picked = ", ".join(str(cpu) for cpu in engine.cpus)
+                print(
+                    f"pyvdpa: poll-mode data path pinned to CPU {picked} (--cpus to choose)",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if args.iface:
             app.create_ifaces(args.iface)
         if control is None and not args.no_control:

@@ -20,7 +20,7 @@ virtqueues straight in guest memory:
 
 from pyvdpa.dataplane.blk import EngineBlkDevice
 from pyvdpa.dataplane.engine import Engine, EngineMode, Port
-from pyvdpa.dataplane.net import EngineNetDevice, QueueCounters, shared_engine
+from pyvdpa.dataplane.net import EngineNetDevice, QueueCounters, shared_engine, shared_engines
 from pyvdpa.dataplane.queues import (
     CompiledPackedQueue,
     CompiledQueue,
@@ -38,4 +38,5 @@ __all__ = [
     "Port",
     "QueueCounters",
     "shared_engine",
+    "shared_engines",
 ]

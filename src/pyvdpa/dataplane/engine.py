@@ -12,7 +12,11 @@ a ring.  New ports go to the worker with the fewest.
 Modes (:class:`EngineMode`):
 
 * ``poll`` — the worker never sleeps and asks drivers not to kick: lowest
-  latency, one busy core, like a DPDK polling core;
+  latency, one busy core, like a DPDK polling core.  A poll-mode worker is
+  always pinned: to the CPU it is given, or else to the one
+  :func:`pick_poll_cpu` picks (the highest-numbered CPU the process may run
+  on that no other poll-mode worker of the process holds), and it logs a
+  warning when it shares its CPU with another poll-mode worker;
 * ``event`` — when no work has come for :data:`EVENT_SPIN_US` (about what
   one sleep and wake-up costs, so that a busy device is not put to sleep
   between two bursts) the worker re-enables notifications
@@ -51,7 +55,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -73,6 +77,7 @@ __all__ = [
     "EngineIommu",
     "EngineMode",
     "Port",
+    "pick_poll_cpu",
 ]
 
 log = logging.getLogger(__name__)
@@ -110,6 +115,47 @@ _MODE_CODES = {
     EngineMode.EVENT: k.MODE_EVENT,
     EngineMode.ADAPTIVE: k.MODE_ADAPTIVE,
 }
+
+
+def pick_poll_cpu(allowed: Collection[int], held: Mapping[int, int]) -> int:
+    """The CPU a poll-mode worker given none is pinned to.
+
+    ``allowed`` are the CPUs the process may run on, ``held`` how many
+    poll-mode workers of the process each CPU already has.  The pick is the
+    highest-numbered allowed CPU that none holds (the system and other
+    programs tend to start from CPU 0); when every one is held, the one held
+    by the fewest, the highest of those.
+    """
+    if not allowed:
+        raise ConfigError("the process may run on no CPU")
+    return max(allowed, key=lambda cpu: (-held.get(cpu, 0), cpu))
+
+
+class _PollCpus:
+    """The CPUs the process's poll-mode workers are pinned to, and how many on each."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, int] = {}
+
+    def claim(self, cpu: int | None) -> tuple[int, int]:
+        """Hold ``cpu``, or the CPU :func:`pick_poll_cpu` picks; return it and its other holders."""
+        with self._lock:
+            if cpu is None:
+                cpu = pick_poll_cpu(os.sched_getaffinity(0), self._held)
+            others = self._held.get(cpu, 0)
+            self._held[cpu] = others + 1
+            return cpu, others
+
+    def release(self, cpu: int) -> None:
+        """Let go of ``cpu``."""
+        with self._lock:
+            left = self._held.pop(cpu, 1) - 1
+            if left:
+                self._held[cpu] = left
+
+
+_POLL_CPUS = _PollCpus()
 
 
 @dataclass(eq=False)
@@ -246,6 +292,8 @@ class _Worker:
         self.engine = engine
         self.index = index
         self.cpu = cpu
+        # The CPU held in the process's table of polling workers, while held.
+        self._claimed: int | None = None
         self.ports: list[Port] = []
         self.ctl = np.zeros(k.CCOLS, dtype=np.int64)
         self._units: Int64Array = np.zeros(1, dtype=np.int64)
@@ -280,7 +328,22 @@ class _Worker:
             return self._in_kernel
 
     def start(self) -> None:
-        """Start the thread, pinned to the worker's CPU (if any) before it serves a queue."""
+        """Start the thread, pinned to the worker's CPU (if any) before it serves a queue.
+
+        A poll-mode worker given no CPU takes the one :func:`pick_poll_cpu` picks.
+        """
+        if self.engine.mode is EngineMode.POLL:
+            picked = self.cpu is None
+            self.cpu, others = _POLL_CPUS.claim(self.cpu)
+            self._claimed = self.cpu
+            if picked:
+                log.info("data-path worker %d polls on CPU %d (picked)", self.index, self.cpu)
+            if others:
+                log.warning(
+                    "data-path worker %d polls on CPU %d, which %d other polling worker(s) "
+                    "of this process poll on too: they share one core",
+                    self.index, self.cpu, others,
+                )  # fmt: skip
         self._thread.start()
         if self.cpu is None:
             return
@@ -307,6 +370,9 @@ class _Worker:
         """Close the epoll set and the wake eventfd (the thread has ended or never ran)."""
         self._epoll.close()
         os.close(self._wake_fd)
+        if self._claimed is not None:
+            _POLL_CPUS.release(self._claimed)
+            self._claimed = None
 
     def wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -408,7 +474,8 @@ class Engine:
     """Worker threads that run compiled ring kernels with the GIL released.
 
     ``workers`` threads are started by :meth:`start`, pinned to ``cpus``
-    (one per worker) when given.  ``spin_us`` is how long an adaptive worker
+    (one per worker) when given; in poll mode, to CPUs picked by
+    :func:`pick_poll_cpu` otherwise.  ``spin_us`` is how long an adaptive worker
     polls after its last work; ``burst`` caps the chains one queue handles
     before the worker moves on.
     """
@@ -448,6 +515,11 @@ class Engine:
         self._retired: list[tuple[CompiledQueue, _Retired]] = []
         self._started = False
         self._closed = False
+
+    @property
+    def cpus(self) -> tuple[int | None, ...]:
+        """The CPU each worker is pinned to (None: the system schedules it)."""
+        return tuple(worker.cpu for worker in self._workers)
 
     # ------------------------------------------------------------------ lifecycle
 

@@ -69,6 +69,7 @@ __all__ = [
     "QueueCounters",
     "generated_frame",
     "shared_engine",
+    "shared_engines",
 ]
 
 log = logging.getLogger(__name__)
@@ -182,9 +183,10 @@ def shared_engine(
 ) -> Engine:
     """The process-wide engine of ``mode``, started on first use.
 
-    Without ``cpus`` it has one worker that the system schedules; with
-    ``cpus`` it has one worker pinned to each CPU listed, and devices
-    spread their queue pairs over them.
+    Without ``cpus`` it has one worker, which the system schedules (in
+    poll mode, pinned to a CPU the engine picks); with ``cpus`` it has one
+    worker pinned to each CPU listed, and devices spread their queue pairs
+    over them.
     """
     key = (EngineMode(mode), None if cpus is None else tuple(cpus))
     with _shared_lock:
@@ -194,6 +196,12 @@ def shared_engine(
             engine = Engine(key[0], workers=workers, cpus=key[1]).start()
             _shared[key] = engine
         return engine
+
+
+def shared_engines() -> list[Engine]:
+    """The process-wide engines started so far."""
+    with _shared_lock:
+        return list(_shared.values())
 
 
 @atexit.register
