@@ -7,6 +7,7 @@ measures starts, serves and stops.
 
 from __future__ import annotations
 
+import inspect
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ import pytest
 
 from pyvdpa import bench
 from pyvdpa.bench import Case, Measurement, Result, summarise
+from pyvdpa.dataplane.engine import Engine
 from pyvdpa.drive.session import Session
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.virtio.constants import VirtioFeature
@@ -126,3 +128,12 @@ def test_start_time_is_measured_to_the_listening_socket() -> None:
     started = time.monotonic()
     seconds = bench.measure_start(bench.BenchConfig(), runs=1)
     assert 0 < seconds < time.monotonic() - started
+
+
+def test_every_side_uses_the_engine_burst_and_virtio_user_in_order() -> None:
+    engine_burst = inspect.signature(Engine).parameters["burst"].default
+    assert engine_burst == bench.BURST
+    case = bench.Case("loopback", 64, "packed")
+    assert "in_order=1" in bench._driver_vdev("/tmp/x", case)
+    assert "in_order=0" in bench._driver_vdev("/tmp/x", case, in_order=False)
+    assert f"--burst={engine_burst}" in bench._driver_args(case)

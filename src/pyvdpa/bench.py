@@ -5,7 +5,7 @@ Usage::
     python -m pyvdpa.bench [--duration 4] [--warmup 2] [--json results.json]
                            [--workloads tx,rx,loopback] [--sizes 64,1518]
                            [--rings split,packed] [--queues 1] [--engines poll,event]
-                           [--no-extras]
+                           [--in-order on|off] [--no-extras]
 
 One run measures every case against both back-ends, prints a table and
 writes the figures as JSON.  It needs ``dpdk-testpmd`` (DPDK 22.11 or
@@ -31,8 +31,11 @@ Workloads: ``tx`` (virtio-user ``txonly`` → back-end consumes), ``rx``
 ``io`` forwarding after ``--tx-first``; the back-end sends every frame
 back; frames are addressed to the pyvdpa device's MAC so that its
 vdpa_sim_net filter accepts them).  Both back-ends see the same driver
-configuration: ``mrg_rxbuf=1`` and ``in_order=0`` (pyvdpa does not offer
-``VIRTIO_F_IN_ORDER``, so DPDK must not get it either).
+configuration, virtio-user's default one: ``mrg_rxbuf=1`` and
+``in_order=1`` (both back-ends offer ``VIRTIO_F_IN_ORDER``, so both
+negotiate it; ``--in-order off`` measures without).  Every side works in
+bursts of :data:`BURST` chains: testpmd's ``--burst`` on the driver and on
+DPDK's back-end, and the burst of pyvdpa's engine.
 
 The rate is read from virtio-user's port counters: packets transmitted
 (``tx``) or received (``rx``, ``loopback``) between the first statistics
@@ -74,6 +77,7 @@ if TYPE_CHECKING:
     from pyvdpa.drive.session import Session
 
 __all__ = [
+    "BURST",
     "BenchConfig",
     "Case",
     "Measurement",
@@ -87,6 +91,8 @@ WORKLOADS = ("tx", "rx", "loopback")
 RINGS = ("split", "packed")
 ENGINE_MODES = ("poll", "event", "adaptive")
 DEVICE_MAC = "52:54:00:12:34:56"
+BURST = 64
+"""Chains every side handles per pass: pyvdpa's engine burst, given to each testpmd too."""
 
 _USER_MODE = {"tx": "txonly", "rx": "rxonly", "loopback": "io"}
 _VHOST_MODE = {"tx": "rxonly", "rx": "txonly", "loopback": "io"}
@@ -146,6 +152,7 @@ class BenchConfig:
     warmup: float = 2.0
     driver_cpu: int = 0
     backend_cpu: int = 1
+    in_order: bool = True
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()))
 
 
@@ -353,16 +360,16 @@ def _measure(driver: _Process, case: Case, config: BenchConfig) -> tuple[int, fl
     return n1 - n0, t1 - t0
 
 
-def _driver_vdev(path: str, case: Case) -> str:
+def _driver_vdev(path: str, case: Case, in_order: bool = True) -> str:
     packed = int(case.ring == "packed")
     return (
         f"net_virtio_user0,path={path},queues={case.queues},packed_vq={packed},"
-        "mrg_rxbuf=1,in_order=0"
+        f"mrg_rxbuf=1,in_order={int(in_order)}"
     )
 
 
 def _driver_args(case: Case) -> list[str]:
-    extra = [f"--txpkts={case.frame}", f"--eth-peer=0,{DEVICE_MAC}"]
+    extra = [f"--txpkts={case.frame}", f"--eth-peer=0,{DEVICE_MAC}", f"--burst={BURST}"]
     if case.workload == "loopback":
         extra.append("--tx-first")
     return extra
@@ -374,7 +381,7 @@ def run_case(case: Case, backend: str, config: BenchConfig) -> Measurement:
 
     def driver(path: str) -> contextlib.AbstractContextManager[_Process]:
         return _testpmd(
-            _driver_vdev(path, case),
+            _driver_vdev(path, case, config.in_order),
             forward=_USER_MODE[case.workload],
             fwd_cpu=config.driver_cpu,
             main_cpu=config.backend_cpu,
@@ -392,7 +399,7 @@ def run_case(case: Case, backend: str, config: BenchConfig) -> Measurement:
                 fwd_cpu=config.backend_cpu,
                 main_cpu=config.driver_cpu,
                 queues=case.queues,
-                extra=[f"--txpkts={case.frame}"],
+                extra=[f"--txpkts={case.frame}", f"--burst={BURST}"],
             ) as server:
                 _wait_for("net_vhost", _listening(path), server)
                 with driver(path) as user:
@@ -648,6 +655,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--repeat", type=int, default=1, help="runs per case and back-end (median reported)"
     )
+    parser.add_argument(
+        "--in-order",
+        choices=("on", "off"),
+        default="on",
+        help="virtio-user's in_order devarg (default on, as virtio-user's own default)",
+    )
     parser.add_argument("--json", metavar="FILE", help="write the results here")
     parser.add_argument("--no-extras", action="store_true", help="skip idle CPU, memory, start")
     return parser
@@ -682,6 +695,7 @@ def _bench(args: argparse.Namespace) -> int:
         warmup=args.warmup,
         driver_cpu=args.cpus[0],
         backend_cpu=args.cpus[1],
+        in_order=args.in_order == "on",
     )
     measurements: list[Measurement] = []
     for case in _cases(args):

@@ -132,7 +132,7 @@ def run_blk(
     if size is not None and size < bs * iodepth:
         raise ConfigError(f"size {size} holds fewer than iodepth={iodepth} blocks of {bs}")
     required = VirtioFeature.VERSION_1 | (VirtioFeature.RING_PACKED if packed else 0)
-    wanted = BLK_WANTED & ~(0 if in_order else VirtioFeature.IN_ORDER)
+    wanted = BLK_WANTED if in_order else BLK_WANTED & ~VirtioFeature.IN_ORDER
     features = session.negotiate(wanted, required, device=DeviceId.BLOCK)
     capacity = read_capacity(session)
     area = min(size if size is not None else capacity, capacity)

@@ -224,7 +224,8 @@ def run_net(
     if mode not in ("txonly", "rxonly", "io"):
         raise ConfigError(f"unknown mode {mode!r} (txonly, rxonly, io)")
     wanted = NET_WANTED | (NetFeature.MRG_RXBUF if mrg_rxbuf else 0)
-    wanted &= ~(0 if in_order else VirtioFeature.IN_ORDER)
+    if not in_order:
+        wanted &= ~VirtioFeature.IN_ORDER
     wanted |= NetFeature.MQ if queues > 1 else 0
     required = VirtioFeature.RING_PACKED if packed else 0
     features = session.negotiate(wanted, required, device=DeviceId.NET)
