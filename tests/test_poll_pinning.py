@@ -95,6 +95,10 @@ def test_pyvdpa_run_engine_poll_pins_its_worker() -> None:
         assert found is not None, line
         cpu = int(found.group(1))
         assert cpu == max(os.sched_getaffinity(0))
+        # The worker names itself once running.
+        deadline = time.monotonic() + 10
+        while not _workers(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert list(_workers(proc.pid).values()) == [{cpu}]
         _, err = proc.communicate("quit\n", timeout=30)
     finally:
