@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import select
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -353,3 +354,41 @@ def test_drive_blk_against_compiled_sim_blk(app: PyvdpaRun, packed: bool, rw: st
         io = run_blk(session, rw=rw, verify=True, ios=512, size=1 << 20, packed=packed)
         assert _negotiated_in_order(session)
     assert io.ios >= 512 and io.errors == 0 and io.verify_errors == 0
+
+
+def test_python_device_survives_a_chain_out_of_ring_order(tmp_path: Path) -> None:
+    """The Python sim-net breaks only the TX ring; its RX ring and a new connection still work."""
+    device = NetDevice(mode="loopback")
+    sock = tmp_path / "net.sock"
+    with BackendServer(sock, lambda: device):
+        session = Session(Frontend.connect(sock), memory_size=4 << 20)
+        err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            wanted = VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES
+            assert session.negotiate(wanted | VirtioFeature.IN_ORDER, 0) & VirtioFeature.IN_ORDER
+            for index in range(2):
+                session.setup_ring(index, 16)
+            session.frontend.set_vring_err(1, err)
+            session.enable_rings()
+            tx = session.rings[1]
+            frame = session.alloc(64)
+            desc: memoryview = tx.queue._desc  # type: ignore[attr-defined]
+            avail: memoryview = tx.queue._avail  # type: ignore[attr-defined]
+            # Descriptor 0, then a chain at descriptor 3 where ring order puts 1.
+            DESCRIPTOR.pack_into(desc, 0, frame, 64, 0, 0)
+            DESCRIPTOR.pack_into(desc, 3 * 16, frame, 64, 0, 0)
+            struct.pack_into("<HH", avail, 4, 0, 3)
+            struct.pack_into("<H", avail, 2, 2)
+            del desc, avail
+            os.eventfd_write(tx.kick_fd, 1)
+            ready, _, _ = select.select([err], [], [], 10)
+            assert ready, "the broken ring's error eventfd was not signalled"
+            assert device.stats[1].bad_desc_errors == 1
+            assert device.stats[1].received_desc == 1
+            assert device.stats[0].bad_desc_errors == 0
+        finally:
+            session.close()
+            os.close(err)
+        with Session(Frontend.connect(sock), memory_size=8 << 20) as again:
+            result = run_net(again, mode="io", duration=0.3)
+        assert result.rx_packets > 0 and result.errors == 0
