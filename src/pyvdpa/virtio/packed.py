@@ -226,6 +226,8 @@ class PackedDeviceQueue:
     descriptor ring) plus its offset.  Device event area writes are not
     logged: they carry no state the driver keeps, and a device resumed
     elsewhere writes the area anew when it sets its notification state.
+    ``in_order`` says VIRTIO_F_IN_ORDER was negotiated (see the module's theory
+    of operation).
     """
 
     def __init__(

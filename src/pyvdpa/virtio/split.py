@@ -196,7 +196,8 @@ class SplitDeviceQueue:
     used index is read back from the used ring, which the driver owns.  When
     ``log`` is given, every byte the device writes is logged: buffer bytes at
     their descriptor addresses and used ring fields at ``log_addr`` (the
-    guest-physical address of the used ring) plus their offset.
+    guest-physical address of the used ring) plus their offset.  ``in_order``
+    says VIRTIO_F_IN_ORDER was negotiated (see the module's theory of operation).
     """
 
     def __init__(
