@@ -12,7 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from pyvdpa.dataplane.engine import WORKER_THREAD_PREFIX, Engine, EngineMode, pick_poll_cpu
+from pyvdpa.dataplane.engine import (
+    WORKER_THREAD_PREFIX,
+    Engine,
+    EngineMode,
+    pick_poll_cpu,
+    polling_cpus,
+)
 from pyvdpa.errors import ConfigError
 
 
@@ -24,6 +30,16 @@ def _workers(pid: int | str = "self") -> dict[int, set[int]]:
         if name.startswith(WORKER_THREAD_PREFIX):
             found[int(task.name)] = os.sched_getaffinity(int(task.name))
     return found
+
+
+def _new_workers(others: set[int], pid: int | str = "self") -> dict[int, set[int]]:
+    """Worker threads not in ``others``, once one has named itself (it does so once running)."""
+    deadline = time.monotonic() + 10
+    while True:
+        found = {tid: a for tid, a in _workers(pid).items() if tid not in others}
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def test_pick_prefers_the_highest_cpu_no_poller_holds() -> None:
@@ -39,37 +55,44 @@ def test_poll_engine_without_cpus_is_pinned_and_says_where(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     allowed = os.sched_getaffinity(0)
+    held = polling_cpus()
     others = set(_workers())
     caplog.set_level(logging.INFO, logger="pyvdpa.dataplane.engine")
     with Engine(EngineMode.POLL) as engine:
         (cpu,) = engine.cpus
-        assert cpu == max(allowed)
-        mine = {tid: a for tid, a in _workers().items() if tid not in others}
-        assert list(mine.values()) == [{cpu}]
+        assert cpu == pick_poll_cpu(allowed, held)
+        if not held:
+            assert cpu == max(allowed)
+        assert list(_new_workers(others).values()) == [{cpu}]
+        assert polling_cpus().get(cpu) == held.get(cpu, 0) + 1
     assert f"data-path worker 0 polls on CPU {cpu} (picked)" in caplog.text
-    assert "share one core" not in caplog.text
+    assert ("share one core" in caplog.text) == (cpu in held)
+    assert polling_cpus() == held
     assert os.sched_getaffinity(0) == allowed
 
 
-def test_second_poller_takes_another_cpu_and_a_third_one_warns(
+def test_second_poller_takes_another_cpu_and_an_override_warns(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     allowed = sorted(os.sched_getaffinity(0))
-    if len(allowed) < 2:
-        pytest.skip("needs two CPUs")
+    held = polling_cpus()
+    free = [cpu for cpu in allowed if cpu not in held]
+    if len(free) < 2:
+        pytest.skip("needs two CPUs no poller of this process holds")
     with Engine(EngineMode.POLL) as first, Engine(EngineMode.POLL) as second:
-        assert first.cpus == (allowed[-1],)
-        assert second.cpus == (allowed[-2],)
+        assert first.cpus == (free[-1],)
+        assert second.cpus == (free[-2],)
         assert "share one core" not in caplog.text
         # --cpus overrides the pick, even onto a CPU another poller holds.
-        with Engine(EngineMode.POLL, cpus=[allowed[-1]]) as third:
-            assert third.cpus == (allowed[-1],)
+        with Engine(EngineMode.POLL, cpus=[free[-1]]) as third:
+            assert third.cpus == (free[-1],)
         warning = re.search(r"polls on CPU (\d+), which 1 other polling worker", caplog.text)
-        assert warning is not None and int(warning.group(1)) == allowed[-1]
+        assert warning is not None and int(warning.group(1)) == free[-1]
         assert all(r.levelno == logging.WARNING for r in caplog.records if "share" in r.message)
-    # Both let go of their CPUs: a new poller takes the highest again.
+    # Both let go of their CPUs: a new poller takes the highest free one again.
+    assert polling_cpus() == held
     with Engine(EngineMode.POLL) as again:
-        assert again.cpus == (allowed[-1],)
+        assert again.cpus == (free[-1],)
 
 
 def test_other_modes_stay_unpinned_without_cpus() -> None:
@@ -95,11 +118,7 @@ def test_pyvdpa_run_engine_poll_pins_its_worker() -> None:
         assert found is not None, line
         cpu = int(found.group(1))
         assert cpu == max(os.sched_getaffinity(0))
-        # The worker names itself once running.
-        deadline = time.monotonic() + 10
-        while not _workers(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert list(_workers(proc.pid).values()) == [{cpu}]
+        assert list(_new_workers(set(), proc.pid).values()) == [{cpu}]
         _, err = proc.communicate("quit\n", timeout=30)
     finally:
         if proc.poll() is None:

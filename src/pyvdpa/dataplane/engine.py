@@ -78,6 +78,7 @@ __all__ = [
     "EngineMode",
     "Port",
     "pick_poll_cpu",
+    "polling_cpus",
 ]
 
 log = logging.getLogger(__name__)
@@ -147,6 +148,11 @@ class _PollCpus:
             self._held[cpu] = others + 1
             return cpu, others
 
+    def held(self) -> dict[int, int]:
+        """How many poll-mode workers each CPU has."""
+        with self._lock:
+            return dict(self._held)
+
     def release(self, cpu: int) -> None:
         """Let go of ``cpu``."""
         with self._lock:
@@ -156,6 +162,11 @@ class _PollCpus:
 
 
 _POLL_CPUS = _PollCpus()
+
+
+def polling_cpus() -> dict[int, int]:
+    """The CPUs the process's running poll-mode workers are pinned to, and how many on each."""
+    return _POLL_CPUS.held()
 
 
 @dataclass(eq=False)
