@@ -48,7 +48,7 @@ from pyvdpa.memory import (
 )
 from pyvdpa.virtio.constants import VirtioFeature
 from pyvdpa.virtio.packed import PackedDriverQueue
-from pyvdpa.virtio.ring import AddressSpace, BufferAddressError, DeviceQueue, QueueFullError
+from pyvdpa.virtio.ring import AddressSpace, DeviceQueue, QueueFullError
 from pyvdpa.virtio.split import SplitDriverQueue
 
 __all__ = ["MEMORY_SIZE", "check", "guest_memory", "ring_image", "seeds", "test_one_input"]
@@ -144,30 +144,13 @@ def _iommu(reader: Reader) -> IotlbAddressSpace:
     return IotlbAddressSpace(iotlb, guest_memory().memory)
 
 
-def _known_divergence(got: list[Outcome], expected: list[Outcome]) -> bool:
-    """The kernels' known disagreement, to be removed with its fix.
-
-    Behind an IOMMU, a buffer running past 2**64 is an IOTLB miss for the
-    compiled queue (which stalls, asking for a translation no UPDATE can
-    give) and a broken ring for the Python walker
-    (``test_regression_buffer_past_2_64_behind_an_iommu_breaks_the_ring``,
-    an expected failure until the kernels check the range first).
-    """
-    if len(got) != len(expected) or got[:-2] != expected[:-2]:
-        return False
-    return got[-2][:2] == ("error", IotlbMissError) and expected[-2][:2] == (
-        "error",
-        BufferAddressError,
-    )
-
-
 def test_one_input(data: bytes) -> None:
     """Pop every chain with both walkers over the same guest memory; compare."""
-    check(data, tolerate_known=True)
+    check(data)
 
 
-def check(data: bytes, *, tolerate_known: bool) -> None:
-    """:func:`test_one_input`, optionally failing on the kernels' known disagreement too."""
+def check(data: bytes) -> None:
+    """Walk the ring in ``data`` with the Python device queue and the kernels: same verdicts."""
     reader = Reader(data)
     flags, choice, base = reader.u8(), reader.u8(), reader.u16()
     space: AddressSpace = _iommu(reader) if flags & _IOMMU else guest_memory().memory
@@ -197,8 +180,6 @@ def check(data: bytes, *, tolerate_known: bool) -> None:
         after_python = guest.snapshot()
         guest.load(image)
         got = _pop_all(CompiledQueue.from_spec(spec), limit, complete)
-        if tolerate_known and flags & _IOMMU and _known_divergence(got, expected):
-            return
         assert got == expected, (got, expected)
         assert guest.snapshot() == after_python
     finally:

@@ -116,6 +116,10 @@ def resolve(q: Queue, gpa: int, length: int, access: int) -> int:
     regs = translations_at(q.regs, q.nregs)
     addr = unsigned(gpa)
     end = addr + unsigned(max(length, 1))
+    if end < addr:
+        # Past 2**64: no translation can ever hold it, so it is no miss.
+        fail(q, E_BUFFER, gpa, length)
+        return NO_HOST
     r = find(regs, addr)
     miss = addr
     perm = access << ACCESS_PERM_SHIFT
