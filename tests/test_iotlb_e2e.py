@@ -98,7 +98,7 @@ def test_invalidations_while_traffic_runs(sock: Path, kind: str) -> None:
         thread = threading.Thread(target=invalidate, args=(session,))
         thread.start()
         try:
-            result = run_net(session, mode="io", duration=1.0)
+            result = run_net(session, mode="io", duration=2.0)
         finally:
             done.set()
             thread.join()
