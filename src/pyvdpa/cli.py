@@ -24,12 +24,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from pyvdpa.app import add_run_arguments
+from pyvdpa.app import add_run_arguments, parse_cpus
 from pyvdpa.app import run as run_app
 from pyvdpa.check.command import add_check_arguments, run_check_command
 from pyvdpa.drive.blk import WORKLOADS, run_blk
 from pyvdpa.drive.info import DEVICE_TYPES, vhost_user_info, vhost_vdpa_info
-from pyvdpa.drive.net import run_net
+from pyvdpa.drive.net import BURST, ENGINES, run_net
 from pyvdpa.drive.session import DriverSession, Session
 from pyvdpa.drive.vhost_vdpa import VdpaSession
 from pyvdpa.errors import ConfigError, PyvdpaError
@@ -128,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--frame-size", type=_positive, default=64)
             p.add_argument("--queues", type=_positive, default=1, help="queue pairs")
             p.add_argument("--no-mrg-rxbuf", action="store_true", help="do not ask MRG_RXBUF")
+            p.add_argument(
+                "--engine",
+                choices=ENGINES,
+                default=None,
+                help="compiled: ring kernels without the GIL, one thread per queue pair; "
+                "python: the reference driver (default: compiled where it covers the mode, "
+                "txonly without --inband)",
+            )
+            p.add_argument(
+                "--burst", type=_positive, default=BURST, help=f"frames per burst ({BURST})"
+            )
+            p.add_argument(
+                "--cpus",
+                type=parse_cpus,
+                default=(),
+                metavar="LIST",
+                help="CPUs to pin the compiled driver's threads to, one per queue pair "
+                "(e.g. 1 or 0-1; round robin)",
+            )
         else:
             p.add_argument(
                 "--remap-idle",
@@ -240,6 +259,9 @@ def _cmd_drive(args: argparse.Namespace) -> int:
                 ring_size=args.ring_size,
                 duration=args.duration,
                 progress=progress,
+                engine=args.engine,
+                burst=args.burst,
+                cpus=args.cpus,
             )
             _print_result(net.as_dict(), args.json)
             return EXIT_ERROR if net.errors or net.rx_bad else 0

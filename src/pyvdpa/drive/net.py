@@ -31,14 +31,26 @@ import struct
 import time
 import zlib
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from pyvdpa.drive.session import DriverRing, DriverSession
+from pyvdpa.drive import compiled
+from pyvdpa.drive.compiled import CompiledTx
+from pyvdpa.drive.session import DriverRing, DriverSession, Session
+from pyvdpa.drive.vhost_vdpa import VdpaSession
 from pyvdpa.errors import ConfigError, RingError
 from pyvdpa.virtio.constants import DeviceId, NetFeature, VirtioFeature
 from pyvdpa.virtio.net import net_header_size
 
-__all__ = ["FrameCheck", "NetResult", "build_frame", "check_frame", "run_net"]
+__all__ = [
+    "ENGINES",
+    "FrameCheck",
+    "NetResult",
+    "build_frame",
+    "check_frame",
+    "compiled_gap",
+    "run_net",
+]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +64,8 @@ RX_BUFFER = 2048 + 12
 BURST = 32
 #: Seconds the back-end gets, once the run ends, to take the frames posted.
 QUIESCE_SECONDS = 1.0
+#: The drivers ``run_net`` can run: compiled kernels without the GIL, or this module's loop.
+ENGINES = ("compiled", "python")
 
 
 def build_frame(size: int, seq: int, dst: bytes = BROADCAST, src: bytes = SRC_MAC) -> bytes:
@@ -203,6 +217,30 @@ class _RxPath:
         return frames
 
 
+def compiled_gap(session: DriverSession, mode: str) -> str | None:
+    """Why the compiled driver cannot run ``mode`` on ``session``; None when it can."""
+    if mode != "txonly":
+        return f"the compiled driver runs txonly only, not {mode}"
+    if isinstance(session, Session) and session.inband:
+        return "the compiled driver kicks through eventfds, not in-band messages"
+    if isinstance(session, VdpaSession) and session.iommu:
+        return "vhost-vdpa remapping (--iommu) needs the Python driver's record of buffers"
+    return None
+
+
+def _choose_engine(session: DriverSession, mode: str, engine: str | None) -> str:
+    """The engine to run: ``engine`` if given (refused where it cannot run), else the best."""
+    if engine is not None and engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r} ({', '.join(ENGINES)})")
+    gap = compiled_gap(session, mode)
+    if engine == "compiled" and gap is not None:
+        raise ConfigError(f"--engine compiled: {gap}")
+    if engine is None and gap is not None:
+        log.warning("%s: running the Python driver", gap)
+        return "python"
+    return engine or "compiled"
+
+
 def run_net(
     session: DriverSession,
     *,
@@ -216,15 +254,26 @@ def run_net(
     duration: float = 5.0,
     packets: int | None = None,
     progress: bool = False,
+    engine: str | None = None,
+    burst: int = BURST,
+    cpus: Sequence[int] = (),
 ) -> NetResult:
     """Negotiate a net device on ``session`` and run traffic; return the figures.
 
-    ``in_order``: ask VIRTIO_F_IN_ORDER (used when the back-end offers it).
+    ``in_order``: ask VIRTIO_F_IN_ORDER (used when the back-end offers it;
+    the Python driver only).  ``engine`` is ``compiled`` or ``python``
+    (:data:`ENGINES`); None runs the compiled driver where it covers the mode
+    (:func:`compiled_gap`) and the Python one elsewhere, with a warning.
+    ``cpus`` pins the compiled driver's threads, one per queue pair.
     """
     if mode not in ("txonly", "rxonly", "io"):
         raise ConfigError(f"unknown mode {mode!r} (txonly, rxonly, io)")
+    if not 1 <= burst <= ring_size:
+        raise ConfigError(f"burst {burst} outside 1..{ring_size} (the ring size)")
+    chosen = _choose_engine(session, mode, engine)
     wanted = NET_WANTED | (NetFeature.MRG_RXBUF if mrg_rxbuf else 0)
-    if not in_order:
+    # The compiled driver reads every used entry: it does not batch them in order.
+    if not in_order or chosen == "compiled":
         wanted &= ~VirtioFeature.IN_ORDER
     wanted |= NetFeature.MQ if queues > 1 else 0
     required = VirtioFeature.RING_PACKED if packed else 0
@@ -236,15 +285,21 @@ def run_net(
     hdr = net_header_size(features)
     frame = build_frame(frame_size, 0)
     rx_paths: list[_RxPath] = []
-    tx_paths: list[_TxPath] = []
+    tx_rings: list[DriverRing] = []
     for pair in range(queues):
         rx_ring = session.setup_ring(2 * pair, ring_size)
-        tx_ring = session.setup_ring(2 * pair + 1, ring_size)
+        tx_rings.append(session.setup_ring(2 * pair + 1, ring_size))
         rx_paths.append(_RxPath(session, rx_ring, hdr))
-        tx_paths.append(_TxPath(session, tx_ring, hdr, frame))
+    if chosen == "compiled":
+        fast = [CompiledTx(session, ring, hdr, frame, burst) for ring in tx_rings]
+        compiled.load()
+    else:
+        tx_paths = [_TxPath(session, ring, hdr, frame) for ring in tx_rings]
     session.enable_rings()
     for rx in rx_paths:
         rx.ring.kick()
+    if chosen == "compiled":
+        return _run_compiled(session, fast, mode, duration, packets, cpus, progress)
     result = NetResult(mode, duration)
     start = time.monotonic()
     deadline = start + duration
@@ -289,7 +344,7 @@ def run_net(
                     backlog[pair].append(received)
             sent = 0
             if mode == "txonly":
-                while sent < BURST and tx.send(frame):
+                while sent < burst and tx.send(frame):
                     sent += 1
                 result.tx_bytes += sent * len(frame)
             elif mode == "io":
@@ -312,6 +367,30 @@ def run_net(
     result.finish(time.monotonic() - start)
     if not broken:
         _quiesce(session, tx_paths)
+    session.stop()
+    result.iotlb_misses = session.iotlb_misses
+    result.iotlb_remaps = session.iotlb_remaps
+    return result
+
+
+def _run_compiled(
+    session: DriverSession,
+    paths: list[CompiledTx],
+    mode: str,
+    duration: float,
+    packets: int | None,
+    cpus: Sequence[int],
+    progress: bool,
+) -> NetResult:
+    """Send on ``paths`` with the compiled kernels; the figures, as the Python loop reports them."""
+    figures = compiled.run_tx(
+        paths, duration=duration, packets=packets, cpus=cpus, progress=progress
+    )
+    result = NetResult(mode, duration)
+    result.tx_packets = figures.packets
+    result.tx_bytes = figures.bytes
+    result.errors = len(figures.errors)
+    result.finish(figures.elapsed)
     session.stop()
     result.iotlb_misses = session.iotlb_misses
     result.iotlb_remaps = session.iotlb_remaps

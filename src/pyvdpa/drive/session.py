@@ -121,6 +121,8 @@ class DriverRing:
     #: The buffers of each chain the device holds, by chain id: memory a
     #: VMM must leave mapped until the chain is used.
     in_flight: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    #: Device addresses of the ring's three areas: descriptors, driver area, device area.
+    areas: tuple[int, int, int] = (0, 0, 0)
 
     def add(
         self,
@@ -226,6 +228,16 @@ class DriverSession(abc.ABC):
         """Offset in the shared memory of device address ``addr``."""
         return addr - self.dma_base
 
+    def host_address(self, addr: int, size: int) -> int:
+        """This process's address of the ``size`` bytes at device address ``addr``.
+
+        Raises :class:`ConfigError` unless they lie in the shared memory.
+        """
+        offset = self.offset_of(addr)
+        if not 0 <= offset <= self.memory_size - size or size < 0:
+            raise ConfigError(f"{size} bytes at {addr:#x} lie outside the shared memory")
+        return self.shared.address + offset
+
     # ------------------------------------------------------------------ transport
 
     @abc.abstractmethod
@@ -316,6 +328,7 @@ class DriverSession(abc.ABC):
                 event_idx=event_idx, indirect_addr=indirect_addr, in_order=in_order,
             )  # fmt: skip
         ring = self._new_ring(index, queue)
+        ring.areas = (desc, avail, used)
         self.rings.append(ring)
         self._describe_ring(ring, desc, avail, used)
         return ring

@@ -1,0 +1,96 @@
+"""The driver side of a virtqueue, compiled: the transmit loop of ``pyvdpa drive net``.
+
+Theory of operation
+-------------------
+Here the kernels play the driver's part of virtio 1.2 (a guest's virtio-net
+driver), on rings a :class:`pyvdpa.drive.session.DriverSession` allocated in
+its own shared memory and described to the device.  A driver queue is one
+``int64`` row (:data:`DRIVER`): the host addresses of the ring's three
+areas, the buffers it sends from, its kick eventfd, the run's deadlines,
+and the driver's position in the ring; the kernels see it as a record.
+
+Every descriptor ``i`` is bound to buffer slot ``i`` (``buffers_dev + i *
+slot``), which holds the virtio-net header and the frame, written once by
+Python: adding a chain writes its descriptor and its available entry,
+never the frame.  Two tables of ``size`` words follow the chains:
+``free``, a stack of the descriptors not in flight, and ``busy``, the
+length of the chain each descriptor heads while it is in flight (0 when it
+is not).
+
+:func:`tx_run` loops until the deadline (or ``stop``, or ``limit`` frames):
+it reclaims the used chains, adds a burst of chains, publishes them with
+one release store, and kicks the device when its event suppression asks
+for it (section 2.7.10 for split rings, 2.8.10 for packed).  Interrupts are
+suppressed: a polling driver never waits for a call.  Once sending stops
+it keeps reclaiming until every chain is back or ``drain_ns`` has passed,
+so that the frames counted as sent are the frames the device took.
+
+The device is not trusted: a used entry naming a chain that is not in
+flight, a used length beyond the chain's buffer or a used index that moved
+past the chains in flight ends the run with the rule broken recorded in
+``error`` (a ``DE_*`` code, with two numbers for the message).  Nothing is
+read or written outside the ring areas and the tables the row points at.
+"""
+
+from __future__ import annotations
+
+from pyvdpa.dataplane.kernels import driver_packed, driver_split
+from pyvdpa.dataplane.kernels.cache import kernel
+from pyvdpa.dataplane.kernels.driver_row import driver_of
+from pyvdpa.dataplane.kernels.intrinsics import (
+    cpu_relax,
+    eventfd_signal,
+    fence,
+    load_relaxed,
+    monotonic_ns,
+    store_relaxed,
+)
+from pyvdpa.dataplane.kernels.layout import Int64Row
+
+__all__ = ["tx_run"]
+
+
+@kernel
+def tx_run(row: Int64Row) -> int:
+    """Send frames on the driver queue ``row`` until its deadline; return its error code.
+
+    Python reads the counters while this runs; it sets ``stop`` to end the
+    run at once.  ``end_ns`` is set when sending stops.
+    """
+    q = driver_of(row)
+    q.start_ns = monotonic_ns()
+    sending = True
+    drain_until = 0
+    while True:
+        now = monotonic_ns()
+        if load_relaxed(q, "stop"):
+            break
+        if sending and (now >= q.deadline or (q.limit > 0 and q.packets >= q.limit)):
+            sending = False
+            store_relaxed(q, "end_ns", now)
+            drain_until = now + q.drain_ns
+        if not sending and (q.inflight == 0 or now >= drain_until):
+            break
+        got = driver_packed.reclaim(q) if q.packed else driver_split.reclaim(q)
+        if got < 0:
+            break
+        added = 0
+        if sending:
+            count = min(q.burst, q.free_top)
+            if q.limit > 0:
+                count = min(count, q.limit - q.packets)
+            if count > 0:
+                kick = driver_packed.add(q, count) if q.packed else driver_split.add(q, count)
+                added = count
+                q.packets += count
+                q.bytes += count * q.frame_len
+                if kick and q.kick_fd >= 0:
+                    eventfd_signal(q.kick_fd)
+                    q.kicks += 1
+        if got == 0 and added == 0:
+            cpu_relax()
+    if q.end_ns == 0:
+        store_relaxed(q, "end_ns", monotonic_ns())
+    # Everything above is visible to the thread that joins this one.
+    fence()
+    return q.error
