@@ -138,6 +138,8 @@ class TxFigures:
         start = min(int(row[d.D_START_NS]) for row in rows)
         end = max(int(row[d.D_END_NS]) for row in rows)
         self.elapsed = max(end - start, 0) / 1e9
+        #: Chains the device still held when the run ended.
+        self.held = sum(int(row[d.D_INFLIGHT]) for row in rows)
         self.errors = [
             f"vring {path.ring.index}: {message}"
             for path in paths
@@ -201,4 +203,8 @@ def run_tx(
     figures = TxFigures(paths)
     for message in figures.errors:
         log.error("%s", message)
+    if figures.held and not figures.errors:
+        log.warning(
+            "%d frames still held by the device %.1f s after the run", figures.held, DRAIN_SECONDS
+        )
     return figures
