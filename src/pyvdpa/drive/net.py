@@ -35,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from pyvdpa.drive import compiled
-from pyvdpa.drive.compiled import CompiledTx
+from pyvdpa.drive.compiled import CompiledQueue
 from pyvdpa.drive.session import DriverRing, DriverSession, Session
 from pyvdpa.drive.vhost_vdpa import VdpaSession
 from pyvdpa.errors import ConfigError, RingError
@@ -43,6 +43,7 @@ from pyvdpa.virtio.constants import DeviceId, NetFeature, VirtioFeature
 from pyvdpa.virtio.net import net_header_size
 
 __all__ = [
+    "COMPILED_MODES",
     "ENGINES",
     "FrameCheck",
     "NetResult",
@@ -66,6 +67,8 @@ BURST = 32
 QUIESCE_SECONDS = 1.0
 #: The drivers ``run_net`` can run: compiled kernels without the GIL, or this module's loop.
 ENGINES = ("compiled", "python")
+#: The modes the compiled driver runs.
+COMPILED_MODES = ("txonly", "rxonly")
 
 
 def build_frame(size: int, seq: int, dst: bytes = BROADCAST, src: bytes = SRC_MAC) -> bytes:
@@ -219,8 +222,8 @@ class _RxPath:
 
 def compiled_gap(session: DriverSession, mode: str) -> str | None:
     """Why the compiled driver cannot run ``mode`` on ``session``; None when it can."""
-    if mode != "txonly":
-        return f"the compiled driver runs txonly only, not {mode}"
+    if mode not in COMPILED_MODES:
+        return f"the compiled driver runs {' and '.join(COMPILED_MODES)} only, not {mode}"
     if isinstance(session, Session) and session.inband:
         return "the compiled driver kicks through eventfds, not in-band messages"
     if isinstance(session, VdpaSession) and session.iommu:
@@ -284,17 +287,24 @@ def run_net(
             raise ConfigError(f"back-end offers {max(available, 1)} queue pair(s), {queues} asked")
     hdr = net_header_size(features)
     frame = build_frame(frame_size, 0)
-    rx_paths: list[_RxPath] = []
+    rx_rings: list[DriverRing] = []
     tx_rings: list[DriverRing] = []
     for pair in range(queues):
-        rx_ring = session.setup_ring(2 * pair, ring_size)
+        rx_rings.append(session.setup_ring(2 * pair, ring_size))
         tx_rings.append(session.setup_ring(2 * pair + 1, ring_size))
-        rx_paths.append(_RxPath(session, rx_ring, hdr))
-    if chosen == "compiled":
-        fast = [CompiledTx(session, ring, hdr, frame, burst) for ring in tx_rings]
-        compiled.load()
+    fast: list[CompiledQueue] = []
+    if chosen == "compiled" and mode == "rxonly":
+        # The kernel posts the receive buffers as it starts.
+        rx_paths: list[_RxPath] = []
+        fast = [CompiledQueue(session, ring, hdr, None, burst) for ring in rx_rings]
     else:
+        rx_paths = [_RxPath(session, ring, hdr) for ring in rx_rings]
+    if chosen == "compiled" and mode == "txonly":
+        fast = [CompiledQueue(session, ring, hdr, frame, burst) for ring in tx_rings]
+    elif chosen == "python":
         tx_paths = [_TxPath(session, ring, hdr, frame) for ring in tx_rings]
+    if fast:
+        compiled.load()
     session.enable_rings()
     for rx in rx_paths:
         rx.ring.kick()
@@ -375,21 +385,27 @@ def run_net(
 
 def _run_compiled(
     session: DriverSession,
-    paths: list[CompiledTx],
+    paths: list[CompiledQueue],
     mode: str,
     duration: float,
     packets: int | None,
     cpus: Sequence[int],
     progress: bool,
 ) -> NetResult:
-    """Send on ``paths`` with the compiled kernels; the figures, as the Python loop reports them."""
-    figures = compiled.run_tx(
+    """Drive ``paths`` with the compiled kernels; the figures, as the Python loop reports them."""
+    figures = compiled.run_queues(
         paths, duration=duration, packets=packets, cpus=cpus, progress=progress
     )
     result = NetResult(mode, duration)
-    result.tx_packets = figures.packets
-    result.tx_bytes = figures.bytes
-    result.errors = len(figures.errors)
+    result.tx_packets = figures.tx_packets
+    result.tx_bytes = figures.tx_bytes
+    result.rx_packets = figures.rx_packets
+    result.rx_bytes = figures.rx_bytes
+    result.rx_bad = figures.rx_bad
+    result.rx_foreign = figures.rx_foreign
+    if figures.rx_short:
+        log.error("%d receive buffers returned shorter than the header", figures.rx_short)
+    result.errors = len(figures.errors) + figures.rx_short
     result.finish(figures.elapsed)
     session.stop()
     result.iotlb_misses = session.iotlb_misses

@@ -1,4 +1,4 @@
-"""The driver side of a virtqueue, compiled: the transmit loop of ``pyvdpa drive net``.
+"""The driver side of a virtqueue, compiled: the loops of ``pyvdpa drive net``.
 
 Theory of operation
 -------------------
@@ -17,10 +17,14 @@ never the frame.  Two tables of ``size`` words follow the chains:
 length of the chain each descriptor heads while it is in flight (0 when it
 is not).
 
-:func:`tx_run` loops until the deadline (or ``stop``, or ``limit`` frames):
-it reclaims the used chains, adds a burst of chains, publishes them with
-one release store, and kicks the device when its event suppression asks
-for it (section 2.7.10 for split rings, 2.8.10 for packed).  Interrupts are
+:func:`run_queue` loops until the deadline (or ``stop``, or ``limit``
+frames): it reclaims the used chains, adds a burst of chains, publishes
+them with one release store, and kicks the device when its event
+suppression asks for it (section 2.7.10 for split rings, 2.8.10 for
+packed).  On a transmit queue (``receive`` 0) the chains are frames; on a
+receive queue they are empty buffers the device writes, and each one
+returned is counted and checked (:mod:`~pyvdpa.dataplane.kernels.driver_net`)
+before it goes back on the ring.  Interrupts are
 suppressed: a polling driver never waits for a call.  Once sending stops
 it keeps reclaiming until every chain is back or ``drain_ns`` has passed,
 so that the frames counted as sent are the frames the device took.
@@ -47,12 +51,15 @@ from pyvdpa.dataplane.kernels.intrinsics import (
 )
 from pyvdpa.dataplane.kernels.layout import Int64Row
 
-__all__ = ["tx_run"]
+__all__ = ["run_queue"]
 
 
 @kernel
-def tx_run(row: Int64Row) -> int:
-    """Send frames on the driver queue ``row`` until its deadline; return its error code.
+def run_queue(row: Int64Row) -> int:
+    """Drive the queue ``row`` until its deadline; return its error code.
+
+    A transmit queue sends frames; a receive queue keeps its ring full of
+    buffers and checks the frames that arrive in them.
 
     Python reads the counters while this runs; it sets ``stop`` to end the
     run at once.  ``end_ns`` is set when sending stops.
@@ -82,8 +89,9 @@ def tx_run(row: Int64Row) -> int:
             if count > 0:
                 kick = driver_packed.add(q, count) if q.packed else driver_split.add(q, count)
                 added = count
-                q.packets += count
-                q.bytes += count * q.frame_len
+                if not q.receive:
+                    q.packets += count
+                    q.bytes += count * q.frame_len
                 if kick and q.kick_fd >= 0:
                     eventfd_signal(q.kick_fd)
                     q.kicks += 1

@@ -24,6 +24,7 @@ event area says DISABLE from the start.
 from __future__ import annotations
 
 from pyvdpa.dataplane.kernels.cache import inlined
+from pyvdpa.dataplane.kernels.driver_net import received
 from pyvdpa.dataplane.kernels.driver_row import (
     DE_USED_ID,
     DE_USED_LEN,
@@ -67,8 +68,10 @@ _AVAIL_USED = PACKED_DESC_F_AVAIL | PACKED_DESC_F_USED
 
 
 @inlined
-def _avail_flags(wrap: int) -> int:
-    return PACKED_DESC_F_AVAIL if wrap else PACKED_DESC_F_USED
+def _avail_flags(q: DriverQueue, wrap: int) -> int:
+    """A chain's flags: AVAIL and USED for the wrap counter, WRITE for a receive buffer."""
+    marks = PACKED_DESC_F_AVAIL if wrap else PACKED_DESC_F_USED
+    return marks | (DESC_F_WRITE if q.receive else 0)
 
 
 @inlined
@@ -79,7 +82,7 @@ def add(q: DriverQueue, count: int) -> bool:
     wrap = q.avail_wrap
     top = q.free_top
     first = q.desc + DESC_SIZE * idx
-    first_flags = _avail_flags(wrap)
+    first_flags = _avail_flags(q, wrap)
     for i in range(count):
         top -= 1
         ident = ld_u64(q.free + _WORD * top)
@@ -89,7 +92,7 @@ def add(q: DriverQueue, count: int) -> bool:
         st_u16(d + PACKED_DESC_ID, ident)
         st_u64(q.busy + _WORD * ident, q.chain_len)
         if i > 0:
-            st_rel_u16(d + PACKED_DESC_FLAGS, _avail_flags(wrap))
+            st_rel_u16(d + PACKED_DESC_FLAGS, _avail_flags(q, wrap))
         idx += 1
         if idx == size:
             idx = 0
@@ -136,6 +139,8 @@ def reclaim(q: DriverQueue) -> int:
         if length > held:
             q.free_top = top
             return broken(q, DE_USED_LEN, length, held)
+        if q.receive:
+            received(q, ident, length)
         st_u64(q.busy + _WORD * ident, 0)
         st_u64(q.free + _WORD * top, ident)
         top += 1

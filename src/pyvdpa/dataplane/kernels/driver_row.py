@@ -20,11 +20,14 @@ __all__ = [
     "DRIVER",
     "D_AVAIL_IDX",
     "D_AVAIL_WRAP",
+    "D_BAD",
+    "D_BUFFERS",
     "D_BUFFERS_DEV",
     "D_BURST",
     "D_BUSY",
     "D_BYTES",
     "D_CHAIN_LEN",
+    "D_CRC_TABLE",
     "D_DEADLINE",
     "D_DESC",
     "D_DEVICE",
@@ -35,9 +38,11 @@ __all__ = [
     "D_ERROR_A",
     "D_ERROR_B",
     "D_EVENT_IDX",
+    "D_FOREIGN",
     "D_FRAME_LEN",
     "D_FREE",
     "D_FREE_TOP",
+    "D_HDR",
     "D_INFLIGHT",
     "D_KICKS",
     "D_KICK_FD",
@@ -45,6 +50,8 @@ __all__ = [
     "D_LIMIT",
     "D_PACKED",
     "D_PACKETS",
+    "D_RECEIVE",
+    "D_SHORT",
     "D_SIZE",
     "D_SLOT",
     "D_START_NS",
@@ -68,6 +75,14 @@ D_DEVICE = DRIVER.field("device")
 """Host address of the used ring (split) or device event area (packed)."""
 D_KICK_FD = DRIVER.field("kick_fd")
 """Kick eventfd, -1 for none."""
+D_RECEIVE = DRIVER.field("receive")
+"""1 for a receive queue: its buffers are device-writable and what arrives is checked."""
+D_BUFFERS = DRIVER.field("buffers")
+"""Host address of buffer slot 0."""
+D_HDR = DRIVER.field("hdr")
+"""Bytes of the virtio-net header in front of each frame."""
+D_CRC_TABLE = DRIVER.field("crc_table")
+"""Host address of the CRC-32 table (``uint32[256]``) received frames are checked with."""
 D_BUFFERS_DEV = DRIVER.field("buffers_dev")
 """Device address of buffer slot 0; slot ``i`` is descriptor ``i``'s buffer."""
 D_SLOT = DRIVER.field("slot")
@@ -109,6 +124,12 @@ D_ERROR_B = DRIVER.field("error_b")
 D_PACKETS = DRIVER.field("packets")
 D_BYTES = DRIVER.field("bytes")
 D_KICKS = DRIVER.field("kicks")
+D_BAD = DRIVER.field("bad")
+"""Received frames of ours whose checksum does not match."""
+D_FOREIGN = DRIVER.field("foreign")
+"""Received frames some other sender made."""
+D_SHORT = DRIVER.field("short")
+"""Receive buffers returned with a used length below the virtio-net header."""
 D_START_NS = DRIVER.field("start_ns")
 D_END_NS = DRIVER.field("end_ns")
 """When sending stopped (``CLOCK_MONOTONIC`` nanoseconds), 0 while it goes on."""

@@ -22,6 +22,7 @@ NO_INTERRUPT flag, set when the ring was made, says the same.
 from __future__ import annotations
 
 from pyvdpa.dataplane.kernels.cache import inlined
+from pyvdpa.dataplane.kernels.driver_net import received
 from pyvdpa.dataplane.kernels.driver_row import (
     DE_USED_ID,
     DE_USED_JUMP,
@@ -40,6 +41,7 @@ from pyvdpa.dataplane.kernels.intrinsics import (
 )
 from pyvdpa.dataplane.kernels.spec import (
     AVAIL_ENTRY_SIZE,
+    DESC_F_WRITE,
     DESC_LEN,
     DESC_SIZE,
     RING_ENTRIES,
@@ -54,6 +56,8 @@ from pyvdpa.dataplane.kernels.split import need_event
 __all__ = ["add", "reclaim"]
 
 _WORD = 8
+_FLAGS_SHIFT = 32
+"""A descriptor's len and flags as one u64: the flags start 32 bits in."""
 _U32_MASK = 0xFFFFFFFF
 
 
@@ -69,8 +73,8 @@ def add(q: DriverQueue, count: int) -> bool:
         head = ld_u64(q.free + _WORD * top)
         desc = q.desc + DESC_SIZE * head
         st_u64(desc, q.buffers_dev + head * q.slot)
-        # len, then flags and next both 0: one buffer the device reads.
-        st_u64(desc + DESC_LEN, q.chain_len)
+        # len, then flags (WRITE for a receive buffer) and next 0: a chain of one buffer.
+        st_u64(desc + DESC_LEN, q.chain_len | (DESC_F_WRITE * q.receive) << _FLAGS_SHIFT)
         st_u64(q.busy + _WORD * head, q.chain_len)
         st_u16(q.driver + RING_ENTRIES + AVAIL_ENTRY_SIZE * (idx & (size - 1)), head)
         idx = (idx + 1) & RING_IDX_MASK
@@ -111,6 +115,8 @@ def reclaim(q: DriverQueue) -> int:
         if length > held:
             q.free_top = top
             return broken(q, DE_USED_LEN, length, held)
+        if q.receive:
+            received(q, ident, length)
         st_u64(q.busy + _WORD * ident, 0)
         st_u64(q.free + _WORD * top, ident)
         top += 1
