@@ -32,7 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pyvdpa.dataplane.kernels import driver_row as d
-from pyvdpa.dataplane.kernels.driver import run_queue
+from pyvdpa.dataplane.kernels.driver import run_pair, run_queue
 from pyvdpa.drive.session import DriverRing, DriverSession
 from pyvdpa.errors import ConfigError
 from pyvdpa.virtio.constants import VirtioFeature
@@ -77,11 +77,13 @@ _RULES = {
     d.DE_USED_JUMP: "used index moved {a} entries with {b} chains in flight",
 }
 _SIGNATURE = "int64(int64[::1])"
+_PAIR_SIGNATURE = "int64(int64[::1], int64[::1])"
 
 
 def load() -> None:
     """Compile (or load from the cache) the transmit kernel, so that no run waits for it."""
     run_queue.compile(_SIGNATURE)
+    run_pair.compile(_PAIR_SIGNATURE)
 
 
 class CompiledQueue:
@@ -90,7 +92,8 @@ class CompiledQueue:
     On a transmit ring ``hdr`` bytes of zeroed virtio-net header precede
     ``frame`` in every buffer slot; ``frame`` None makes a receive ring of
     :data:`RX_BUFFER`-byte buffers.  ``burst`` chains are added at most per
-    pass.
+    pass.  ``room`` makes each buffer slot at least that large (a transmit
+    ring that forwards received frames needs :data:`RX_BUFFER`).
     """
 
     def __init__(
@@ -100,6 +103,8 @@ class CompiledQueue:
         hdr: int,
         frame: bytes | None,
         burst: int,
+        *,
+        room: int = 0,
     ) -> None:
         if ring.kick_fd is None:
             raise ConfigError("the compiled driver kicks through eventfds (no --inband)")
@@ -108,12 +113,17 @@ class CompiledQueue:
         packed = session.packed
         self.ring = ring
         chain = RX_BUFFER if frame is None else hdr + len(frame)
-        slot = -(-chain // BUFFER_ALIGN) * BUFFER_ALIGN
+        slot = -(-max(chain, room) // BUFFER_ALIGN) * BUFFER_ALIGN
         base = session.alloc(slot * size, BUFFER_ALIGN)
+        template = 0
         if frame is not None:
             payload = bytes(hdr) + frame
             for i in range(size):
                 session.memory.write(base + i * slot, payload)
+            # What replaces a corrupted frame when received frames are sent on.
+            spare = session.alloc(chain, BUFFER_ALIGN)
+            session.memory.write(spare, payload)
+            template = session.host_address(spare, chain)
         # The free stack (descriptor 0 on top) and each descriptor's chain length in flight.
         self.tables: npt.NDArray[np.int64] = np.zeros((2, size), dtype=np.int64)
         self.tables[0] = np.arange(size - 1, -1, -1)
@@ -136,6 +146,7 @@ class CompiledQueue:
         row[d.D_BUFFERS] = session.host_address(base, slot * size)
         row[d.D_HDR] = hdr
         row[d.D_CRC_TABLE] = _CRC_TABLE.ctypes.data
+        row[d.D_TEMPLATE] = template
         row[d.D_BUFFERS_DEV] = base
         row[d.D_SLOT] = slot
         row[d.D_CHAIN_LEN] = chain
@@ -148,8 +159,17 @@ class CompiledQueue:
         # What a receive ring holds at the end are buffers, not frames to wait for.
         row[d.D_DRAIN_NS] = 0 if frame is None else int(DRAIN_SECONDS * 1e9)
         self.row = row
+        #: The transmit ring this receive ring forwards to.
+        self.peer: CompiledQueue | None = None
         # A polling driver wants no calls.
         queue.disable_interrupts()
+
+    def forward_to(self, tx: CompiledQueue) -> None:
+        """Send every frame this receive ring takes on through ``tx`` (io mode)."""
+        if not self.receive or tx.receive:
+            raise ValueError("frames are forwarded from a receive ring to a transmit ring")
+        self.row[d.D_PEER] = tx.row.ctypes.data
+        self.peer = tx
 
     @property
     def receive(self) -> bool:
@@ -195,12 +215,23 @@ class Figures:
             for path in paths
             if (message := path.error()) is not None
         ]
+        #: What the receive rings got wrong without breaking the ring, one line each.
+        self.complaints = [
+            f"vring {path.ring.index}: {int(path.row[d.D_SHORT])} receive buffers returned "
+            f"short, the last with used length {int(path.row[d.D_SHORT_LEN])} for a "
+            f"{RX_BUFFER}-byte receive buffer (header {int(path.row[d.D_HDR])})"
+            for path in paths
+            if path.receive and path.row[d.D_SHORT]
+        ]
 
 
 def _serve(path: CompiledQueue, cpu: int | None) -> None:
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})
-    run_queue(path.row)
+    if path.peer is not None:
+        run_pair(path.row, path.peer.row)
+    else:
+        run_queue(path.row)
 
 
 def run_queues(
@@ -214,17 +245,20 @@ def run_queues(
     """Drive ``paths`` for ``duration`` seconds (or until ``packets`` frames are sent); the figures.
 
     Path ``i`` runs on a thread of its own, pinned to ``cpus[i % len(cpus)]``
-    when ``cpus`` is given.  Returns within ``duration`` plus
+    when ``cpus`` is given; a receive ring that forwards runs with its
+    transmit ring, which must not be in ``paths`` itself.  Returns within ``duration`` plus
     :data:`DRAIN_SECONDS` whatever the device does.
     """
     load()
     senders = sum(not path.receive for path in paths)
+    queues = [*paths, *(path.peer for path in paths if path.peer is not None)]
     share = None if packets is None or senders == 0 else -(-packets // senders)
     deadline = time.monotonic_ns() + int(duration * 1e9)
     threads = []
-    for i, path in enumerate(paths):
+    for path in queues:
         path.row[d.D_DEADLINE] = deadline
         path.row[d.D_LIMIT] = 0 if path.receive else share or 0
+    for i, path in enumerate(paths):
         cpu = cpus[i % len(cpus)] if cpus else None
         thread = threading.Thread(
             target=_serve, args=(path, cpu), name=f"pyvdpa-drive-q{path.ring.index}"
@@ -242,18 +276,18 @@ def run_queues(
                 if now >= next_report:
                     next_report += 1.0
                     if progress:
-                        sent = sum(path.packets for path in paths if not path.receive)
-                        got = sum(path.packets for path in paths if path.receive)
+                        sent = sum(path.packets for path in queues if not path.receive)
+                        got = sum(path.packets for path in queues if path.receive)
                         print(f"  {now - start:5.1f}s  tx {sent}  rx {got}", flush=True)
     finally:
         # An interrupt (or any error here) must not leave a kernel running on our memory.
-        for path in paths:
+        for path in queues:
             path.row[d.D_STOP] = 1
         for thread in threads:
             if thread.ident is not None:
                 thread.join()
-    figures = Figures(paths)
-    for message in figures.errors:
+    figures = Figures(queues)
+    for message in figures.errors + figures.complaints:
         log.error("%s", message)
     if figures.held and not figures.errors:
         log.warning(

@@ -13,8 +13,8 @@ The tests hold these offsets to the Python driver's.
 from __future__ import annotations
 
 from pyvdpa.dataplane.kernels.cache import inlined
-from pyvdpa.dataplane.kernels.driver_row import DriverQueue
-from pyvdpa.dataplane.kernels.intrinsics import ld_u8, ld_u32
+from pyvdpa.dataplane.kernels.driver_row import DriverQueue, driver_at
+from pyvdpa.dataplane.kernels.intrinsics import ld_u8, ld_u32, ld_u64, memcpy, st_u64
 from pyvdpa.dataplane.kernels.spec import ETH_HLEN
 
 __all__ = [
@@ -40,6 +40,7 @@ TAG_SIZE = TAG_CRC + 4
 """Bytes of Ethernet header and tag: the checksummed fill follows."""
 
 _U32_MASK = 0xFFFFFFFF
+_WORD = 8
 _BYTE = 0xFF
 
 
@@ -70,15 +71,35 @@ def check_frame(frame: int, length: int, table: int) -> int:
 
 @inlined
 def received(q: DriverQueue, ident: int, length: int) -> None:
-    """Count and check what the device wrote in the receive buffer of chain ``ident``."""
+    """Count and check what the device wrote in the receive buffer of chain ``ident``.
+
+    A forwarding queue (``peer``) copies the frame, header included, into
+    the buffer of its peer's next free chain, to be added there; a
+    corrupted frame is replaced by the peer's template, so that it does
+    not come back to be counted again.
+    """
+    if q.peer:
+        q.budget -= 1
     if length < q.hdr:
         q.short += 1
+        q.short_len = length
         return
     size = length - q.hdr
-    verdict = check_frame(q.buffers + ident * q.slot + q.hdr, size, q.crc_table)
+    buffer = q.buffers + ident * q.slot
+    verdict = check_frame(buffer + q.hdr, size, q.crc_table)
     q.packets += 1
     q.bytes += size
     if verdict == CORRUPT:
         q.bad += 1
     elif verdict == FOREIGN:
         q.foreign += 1
+    if q.peer:
+        tx = driver_at(q.peer)
+        head = ld_u64(tx.free + _WORD * (tx.free_top - 1 - tx.staged))
+        if verdict == CORRUPT:
+            buffer = tx.template
+            length = tx.chain_len
+        memcpy(tx.buffers + head * tx.slot, buffer, length)
+        st_u64(tx.busy + _WORD * head, length)
+        tx.staged += 1
+        tx.bytes += length - tx.hdr

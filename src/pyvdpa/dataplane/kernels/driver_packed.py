@@ -87,10 +87,12 @@ def add(q: DriverQueue, count: int) -> bool:
         top -= 1
         ident = ld_u64(q.free + _WORD * top)
         d = q.desc + DESC_SIZE * idx
+        # A staged chain carries the length of the frame copied in.
+        length = ld_u64(q.busy + _WORD * ident) or q.chain_len
         st_u64(d, q.buffers_dev + ident * q.slot)
-        st_u32(d + DESC_LEN, q.chain_len)
+        st_u32(d + DESC_LEN, length)
         st_u16(d + PACKED_DESC_ID, ident)
-        st_u64(q.busy + _WORD * ident, q.chain_len)
+        st_u64(q.busy + _WORD * ident, length)
         if i > 0:
             st_rel_u16(d + PACKED_DESC_FLAGS, _avail_flags(q, wrap))
         idx += 1
@@ -125,7 +127,7 @@ def reclaim(q: DriverQueue) -> int:
     top = q.free_top
     taken = 0
     used_flags = _AVAIL_USED if wrap else 0
-    while q.inflight > 0:
+    while q.inflight > 0 and (q.peer == 0 or q.budget > 0):
         d = q.desc + DESC_SIZE * idx
         flags = ld_acq_u16(d + PACKED_DESC_FLAGS)
         if flags & _AVAIL_USED != used_flags:

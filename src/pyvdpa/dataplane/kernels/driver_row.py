@@ -9,7 +9,7 @@ import itertools
 from typing import TypeAlias
 
 from pyvdpa.dataplane.kernels.cache import kernel
-from pyvdpa.dataplane.kernels.intrinsics import Record, record_of
+from pyvdpa.dataplane.kernels.intrinsics import Record, record_at, record_of
 from pyvdpa.dataplane.kernels.layout import Row, check
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "D_AVAIL_IDX",
     "D_AVAIL_WRAP",
     "D_BAD",
+    "D_BUDGET",
     "D_BUFFERS",
     "D_BUFFERS_DEV",
     "D_BURST",
@@ -50,15 +51,20 @@ __all__ = [
     "D_LIMIT",
     "D_PACKED",
     "D_PACKETS",
+    "D_PEER",
     "D_RECEIVE",
     "D_SHORT",
+    "D_SHORT_LEN",
     "D_SIZE",
     "D_SLOT",
+    "D_STAGED",
     "D_START_NS",
     "D_STOP",
+    "D_TEMPLATE",
     "D_USED_WRAP",
     "DriverQueue",
     "broken",
+    "driver_at",
     "driver_of",
 ]
 
@@ -83,6 +89,10 @@ D_HDR = DRIVER.field("hdr")
 """Bytes of the virtio-net header in front of each frame."""
 D_CRC_TABLE = DRIVER.field("crc_table")
 """Host address of the CRC-32 table (``uint32[256]``) received frames are checked with."""
+D_PEER = DRIVER.field("peer")
+"""A receive queue in io mode: host address of the transmit queue's row it forwards to, else 0."""
+D_TEMPLATE = DRIVER.field("template")
+"""A transmit queue: host address of a header and frame sent in place of a corrupted one."""
 D_BUFFERS_DEV = DRIVER.field("buffers_dev")
 """Device address of buffer slot 0; slot ``i`` is descriptor ``i``'s buffer."""
 D_SLOT = DRIVER.field("slot")
@@ -112,6 +122,10 @@ D_AVAIL_WRAP = DRIVER.field("avail_wrap")
 D_LAST_USED = DRIVER.field("last_used")
 """Split: the next used index to read.  Packed: the next slot to look at for a used chain."""
 D_USED_WRAP = DRIVER.field("used_wrap")
+D_BUDGET = DRIVER.field("budget")
+"""A forwarding receive queue: frames it may still take this pass (its peer's free chains)."""
+D_STAGED = DRIVER.field("staged")
+"""A transmit queue: frames copied into the slots of the next free chains, not yet added."""
 D_FREE_TOP = DRIVER.field("free_top")
 """Descriptors on the free stack."""
 D_INFLIGHT = DRIVER.field("inflight")
@@ -130,6 +144,8 @@ D_FOREIGN = DRIVER.field("foreign")
 """Received frames some other sender made."""
 D_SHORT = DRIVER.field("short")
 """Receive buffers returned with a used length below the virtio-net header."""
+D_SHORT_LEN = DRIVER.field("short_len")
+"""The last such used length."""
 D_START_NS = DRIVER.field("start_ns")
 D_END_NS = DRIVER.field("end_ns")
 """When sending stopped (``CLOCK_MONOTONIC`` nanoseconds), 0 while it goes on."""
@@ -147,6 +163,8 @@ DE_USED_JUMP = next(_rule)
 """The used index moved past the chains in flight (a = how far, b = chains in flight)."""
 
 driver_of = record_of(DRIVER.record)
+driver_at = record_at(DRIVER.record)
+"""The driver queue row at a host address."""
 """A driver queue row, given as a record or as the int64 array Python holds."""
 
 DriverQueue: TypeAlias = Record

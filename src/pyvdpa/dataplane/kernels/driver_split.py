@@ -72,10 +72,12 @@ def add(q: DriverQueue, count: int) -> bool:
         top -= 1
         head = ld_u64(q.free + _WORD * top)
         desc = q.desc + DESC_SIZE * head
+        # A staged chain carries the length of the frame copied in.
+        length = ld_u64(q.busy + _WORD * head) or q.chain_len
         st_u64(desc, q.buffers_dev + head * q.slot)
         # len, then flags (WRITE for a receive buffer) and next 0: a chain of one buffer.
-        st_u64(desc + DESC_LEN, q.chain_len | (DESC_F_WRITE * q.receive) << _FLAGS_SHIFT)
-        st_u64(q.busy + _WORD * head, q.chain_len)
+        st_u64(desc + DESC_LEN, length | (DESC_F_WRITE * q.receive) << _FLAGS_SHIFT)
+        st_u64(q.busy + _WORD * head, length)
         st_u16(q.driver + RING_ENTRIES + AVAIL_ENTRY_SIZE * (idx & (size - 1)), head)
         idx = (idx + 1) & RING_IDX_MASK
     q.free_top = top
@@ -100,6 +102,8 @@ def reclaim(q: DriverQueue) -> int:
         return 0
     if pending > q.inflight:
         return broken(q, DE_USED_JUMP, pending, q.inflight)
+    if q.peer:
+        pending = min(pending, q.budget)
     top = q.free_top
     for _ in range(pending):
         elem = ld_u64(q.device + RING_ENTRIES + USED_ENTRY_SIZE * (last & (size - 1)))
