@@ -80,7 +80,11 @@ _RECIPE_FILES = ("init", "modules.py", "prepare.sh")
 _CACHE_SUBDIR = "vduse-guest"
 _NUMBA_SUBDIR = "numba-generic"
 _GUEST_NUMBA_DIR = "numba-cache"
-_WARM_UP = "from pyvdpa.dataplane.engine import warm_up; warm_up(print)"
+# The device's programs, and the driver's kernels `pyvdpa drive net` runs in the guest.
+_WARM_UP = (
+    "from pyvdpa.dataplane.engine import warm_up; warm_up(print); "
+    "from pyvdpa.drive import compiled; compiled.load()"
+)
 _WARM_UP_TIMEOUT = 900.0
 _EXIT_LINE = re.compile(r"vduse-guest: script exit status (\d+)")
 _FACT = re.compile(r"^fact ([\w.-]+): (.*)$", re.M)
