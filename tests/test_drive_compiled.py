@@ -55,8 +55,15 @@ def _drive(*args: str) -> tuple[int, dict[str, Any], str, float]:
 
 @pytest.mark.parametrize(
     "extra",
-    [[], ["--packed"], ["--queues", "2"], ["--burst", "1"], ["--frame-size", "1518"]],
-    ids=["split", "packed", "split-2q", "burst-1", "1518"],
+    [
+        [],
+        ["--packed"],
+        ["--queues", "2"],
+        ["--burst", "1"],
+        ["--frame-size", "1518"],
+        ["--queues", "2", "--cpus", "0"],
+    ],
+    ids=["split", "packed", "split-2q", "burst-1", "1518", "pinned"],
 )
 def test_compiled_txonly_counted_by_the_device(sock_dir: Path, extra: list[str]) -> None:
     path = sock_dir / "net.sock"
