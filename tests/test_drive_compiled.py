@@ -344,3 +344,13 @@ def test_frame_check_matches_the_python_driver(size: int) -> None:
             FrameCheck.FOREIGN: FOREIGN,
         }[py_check_frame(bytes(frame))]
         assert verdict == expected, (size, seq)
+
+
+def test_compiled_engine_refuses_blk(sock_dir: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pyvdpa", "drive", "blk", "--socket", str(sock_dir / "none.sock"),
+         "--engine", "compiled"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--engine compiled: the compiled driver runs drive net only, not blk" in proc.stderr

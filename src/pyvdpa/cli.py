@@ -155,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "request, the I/O paused until it returns all (for devices that drop the "
                 "translations of requests in flight on any IOTLB change)",
             )
+            p.add_argument(
+                "--engine",
+                choices=ENGINES,
+                default="python",
+                help="python: the driver that runs blk (the compiled driver runs net only)",
+            )
             p.add_argument("--rw", choices=WORKLOADS, default="randread")
             p.add_argument("--bs", type=_positive, default=4096)
             p.add_argument("--iodepth", type=_positive, default=32)
@@ -245,6 +251,8 @@ def _print_result(figures: dict[str, object], as_json: bool) -> None:
 
 
 def _cmd_drive(args: argparse.Namespace) -> int:
+    if args.kind == "blk" and args.engine == "compiled":
+        raise ConfigError("--engine compiled: the compiled driver runs drive net only, not blk")
     progress = not args.json and sys.stdout.isatty()
     with _open_session(args) as session:
         if args.kind == "net":
