@@ -31,6 +31,7 @@ from pyvdpa.drive.compiled import _CRC_TABLE, DRAIN_SECONDS
 from pyvdpa.drive.net import ENGINES, FrameCheck, build_frame
 from pyvdpa.drive.net import check_frame as py_check_frame
 from pyvdpa.vhost_user.server import BackendServer
+from pyvdpa.virtio.constants import VirtioFeature
 from pyvdpa.virtio.net import net_header_size
 from pyvdpa.virtio.ring import DescriptorChain, DeviceQueue, Segment
 
@@ -98,6 +99,8 @@ def test_engines_send_the_same_frames(sock_dir: Path, engine: str) -> None:
     assert code == 0, stderr
     assert figures["tx_packets"] > 0
     assert device.stats[1].packets == figures["tx_packets"]
+    # The Python driver asks IN_ORDER; the compiled one reads every used entry and does not.
+    assert bool(device.negotiated & VirtioFeature.IN_ORDER) == (engine == "python")
 
 
 def test_default_engine_falls_back_for_inband(sock_dir: Path) -> None:
