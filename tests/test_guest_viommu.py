@@ -95,14 +95,23 @@ def md5(data: bytes) -> str:
     return hashlib.md5(data).hexdigest()
 
 
+def behind_iommu(args: list[str], port: int) -> list[str]:
+    """A device's QEMU arguments (its ``-device`` last) behind the IOMMU, on root port ``port``.
+
+    ATS, which makes the guest send device-TLB invalidations, needs a PCI
+    Express device: one behind a root port.
+    """
+    device = f"{args[-1]},iommu_platform=on,ats=on,disable-legacy=on,bus=rp{port}"
+    root_port = ["-device", f"pcie-root-port,id=rp{port},bus=pcie.0,chassis={port + 1}"]
+    return [*root_port, *args[:-1], device]
+
+
 def iommu_disk_args(sock: Path, name: str, port: int, *, packed: bool) -> list[str]:
     """A vhost-user-blk disk behind the IOMMU, on its own PCIe root port."""
     args = vhost_user_blk_args(sock, name=name)
-    args[-1] += f",iommu_platform=on,ats=on,disable-legacy=on,bus=rp{port}"
     if packed:
         args[-1] += ",packed=on"
-    root_port = ["-device", f"pcie-root-port,id=rp{port},bus=pcie.0,chassis={port + 1}"]
-    return [*root_port, *args]
+    return behind_iommu(args, port)
 
 
 def guest_script() -> str:
@@ -220,12 +229,10 @@ def test_net_pings_and_streams_through_the_iommu(peers: PeerPool, variant: NetVa
     netns.add_address(TAP, f"{HOST_IP}/24")
     netns.link_up(TAP)
     server = peers.start(StreamServer(netns, HOST_IP, source_size=STREAM_SIZE))
-    nic = vhost_user_net_args(app.sockets[0], GUEST_MAC, packed=variant.packed)
-    nic[-1] += ",iommu_platform=on,ats=on,disable-legacy=on,bus=rp0"
-    root_port = ["-device", "pcie-root-port,id=rp0,bus=pcie.0,chassis=1"]
+    nic = behind_iommu(vhost_user_net_args(app.sockets[0], GUEST_MAC, packed=variant.packed), 0)
     guest = peers.guest(
         net_script(variant),
-        [*IOMMU_MACHINE, *root_port, *nic],
+        [*IOMMU_MACHINE, *nic],
         append="intel_iommu=on",
     )
     console = guest.wait(timeout=GUEST_TIMEOUT)
