@@ -38,6 +38,7 @@ from pyvdpa.trace import (
     MessageRecord,
     Record,
     Side,
+    SinkError,
     TraceProxy,
 )
 from pyvdpa.trace.proxy import MAX_BACKEND_CHANNELS
@@ -531,6 +532,33 @@ def test_a_trace_that_cannot_be_written_stops_the_command(
     assert proc.returncode == 1
     assert stderr == "pyvdpa: error: cannot write the trace: No space left on device\n"
     assert not fe.exists()
+
+
+def test_a_sink_that_fails_stops_the_message_it_was_given(
+    sock_dir: Path, fake: tuple[Path, FakeBackend]
+) -> None:
+    """Nothing passes untraced: the message whose record failed never reaches the back-end."""
+    path, backend = fake
+    seen: list[Record] = []
+
+    def sink(record: Record) -> None:
+        if isinstance(record, MessageRecord):
+            raise SinkError("disk full")
+        seen.append(record)
+
+    trace = TraceProxy(Endpoint(sock_dir / "fe.sock", True), Endpoint(path, False), sink)
+    with trace:
+        peer = RawSocket.connect(trace.frontend.path)
+        be = backend.accept()
+        peer.send(int(Request.GET_FEATURES), b"", 1, ())
+        assert be.at_eof()  # the pair ended without forwarding a byte
+        peer.close()
+        be.close()
+        deadline = time.monotonic() + 10
+        while trace.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not trace.running
+    assert [r.event for r in seen if isinstance(r, ConnectionRecord)] == ["open"]
 
 
 @pytest.mark.parametrize("sender", [Side.FRONTEND, Side.BACKEND])

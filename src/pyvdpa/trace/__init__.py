@@ -8,7 +8,7 @@ command line.
 """
 
 from pyvdpa.trace.conversation import Conversation
-from pyvdpa.trace.proxy import Endpoint, Record, TraceProxy
+from pyvdpa.trace.proxy import Endpoint, Record, SinkError, TraceProxy
 from pyvdpa.trace.render import (
     ChannelKind,
     ConnectionRecord,
@@ -26,6 +26,7 @@ __all__ = [
     "MessageRecord",
     "Record",
     "Side",
+    "SinkError",
     "TraceProxy",
     "format_json",
     "format_text",

@@ -20,7 +20,7 @@ from typing import TextIO
 
 from pyvdpa.drive.info import DEVICE_TYPES
 from pyvdpa.errors import ConfigError, PyvdpaError
-from pyvdpa.trace.proxy import Endpoint, Record, TraceProxy
+from pyvdpa.trace.proxy import Endpoint, Record, SinkError, TraceProxy
 from pyvdpa.trace.render import format_json, format_text
 
 __all__ = ["add_trace_arguments", "run_trace"]
@@ -89,14 +89,13 @@ def run_trace(args: argparse.Namespace) -> int:
     def write(record: Record) -> None:
         # Relaying untraced would hide what the user asked to see: the proxy
         # stops (ending the pair) and the command says why.
-        if failed:
-            return
         try:
             out.write(formatter(record) + "\n")
             out.flush()
         except OSError as exc:
             failed.append(f"cannot write the trace: {exc.strerror or exc}")
             stop.set()
+            raise SinkError(failed[0]) from exc
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
 

@@ -61,6 +61,11 @@ __all__ = ["MAX_BACKEND_CHANNELS", "Endpoint", "Record", "TraceProxy"]
 Record = MessageRecord | ConnectionRecord
 Sink = Callable[[Record], None]
 
+
+class SinkError(Exception):
+    """Raised by a sink that can no longer record: the proxy relays nothing more and stops."""
+
+
 #: Back-end channels interposed at once on one pair; a front-end handing over
 #: more before the back-end closes the old ones gets its sockets passed on as they are.
 MAX_BACKEND_CHANNELS = 4
@@ -161,7 +166,9 @@ class TraceProxy:
     ``sink`` receives each record on the relaying thread, serialised: one
     :class:`~pyvdpa.trace.render.ConnectionRecord` when a pair opens and
     closes, one :class:`~pyvdpa.trace.render.MessageRecord` per message,
-    before the message is forwarded.  ``device_id`` names device-specific
+    before the message is forwarded.  A sink that raises :class:`SinkError`
+    stops the proxy there: the message it was given is not forwarded and the
+    pair ends, so nothing passes untraced.  ``device_id`` names device-specific
     feature bits (inferred from GET_FEATURES when ``None``);
     ``connect_timeout`` bounds each attempt to reach a listening peer.
     """
@@ -189,6 +196,7 @@ class TraceProxy:
         self._listeners: dict[Side, Listener] = {}
         self._number = 0
         self._pair: _Pair | None = None
+        self._failed = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> Self:
@@ -231,6 +239,20 @@ class TraceProxy:
     def _now(self) -> float:
         return self._clock() - self._start_time
 
+    def _emit(self, record: Record) -> bool:
+        """Give ``record`` to the sink (the caller holds the lock); ``False`` once it failed."""
+        if self._failed:
+            return False
+        try:
+            self._sink(record)
+        except SinkError:
+            self._failed = True
+            self._stop.set()
+            if self._pair is not None:
+                self._pair.end("the trace cannot be written")
+            return False
+        return True
+
     def _close_listeners(self) -> None:
         for listener in self._listeners.values():
             listener.close()
@@ -244,7 +266,7 @@ class TraceProxy:
                     return
                 # Numbered as the pair it would have been; the next attempt takes the number.
                 with self._lock:
-                    self._sink(ConnectionRecord(self._now(), self._number + 1, "failed", str(exc)))
+                    self._emit(ConnectionRecord(self._now(), self._number + 1, "failed", str(exc)))
                 self._stop.wait(_RETRY_INTERVAL)
                 continue
             self._run_pair(frontend, backend)
@@ -280,7 +302,7 @@ class TraceProxy:
         pair = _Pair(number, main, Conversation(number, self._device_id))
         with self._lock:
             self._pair = pair
-            self._sink(
+            self._emit(
                 ConnectionRecord(
                     self._now(),
                     number,
@@ -302,7 +324,7 @@ class TraceProxy:
         main.close()
         with self._lock:
             self._pair = None
-            self._sink(ConnectionRecord(self._now(), number, "close", main.reason or "closed"))
+            self._emit(ConnectionRecord(self._now(), number, "close", main.reason or "closed"))
 
     def _start_link(self, pair: _Pair, link: _Link) -> None:
         for sender in (Side.FRONTEND, Side.BACKEND):
@@ -330,13 +352,13 @@ class TraceProxy:
         except RemoteProtocolError as exc:
             reason = f"{sender.value} sent a message that cannot be framed: {exc}"
             with self._lock:
-                self._sink(ConnectionRecord(self._now(), pair.number, "malformed", reason))
+                self._emit(ConnectionRecord(self._now(), pair.number, "malformed", reason))
         except TransportError as exc:
             reason = f"{sender.value}: {exc}"
         finally:
             if link.end(reason) and link.kind is ChannelKind.BACKEND:
                 with self._lock:
-                    self._sink(
+                    self._emit(
                         ConnectionRecord(self._now(), pair.number, "backend-channel-close", reason)
                     )
 
@@ -371,7 +393,11 @@ class TraceProxy:
                 record = pair.conversation.observe(
                     link.kind, sender, header, frame.body, links, self._now(), note
                 )
-                self._sink(record)
+                recorded = self._emit(record)
+            if not recorded:
+                if interposed is not None:
+                    interposed.close()
+                raise TransportError("the trace cannot be written")
             if interposed is not None:
                 if pair.add_backend_link(interposed):
                     self._start_link(pair, interposed)
