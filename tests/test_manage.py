@@ -396,10 +396,11 @@ def test_garbage_on_the_control_socket(running: Running) -> None:
     for thread in threads:
         thread.join(30)
     assert len(results) == 24 and all(r == results[0] for r in results)
+    # No descriptor leaked (fewer is fine: an earlier test's client may close late).
     deadline = time.monotonic() + 5
-    while running.fds() != before and time.monotonic() < deadline:
+    while running.fds() > before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert running.fds() == before
+    assert running.fds() <= before
     assert running.proc.poll() is None
 
 
@@ -613,10 +614,11 @@ def test_add_and_delete_cycles_leak_no_fd(running: Running) -> None:
     before = running.fds()
     for _ in range(3):
         cycle()
+    # No descriptor leaked (fewer is fine: an earlier test's client may close late).
     deadline = time.monotonic() + 5
-    while running.fds() != before and time.monotonic() < deadline:
+    while running.fds() > before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert running.fds() == before
+    assert running.fds() <= before
     assert running.call("dev_show") == {}
 
 
