@@ -36,7 +36,7 @@ writer's last pattern.  Split and packed rings.
 
 With ``PYVDPA_TEST_NO_DIRTY_LOG=1`` (a test-only switch: the vhost-user
 layer then keeps the dirty log from the rings) the same check must find
-corrupt data after the first migration, so the test keeps its teeth.
+corrupt data within three migrations, so the test keeps its teeth.
 """
 
 from __future__ import annotations
@@ -471,20 +471,35 @@ def test_guest_migrates_there_and_back_with_devices_writing(rig: Rig) -> None:
             assert ring_errors(side.app.stats(device)) == {}, (side.name, device)
 
 
+#: Migrations the switched-off dirty log gets to show corrupt data.  Which
+#: pages the device fills after QEMU sent them depends on timing (a slow
+#: guest may read little during the RAM copy); one in three has never been
+#: clean.
+NO_LOG_ATTEMPTS = 3
+
+
 @pytest.mark.parametrize("rig", [NO_DIRTY_LOG], ids=lambda wiring: wiring.name, indirect=True)
 def test_without_dirty_logging_the_guest_finds_corrupt_data(rig: Rig) -> None:
     a, b = rig.sides["a"], rig.sides["b"]
-    first = rig.boot(a, "a1", incoming=False)
-    since = start_round(first[0], 0)
-
-    guest_b, _, to_b = switch(rig, first, b, "b")
-    print("A -> B:", to_b)
-    round0 = finish_round(first[0], since, guest_b, 0, "end")
-    guest_b.wait(BOOT_TIMEOUT)
-
+    source = rig.boot(a, "a0", incoming=False)
+    corrupt = ("guest memory:", "the device returned", "TCP streams")
+    consoles = []
+    for number in range(NO_LOG_ATTEMPTS):
+        since = start_round(source[0], number)
+        target, left = (b, a) if number % 2 == 0 else (a, b)
+        mark = left.app.mark()
+        guest, qmp, result = switch(rig, source, target, f"{target.name}{number + 1}")
+        print(f"migration {number + 1}:", result)
+        last = number == NO_LOG_ATTEMPTS - 1
+        done = finish_round(source[0], since, guest, number, "end" if last else "verify")
+        problems = done.problems()
+        print("without dirty logging:", problems)
+        consoles.append(done.console)
+        if any(problem.startswith(corrupt) for problem in problems):
+            break
+        port_closed(left, mark)
+        source = (guest, qmp)
+    else:
+        pytest.fail("no migration showed corrupt data:\n" + "\n".join(consoles))
     # The switch was on: the source's device was told where to log and ignored it.
     assert f"{NO_DIRTY_LOG_SWITCH}=1" in a.app.output()
-    problems = round0.problems()
-    print("without dirty logging:", problems)
-    corrupt = ("guest memory:", "the device returned", "TCP streams")
-    assert any(problem.startswith(corrupt) for problem in problems), round0.console
