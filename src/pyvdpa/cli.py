@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "--burst", type=_positive, default=BURST, help=f"frames per burst ({BURST})"
             )
             p.add_argument(
+                "--log-all",
+                action="store_true",
+                help="act as a VMM migrating its guest: negotiate VHOST_F_LOG_ALL, share a "
+                "dirty log and check after the run that the back-end logged every page it "
+                "wrote (vhost-user; the Python driver)",
+            )
+            p.add_argument(
                 "--cpus",
                 type=parse_cpus,
                 default=(),
@@ -211,9 +218,10 @@ def _add_target(parser: argparse.ArgumentParser) -> None:
 
 def _open_session(args: argparse.Namespace) -> DriverSession:
     if args.vhost_vdpa is not None:
-        for option in ("server", "inband"):
-            if getattr(args, option):
-                raise ConfigError(f"--{option} applies to vhost-user only, not --vhost-vdpa")
+        for option in ("server", "inband", "log_all"):
+            if getattr(args, option, False):
+                name = option.replace("_", "-")
+                raise ConfigError(f"--{name} applies to vhost-user only, not --vhost-vdpa")
         remap_idle = getattr(args, "remap_idle", False)
         if remap_idle and not args.iommu:
             raise ConfigError("--remap-idle applies with --iommu only")
@@ -222,7 +230,13 @@ def _open_session(args: argparse.Namespace) -> DriverSession:
     if getattr(args, "remap_idle", False):
         raise ConfigError("--remap-idle applies to --vhost-vdpa only")
     frontend = Frontend.listen(args.socket) if args.server else Frontend.connect(args.socket)
-    return Session(frontend, memory_size=args.memory, inband=args.inband, iommu=args.iommu)
+    return Session(
+        frontend,
+        memory_size=args.memory,
+        inband=args.inband,
+        iommu=args.iommu,
+        log_all=getattr(args, "log_all", False),
+    )
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -271,8 +285,18 @@ def _cmd_drive(args: argparse.Namespace) -> int:
                 burst=args.burst,
                 cpus=args.cpus,
             )
-            _print_result(net.as_dict(), args.json)
-            return EXIT_ERROR if net.errors or net.rx_bad else 0
+            figures = net.as_dict()
+            unlogged = 0
+            if isinstance(session, Session) and session.log_all:
+                logged = session.log_coverage()
+                unlogged = len(logged.missing)
+                figures["log_pages_written"] = logged.written
+                figures["log_pages_missing"] = unlogged
+                if unlogged:
+                    shown = ", ".join(f"{gpa:#x}" for gpa in logged.missing[:8])
+                    print(f"pyvdpa: pages written but not logged: {shown}", file=sys.stderr)
+            _print_result(figures, args.json)
+            return EXIT_ERROR if net.errors or net.rx_bad or unlogged else 0
         blk = run_blk(
             session,
             rw=args.rw,

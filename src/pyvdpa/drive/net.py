@@ -186,7 +186,7 @@ class _RxPath:
         self.ring = ring
         self.hdr = hdr
         size = ring.queue.size
-        base = session.alloc(RX_BUFFER * size, 64)
+        base = session.alloc(RX_BUFFER * size, 64, device_writes=True)
         self.busy: dict[int, int] = {}
         for i in range(size):
             self._post(base + i * RX_BUFFER)
@@ -226,6 +226,8 @@ def compiled_gap(session: DriverSession, mode: str) -> str | None:
         return f"the compiled driver runs {', '.join(COMPILED_MODES)} only, not {mode}"
     if isinstance(session, Session) and session.inband:
         return "the compiled driver kicks through eventfds, not in-band messages"
+    if isinstance(session, Session) and session.log_all:
+        return "the dirty-log check (--log-all) reads the Python driver's record of its buffers"
     if isinstance(session, VdpaSession) and session.iommu:
         return "vhost-vdpa remapping (--iommu) needs the Python driver's record of buffers"
     return None

@@ -53,8 +53,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
+from pyvdpa.drive.dirtylog import LogCoverage, coverage, device_written_pages
 from pyvdpa.errors import ConfigError, PyvdpaError, RemoteProtocolError, RingError
 from pyvdpa.memory import GuestMemory, MemoryRegion, SharedMemory, allocate_shared
+from pyvdpa.memory.dirty import log_size
 from pyvdpa.vhost_user import codec
 from pyvdpa.vhost_user.codec import Message
 from pyvdpa.vhost_user.frontend import Frontend
@@ -206,13 +208,17 @@ class DriverSession(abc.ABC):
         self.iotlb_misses = 0
         #: Mappings withdrawn and given again while traffic ran.
         self.iotlb_remaps = 0
+        #: ``(address, size)`` areas only the device writes (buffers it fills, split used rings).
+        self.device_areas: list[tuple[int, int]] = []
 
     # ------------------------------------------------------------------ memory
 
-    def alloc(self, size: int, align: int = 64) -> int:
+    def alloc(self, size: int, align: int = 64, *, device_writes: bool = False) -> int:
         """Reserve ``size`` bytes of shared memory; return their device address.
 
         The device address is guest-physical, or an IOVA with ``iommu``.
+        ``device_writes``: only the device writes there (recorded in
+        :attr:`device_areas`).
         """
         start = (self._next + align - 1) & ~(align - 1)
         end = start + size
@@ -222,6 +228,8 @@ class DriverSession(abc.ABC):
                 "use fewer queues, smaller rings or smaller buffers"
             )
         self._next = end
+        if device_writes:
+            self.device_areas.append((start, size))
         return start
 
     def offset_of(self, addr: int) -> int:
@@ -322,7 +330,7 @@ class DriverSession(abc.ABC):
         else:
             desc = self.alloc(SplitLayout(size).desc_size, 16)
             avail = self.alloc(SplitLayout(size).avail_size, 2)
-            used = self.alloc(SplitLayout(size).used_size, 4)
+            used = self.alloc(SplitLayout(size).used_size, 4, device_writes=True)
             queue = SplitDriverQueue(
                 self.memory, size, desc, avail, used,
                 event_idx=event_idx, indirect_addr=indirect_addr, in_order=in_order,
@@ -363,7 +371,10 @@ class Session(DriverSession):
     """A vhost-user front-end with shared memory and rings, ready for a device driver.
 
     ``inband`` uses in-band notifications instead of eventfds (the back-end
-    must offer :data:`INBAND_PROTOCOL_FEATURES`).
+    must offer :data:`INBAND_PROTOCOL_FEATURES`).  ``log_all`` acts as a VMM
+    migrating its guest: ``VHOST_F_LOG_ALL`` negotiated, a dirty log shared
+    (SET_LOG_BASE, ``LOG_SHMFD`` required) and every ring logging, checked by
+    :meth:`log_coverage` (:mod:`pyvdpa.drive.dirtylog`).
     """
 
     def __init__(
@@ -373,10 +384,15 @@ class Session(DriverSession):
         memory_size: int = 64 << 20,
         inband: bool = False,
         iommu: bool = False,
+        log_all: bool = False,
     ) -> None:
+        if log_all and iommu:
+            raise ConfigError("--log-all with --iommu is not supported (the log takes GPAs)")
         super().__init__(memory_size, GPA_BASE + (IOVA_OFFSET if iommu else 0), iommu=iommu)
         self.frontend = frontend
         self.inband = inband
+        self.log_all = log_all
+        self._log: SharedMemory | None = None
         self._called = threading.Event()
         self._ring_error: RingError | None = None
         self.region = MemoryRegion(GPA_BASE, memory_size, self.shared.address, 0)
@@ -448,6 +464,9 @@ class Session(DriverSession):
         if self.iommu:
             required |= VirtioFeature.ACCESS_PLATFORM | VirtioFeature.PROTOCOL_FEATURES
             protocol |= ACKED_BACKEND_CHANNEL
+        if self.log_all:
+            required |= VirtioFeature.LOG_ALL | VirtioFeature.PROTOCOL_FEATURES
+            protocol |= ProtocolFeature.LOG_SHMFD
         missing = required & ~offered
         if missing:
             raise ConfigError(f"back-end does not offer {feature_names(missing)}")
@@ -464,6 +483,8 @@ class Session(DriverSession):
             self.protocol_features = proto
         elif self.inband:
             raise ConfigError("in-band notifications: back-end has no protocol features")
+        if self.log_all and not self.protocol_features & ProtocolFeature.LOG_SHMFD:
+            raise ConfigError("--log-all: back-end does not offer the LOG_SHMFD protocol feature")
         if self.inband:
             fe.backend_handlers[BackendRequest.VRING_CALL] = self._on_vring_call
             fe.backend_handlers[BackendRequest.VRING_ERR] = self._on_vring_err
@@ -480,6 +501,10 @@ class Session(DriverSession):
         self.features = offered & (wanted | required)
         fe.set_features(self.features)
         fe.set_mem_table([(self.region, self.shared.fd)])
+        if self.log_all:
+            size = log_size(GPA_BASE + self.memory_size)
+            self._log = allocate_shared(size, "pyvdpa-drive-log")
+            fe.set_log_base(self._log.fd, size)
         return self.features
 
     def max_queues(self) -> int:
@@ -505,13 +530,20 @@ class Session(DriverSession):
         fe.set_vring_call(index, ring.call_fd)
         fe.set_vring_num(index, ring.queue.size)
         fe.set_vring_base(index, 0x8000 if self.packed else 0)
+        flags = codec.VringAddrFlags(0)
+        log_addr = 0
+        if self.log_all:
+            # Where the device writes its used entries: the used ring, or a
+            # packed ring's descriptors (as DPDK and pyvdpa log them).
+            flags = codec.VringAddrFlags.LOG
+            log_addr = desc if self.packed else used
         addr = codec.VringAddr(
             index,
-            codec.VringAddrFlags(0),
+            flags,
             self.ring_address(desc),
             self.ring_address(used),
             self.ring_address(avail),
-            0,
+            log_addr,
         )
         fe.set_vring_addr(addr)
         if ring.kick_fd is not None:
@@ -573,7 +605,17 @@ class Session(DriverSession):
                 bases.append(-1)
         return bases
 
+    def log_coverage(self) -> LogCoverage:
+        """After :meth:`stop`: the pages the back-end wrote, and those its log lacks."""
+        if self._log is None:
+            raise ConfigError("the session shares no dirty log (log_all)")
+        packed = [(ring.areas[0], ring.queue.size) for ring in self.rings] if self.packed else []
+        pages = device_written_pages(self.memory.read, self.device_areas, packed)
+        return coverage(self._log.buf, pages)
+
     def close(self) -> None:
-        """Close the connection, the eventfds and the shared memory."""
+        """Close the connection, the eventfds, the shared memory and the dirty log."""
         self.frontend.close()
+        if self._log is not None:
+            self._log.close()
         super().close()

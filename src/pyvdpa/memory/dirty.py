@@ -18,12 +18,25 @@ from pyvdpa.errors import GuestMemoryError
 from pyvdpa.memory.iotlb import IotlbAddressSpace
 from pyvdpa.memory.regions import FdMapping
 
-__all__ = ["LOG_PAGE_SIZE", "DirtyLog", "IotlbDirtyLog"]
+__all__ = ["LOG_PAGE_SIZE", "DirtyLog", "IotlbDirtyLog", "log_size", "page_logged"]
 
 LOG_PAGE_SIZE = 0x1000
 """Bytes of guest-physical memory covered by one bit of the dirty log (``VHOST_LOG_PAGE``)."""
 
 _LOG_PAGE_SHIFT = 12
+
+
+def log_size(memory_end: int) -> int:
+    """Bytes of bitmap covering guest-physical ``[0, memory_end)``, in whole 64-bit words."""
+    pages = -(-memory_end // LOG_PAGE_SIZE)
+    return -(-pages // 64) * 8
+
+
+def page_logged(bitmap: bytes | memoryview, gpa: int) -> bool:
+    """Whether ``bitmap`` marks the page of guest-physical ``gpa`` dirty (not past its end)."""
+    pfn = gpa >> _LOG_PAGE_SHIFT
+    byte = pfn >> 3
+    return byte < len(bitmap) and bool(bitmap[byte] & (1 << (pfn & 7)))
 
 
 class DirtyLog:
