@@ -223,9 +223,7 @@ class VdpaSession(DriverSession):
         still working on); :meth:`quiescing` asks the traffic loops to let
         the device drain first.
         """
-        if not self.iommu or not self.mappings:
-            return
-        if time.monotonic() < self._next_remap:
+        if not self._remap_due():
             return
         if self.remap_idle and any(ring.in_flight for ring in self.rings):
             return
@@ -240,12 +238,11 @@ class VdpaSession(DriverSession):
 
     def quiescing(self) -> bool:
         """Whether a remap waits for the device to return every chain (:attr:`remap_idle`)."""
-        return (
-            self.remap_idle
-            and self.iommu
-            and bool(self.mappings)
-            and time.monotonic() >= self._next_remap
-        )
+        return self.remap_idle and self._remap_due()
+
+    def _remap_due(self) -> bool:
+        """Whether ``iommu`` remapping is on and the next remap's time has come."""
+        return self.iommu and bool(self.mappings) and time.monotonic() >= self._next_remap
 
     # ------------------------------------------------------------------ negotiation
 
