@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 
 from pyvdpa.check.model import CaseFailedError, NotApplicableError
 from pyvdpa.check.target import BASE_PROTOCOL, RawPeer, RingOrder, Target, Traffic, require_loopback
@@ -16,7 +17,7 @@ from pyvdpa.drive.info import CONFIG_BYTES, decode_config
 from pyvdpa.drive.session import GPA_BASE
 from pyvdpa.memory import MemoryRegion
 from pyvdpa.vhost_user import codec
-from pyvdpa.vhost_user.frontend import BackendRefusedError
+from pyvdpa.vhost_user.frontend import BackendRefusedError, Frontend
 from pyvdpa.vhost_user.protocol import ProtocolFeature, Request
 from pyvdpa.virtio.constants import DeviceId, DeviceStatus, VirtioFeature
 from pyvdpa.virtio.net import net_header_size
@@ -141,13 +142,19 @@ def owner_again(t: Target) -> str:
     return "two owners one after the other"
 
 
+def _count(t: Target, feature: ProtocolFeature, ask: Callable[[Frontend], int], name: str) -> int:
+    """A count the back-end answers with ``feature`` negotiated; below one fails the case."""
+    with contextlib.closing(t.connect()) as frontend:
+        frontend.set_protocol_features(feature)
+        count = ask(frontend)
+    if count < 1:
+        raise CaseFailedError(f"{name} answered {count}")
+    return count
+
+
 def queue_num(t: Target) -> str:
     """GET_QUEUE_NUM answers the queues the back-end can serve (at least one)."""
-    with contextlib.closing(t.connect()) as frontend:
-        frontend.set_protocol_features(ProtocolFeature.MQ)
-        count = frontend.get_queue_num()
-    if count < 1:
-        raise CaseFailedError(f"GET_QUEUE_NUM answered {count}")
+    count = _count(t, ProtocolFeature.MQ, Frontend.get_queue_num, "GET_QUEUE_NUM")
     return f"{count} queue(s)"
 
 
@@ -208,11 +215,9 @@ def mem_replace_running(t: Target) -> str:
 
 def mem_max_slots(t: Target) -> str:
     """GET_MAX_MEM_SLOTS answers how many regions the back-end takes (at least one)."""
-    with contextlib.closing(t.connect()) as frontend:
-        frontend.set_protocol_features(ProtocolFeature.CONFIGURE_MEM_SLOTS)
-        slots = frontend.get_max_mem_slots()
-    if slots < 1:
-        raise CaseFailedError(f"GET_MAX_MEM_SLOTS answered {slots}")
+    slots = _count(
+        t, ProtocolFeature.CONFIGURE_MEM_SLOTS, Frontend.get_max_mem_slots, "GET_MAX_MEM_SLOTS"
+    )
     return f"{slots} slots"
 
 
