@@ -25,12 +25,7 @@ from __future__ import annotations
 
 from pyvdpa.dataplane.kernels.cache import inlined
 from pyvdpa.dataplane.kernels.driver_net import received
-from pyvdpa.dataplane.kernels.driver_row import (
-    DE_USED_ID,
-    DE_USED_LEN,
-    DriverQueue,
-    broken,
-)
+from pyvdpa.dataplane.kernels.driver_row import DriverQueue, retire
 from pyvdpa.dataplane.kernels.intrinsics import (
     fence,
     ld_acq_u16,
@@ -124,7 +119,6 @@ def reclaim(q: DriverQueue) -> int:
     size = q.size
     idx = q.last_used
     wrap = q.used_wrap
-    top = q.free_top
     taken = 0
     used_flags = _AVAIL_USED if wrap else 0
     while q.inflight > 0 and (q.peer == 0 or q.budget > 0):
@@ -134,26 +128,16 @@ def reclaim(q: DriverQueue) -> int:
             break
         ident = ld_u16(d + PACKED_DESC_ID)
         length = ld_u32(d + DESC_LEN) if flags & DESC_F_WRITE else 0
-        held = ld_u64(q.busy + _WORD * ident) if ident < size else 0
-        if held == 0:
-            q.free_top = top
-            return broken(q, DE_USED_ID, ident, idx)
-        if length > held:
-            q.free_top = top
-            return broken(q, DE_USED_LEN, length, held)
+        if retire(q, ident, length, idx) < 0:
+            return -1
         if q.receive:
             received(q, ident, length)
-        st_u64(q.busy + _WORD * ident, 0)
-        st_u64(q.free + _WORD * top, ident)
-        top += 1
-        q.inflight -= 1
         taken += 1
         idx += 1
         if idx == size:
             idx = 0
             wrap ^= 1
             used_flags = _AVAIL_USED if wrap else 0
-    q.free_top = top
     q.last_used = idx
     q.used_wrap = wrap
     return taken

@@ -8,8 +8,8 @@ from __future__ import annotations
 import itertools
 from typing import TypeAlias
 
-from pyvdpa.dataplane.kernels.cache import kernel
-from pyvdpa.dataplane.kernels.intrinsics import Record, record_at, record_of
+from pyvdpa.dataplane.kernels.cache import inlined, kernel
+from pyvdpa.dataplane.kernels.intrinsics import Record, ld_u64, record_at, record_of, st_u64
 from pyvdpa.dataplane.kernels.layout import Row, check
 
 __all__ = [
@@ -66,6 +66,7 @@ __all__ = [
     "broken",
     "driver_at",
     "driver_of",
+    "retire",
 ]
 
 DRIVER = Row("driver", "D", pad_to=8)
@@ -178,3 +179,27 @@ def broken(q: DriverQueue, code: int, a: int, b: int) -> int:
     q.error_a = a
     q.error_b = b
     return -1
+
+
+_WORD = 8
+
+
+@inlined
+def retire(q: DriverQueue, ident: int, length: int, position: int) -> int:
+    """Take back the chain ``ident`` the device used with ``length`` bytes written.
+
+    The chain must be in flight (``busy``) and ``length`` within its
+    buffer; it goes back on the free stack.  Returns the chain's length, or
+    -1 when the device broke the ring (``position``: where the used entry
+    was, for the message).  The one used-entry rule of split and packed rings.
+    """
+    held = ld_u64(q.busy + _WORD * ident) if 0 <= ident < q.size else 0
+    if held == 0:
+        return broken(q, DE_USED_ID, ident, position)
+    if length > held:
+        return broken(q, DE_USED_LEN, length, held)
+    st_u64(q.busy + _WORD * ident, 0)
+    st_u64(q.free + _WORD * q.free_top, ident)
+    q.free_top += 1
+    q.inflight -= 1
+    return held

@@ -23,13 +23,7 @@ from __future__ import annotations
 
 from pyvdpa.dataplane.kernels.cache import inlined
 from pyvdpa.dataplane.kernels.driver_net import received
-from pyvdpa.dataplane.kernels.driver_row import (
-    DE_USED_ID,
-    DE_USED_JUMP,
-    DE_USED_LEN,
-    DriverQueue,
-    broken,
-)
+from pyvdpa.dataplane.kernels.driver_row import DE_USED_JUMP, DriverQueue, broken, retire
 from pyvdpa.dataplane.kernels.intrinsics import (
     fence,
     ld_acq_u16,
@@ -104,29 +98,15 @@ def reclaim(q: DriverQueue) -> int:
         return broken(q, DE_USED_JUMP, pending, q.inflight)
     if q.peer:
         pending = min(pending, q.budget)
-    top = q.free_top
     for _ in range(pending):
         elem = ld_u64(q.device + RING_ENTRIES + USED_ENTRY_SIZE * (last & (size - 1)))
         ident = elem & _U32_MASK
         length = (elem >> 32) & _U32_MASK
-        if ident >= size:
-            q.free_top = top
-            return broken(q, DE_USED_ID, ident, last)
-        held = ld_u64(q.busy + _WORD * ident)
-        if held == 0:
-            q.free_top = top
-            return broken(q, DE_USED_ID, ident, last)
-        if length > held:
-            q.free_top = top
-            return broken(q, DE_USED_LEN, length, held)
+        if retire(q, ident, length, last) < 0:
+            return -1
         if q.receive:
             received(q, ident, length)
-        st_u64(q.busy + _WORD * ident, 0)
-        st_u64(q.free + _WORD * top, ident)
-        top += 1
-        q.inflight -= 1
         last = (last + 1) & RING_IDX_MASK
-    q.free_top = top
     q.last_used = last
     if q.event_idx:
         st_u16(q.driver + RING_ENTRIES + AVAIL_ENTRY_SIZE * size, (last - 1) & RING_IDX_MASK)
