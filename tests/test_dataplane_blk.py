@@ -496,12 +496,13 @@ def test_dirty_log_covers_what_the_engine_writes(pair: Callable[..., Pair]) -> N
         log.close()
 
 
-def test_inflight_tracking_is_not_offered(pair: Callable[..., Pair]) -> None:
+def test_inflight_tracking_is_offered_as_by_the_reference(pair: Callable[..., Pair]) -> None:
     disks = pair()
     offered = disks.engine.session.frontend.get_protocol_features()
-    assert not offered & ProtocolFeature.INFLIGHT_SHMFD
+    assert offered & ProtocolFeature.INFLIGHT_SHMFD
     assert disks.reference.session.frontend.get_protocol_features() & ProtocolFeature.INFLIGHT_SHMFD
     assert offered & ProtocolFeature.CONFIG and offered & ProtocolFeature.MQ
+    assert disks.engine.device.inflight_tracking
 
 
 def test_kernel_spec_values_are_the_shared_ones() -> None:

@@ -15,25 +15,33 @@ flow from the driver):
 
 The worker reads and writes the backing file synchronously, straight
 between the file and the guest's buffers (``preadv``/``pwritev``), as
-DPDK's vhost blk examples do: a request is complete, used element
-included, before the next one is popped.  A slow disk therefore delays
-the other ports of the same worker; give the engine more workers when that
-matters.
+DPDK's vhost blk examples do: a burst's requests are executed as they are
+popped and returned together.  A slow disk therefore delays the other ports
+of the same worker; give the engine more workers when that matters.
 
-Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) is not
-offered.  It exists so that a back-end that *dies* can hand its in-flight
-requests to its successor.  Here no request is ever in flight when the
-control plane stops a ring (the worker leaves its kernel only between
-bursts, with every popped request completed), so a stop, a disconnect or a
-memory-table change loses nothing; only a crash of the whole process in
-the middle of a request would, and recording every request in the shared
-region to cover that case would add two ordered stores to shared memory per
-request on the hot path.  Front-ends that see the feature missing (QEMU's
-vhost-user-blk among them) run without the region.
+Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD, vhost-user
+spec "Inflight I/O tracking") is offered, split and packed: with the
+region the front-end hands over, the kernel records every chain it takes
+and every batch it completes
+(:mod:`pyvdpa.dataplane.kernels.inflight`), so that a process killed at
+any point leaves its successor the exact list of requests to serve again.
+:meth:`EngineBlkDevice.start_queue` repairs the region and serves that
+list first, in Python, with the reference request rules
+(:meth:`~pyvdpa.devices.blk.BlkControl.serve`) and the Python queue's
+inflight bookkeeping (:class:`~pyvdpa.device.Virtqueue`), then hands the
+ring to the kernel.  A split ring then resumes its available index at the
+used ring's index plus the requests in flight, as libvhost-user does:
+after a crash QEMU rewinds the index it sends to the used index.
+
+``PYVDPA_TEST_NO_INFLIGHT=1`` in the environment is a **test-only**
+switch, read once at import: the device still offers the feature but
+records nothing and serves nothing again, so that the suite can show what
+a restart loses without it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -44,23 +52,29 @@ from pyvdpa.dataplane import kernels as k
 from pyvdpa.dataplane.engine import TX, Engine, EngineIommu, EngineMode, Port
 from pyvdpa.dataplane.net import ENGINE_EXCLUDED_PROTOCOL_FEATURES, QueueCounters, shared_engine
 from pyvdpa.dataplane.queues import CompiledQueue
-from pyvdpa.device import Device, QueueNotRunningError, RingPosition, RingSpec
+from pyvdpa.device import Device, QueueNotRunningError, RingPosition, RingSpec, Virtqueue
+from pyvdpa.device.inflight import PackedInflightQueue, SplitInflightQueue
+from pyvdpa.device.ring import RingSetupError
 from pyvdpa.devices.blk import (
     BLK_PROTOCOL_FEATURES,
     MAX_DISCARD_SECTORS,
     MAX_DISCARD_SEG,
     BlkControl,
 )
-from pyvdpa.vhost_user.protocol import ProtocolFeature
+from pyvdpa.devices.stats import QueueStats
+from pyvdpa.errors import GuestMemoryError, IotlbMissError, RemoteProtocolError
 from pyvdpa.virtio.blk import BLK_ID_BYTES
 
-__all__ = ["ENGINE_BLK_PROTOCOL_FEATURES", "ZERO_CHUNK", "EngineBlkDevice"]
+__all__ = ["ENGINE_BLK_PROTOCOL_FEATURES", "TEST_NO_INFLIGHT", "ZERO_CHUNK", "EngineBlkDevice"]
+
+log = logging.getLogger(__name__)
 
 #: Protocol features of the engine device: the Python device's, without
-#: inflight tracking and in-band notifications (see ``ENGINE_EXCLUDED_PROTOCOL_FEATURES``).
-ENGINE_BLK_PROTOCOL_FEATURES = BLK_PROTOCOL_FEATURES & ~(
-    ProtocolFeature.INFLIGHT_SHMFD | ENGINE_EXCLUDED_PROTOCOL_FEATURES
-)
+#: in-band notifications (see ``ENGINE_EXCLUDED_PROTOCOL_FEATURES``).
+ENGINE_BLK_PROTOCOL_FEATURES = BLK_PROTOCOL_FEATURES & ~ENGINE_EXCLUDED_PROTOCOL_FEATURES
+
+TEST_NO_INFLIGHT = os.environ.get("PYVDPA_TEST_NO_INFLIGHT") == "1"
+"""Test-only: offer inflight tracking but record nothing (see the module's theory)."""
 
 ZERO_CHUNK = 1 << 16
 """Bytes of zeros the worker writes at a time where a file system cannot zero a range."""
@@ -68,6 +82,9 @@ ZERO_CHUNK = 1 << 16
 
 class EngineBlkDevice(EngineIommu, BlkControl, Device):
     """A virtio-blk disk on a file or in memory whose queues run on an :class:`Engine`.
+
+    Records in-flight requests in the ring's inflight region when the
+    front-end shares one, and serves what a previous back-end left undone.
 
     ``engine`` defaults to the process-wide engine of ``engine_mode`` on
     ``cpus``.  The other arguments are those of
@@ -99,6 +116,8 @@ class EngineBlkDevice(EngineIommu, BlkControl, Device):
         self._ports: list[Port | None] = [None] * queues
         self._lock = threading.Lock()
 
+    inflight_tracking = True
+
     @property
     def stats(self) -> list[QueueCounters]:
         """Per-queue counters, live."""
@@ -106,28 +125,80 @@ class EngineBlkDevice(EngineIommu, BlkControl, Device):
 
     # ------------------------------------------------------------------ queues
 
-    def _port(self, index: int) -> Port:
-        port = self._ports[index]
-        if port is None:
-            unit = np.zeros(k.UCOLS, dtype=np.int64)
-            unit[k.U_PROGRAM] = k.P_BLK
-            unit[k.U_BLK_FD] = self.fd
-            unit[k.U_CAPACITY] = self.capacity
-            unit[k.U_READONLY] = self.readonly
-            unit[k.U_SERIAL] = self._serial.ctypes.data
-            unit[k.U_ZEROS] = self._zeros.ctypes.data
-            unit[k.U_ZEROS_LEN] = len(self._zeros)
-            unit[k.U_MAX_SEG] = MAX_DISCARD_SEG
-            unit[k.U_MAX_SECTORS] = MAX_DISCARD_SECTORS
-            port = self.engine.add_port(unit, keep=(self._serial, self._zeros))
-            self._ports[index] = port
+    def _port(
+        self, index: int, size: int, record: SplitInflightQueue | PackedInflightQueue | None
+    ) -> Port:
+        """A new port for ring ``index`` (replacing any), its unit row filled in."""
+        old = self._ports[index]
+        if old is not None:
+            self.engine.remove_port(old)
+            self._ports[index] = None
+        unit = np.zeros(k.UCOLS, dtype=np.int64)
+        unit[k.U_PROGRAM] = k.P_BLK
+        unit[k.U_BLK_FD] = self.fd
+        unit[k.U_CAPACITY] = self.capacity
+        unit[k.U_READONLY] = self.readonly
+        unit[k.U_SERIAL] = self._serial.ctypes.data
+        unit[k.U_ZEROS] = self._zeros.ctypes.data
+        unit[k.U_ZEROS_LEN] = len(self._zeros)
+        unit[k.U_MAX_SEG] = MAX_DISCARD_SEG
+        unit[k.U_MAX_SECTORS] = MAX_DISCARD_SECTORS
+        done = np.zeros((size, k.DONE.width), dtype=np.int64)
+        unit[k.U_DONE] = done.ctypes.data
+        unit[k.U_DONE_LEN] = size
+        keep: list[object] = [self._serial, self._zeros, done]
+        if record is not None:
+            # The array's export keeps the region mapped while the kernel may write it.
+            region = np.frombuffer(record.view, dtype=np.uint8)
+            unit[k.U_INFLIGHT] = region.ctypes.data
+            unit[k.U_INFLIGHT_COUNTER] = record.next_counter
+            keep.append(region)
+        port = self.engine.add_port(unit, keep=keep)
+        self._ports[index] = port
         return port
 
     def start_queue(self, spec: RingSpec) -> None:
-        """Build the ring's compiled queue and hand it to the engine."""
+        """Serve what a previous back-end left in flight, then hand the ring to the engine."""
+        record = None if TEST_NO_INFLIGHT else spec.inflight
+        if record is not None:
+            spec = self._resubmit(spec, record)
         queue = CompiledQueue.from_spec(spec, stats=self._counters[spec.index])
         with self._lock:
-            self._port(spec.index).attach(TX, queue, spec.notifiers, armed=True)
+            self._port(spec.index, spec.size, record).attach(TX, queue, spec.notifiers, armed=True)
+
+    def _resubmit(
+        self, spec: RingSpec, record: SplitInflightQueue | PackedInflightQueue
+    ) -> RingSpec:
+        """Repair the ring's inflight record and serve the requests it lists.
+
+        Returns the ring's description with the position the kernel
+        resumes from.  A split ring's available index is the used ring's
+        index plus the requests in flight.
+        """
+        try:
+            if isinstance(record, SplitInflightQueue) and not spec.packed:
+                used = int.from_bytes(spec.areas.device.view[2:4], "little")
+                pending = len(record.recover(used))
+                spec = spec.resumed_at(RingPosition.split((used + pending) & 0xFFFF))
+            vring = Virtqueue(spec)
+            counted = QueueStats()
+            served = 0
+            while vring.resubmit:
+                chain = vring.pop()
+                if chain is None:
+                    break
+                counted.received_desc += 1
+                vring.push(chain, self.serve(chain, counted))
+                counted.completed_desc += 1
+                served += 1
+            counters = self._counters[spec.index]
+            for column, name in enumerate(k.KERNEL_STAT_NAMES):
+                counters[column] += getattr(counted, name, 0)
+            if served:
+                vring.notify()
+        except (RemoteProtocolError, GuestMemoryError, IotlbMissError) as exc:
+            raise RingSetupError(f"ring {spec.index}: in-flight requests: {exc}") from exc
+        return spec
 
     def stop_queue(self, index: int) -> RingPosition:
         """Take the ring back from the engine and say where it stands."""

@@ -149,6 +149,17 @@ class _QueueRegion:
         self.desc_num = region.queue_size
         self._counter = 0
 
+    @property
+    def view(self) -> memoryview:
+        """This queue's part of the buffer (a device recording from compiled code maps it)."""
+        size = _queue_region_size(self.desc_num, packed=isinstance(self, PackedInflightQueue))
+        return self._region.buffer[self._base : self._base + size]
+
+    @property
+    def next_counter(self) -> int:
+        """The fetch counter the next chain taken is recorded with."""
+        return self._counter
+
     def _get(self, fmt: struct.Struct, offset: int) -> int:
         value: int = fmt.unpack_from(self._region.buffer, self._base + offset)[0]
         return value

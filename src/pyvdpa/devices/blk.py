@@ -25,6 +25,7 @@ import ctypes
 import ctypes.util
 import os
 from pathlib import Path
+from typing import Protocol
 
 from pyvdpa.device import ThreadedDevice, UnsupportedRequestError, Virtqueue
 from pyvdpa.devices.net import count_ring_error
@@ -51,6 +52,7 @@ __all__ = [
     "SEG_MAX",
     "BlkControl",
     "BlkDevice",
+    "RequestCounters",
 ]
 
 SEG_MAX = 126
@@ -88,6 +90,17 @@ BLK_PROTOCOL_FEATURES = (
 )
 
 _HEADER_SIZE = 16
+
+
+class RequestCounters(Protocol):
+    """The per-queue counters a request updates (Python's or the engine's)."""
+
+    received_desc: int
+    completed_desc: int
+    invalid_buffer: int
+    completion_errors: int
+    packets: int
+    bytes: int
 
 
 class _RequestError(Exception):
@@ -196,61 +209,15 @@ class BlkControl:
         """Only the writeback byte is writable, and it is not offered."""
         raise UnsupportedRequestError("virtio-blk config space is read-only")
 
+    def serve(self, chain: DescriptorChain, stats: RequestCounters) -> int:
+        """Execute the request ``chain`` carries; return the bytes written into the chain.
 
-class BlkDevice(BlkControl, ThreadedDevice):
-    """A virtio-blk disk backed by a file or by memory, served by Python threads.
-
-    The reference implementation of the request rules: the device ``sim-blk``
-    runs, :class:`~pyvdpa.dataplane.blk.EngineBlkDevice`, is tested request
-    by request against it, as the compiled ring walk is against
-    :func:`~pyvdpa.virtio.ring.walk_chain`.  Inflight I/O is tracked for
-    split rings.  Works behind an IOMMU (``VIRTIO_F_ACCESS_PLATFORM``).
-    """
-
-    access_platform = True
-
-    def __init__(
-        self,
-        *,
-        path: str | os.PathLike[str] | None = None,
-        size: int | None = None,
-        readonly: bool = False,
-        serial: str = "pyvdpa",
-        queues: int = 1,
-    ) -> None:
-        super().__init__(path=path, size=size, readonly=readonly, serial=serial, queues=queues)
-        self.stats = [QueueStats() for _ in range(queues)]
-
-    # ------------------------------------------------------------------ data path
-
-    def process(self, vring: Virtqueue) -> None:
-        """Serve every available request of ``vring``."""
-        stats = self.stats[vring.index]
-        pushed = False
-        while True:
-            try:
-                chain = vring.pop()
-            except RingError as exc:
-                count_ring_error(stats, exc)
-                raise
-            except IotlbMissError:
-                # Requests completed before the missing translation are
-                # signalled now, not once it arrives.
-                if pushed:
-                    vring.notify()
-                raise
-            if chain is None:
-                break
-            stats.received_desc += 1
-            written = self._serve(chain, stats)
-            vring.push(chain, written)
-            stats.completed_desc += 1
-            pushed = True
-        if pushed:
-            vring.notify()
-
-    def _serve(self, chain: DescriptorChain, stats: QueueStats) -> int:
-        """Execute one request; return the bytes written into the chain."""
+        The reference rules, which the compiled program follows: a chain
+        without a header or a status byte is returned untouched (counted as
+        an invalid buffer); otherwise the status byte says how the request
+        went.  Devices on the engine serve the requests a previous back-end
+        left in flight with it.
+        """
         if chain.writable_len() < 1 or chain.readable_len() < _HEADER_SIZE:
             stats.invalid_buffer += 1
             return 0
@@ -329,6 +296,60 @@ class BlkDevice(BlkControl, ThreadedDevice):
                 _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
             else:
                 _zero(self.fd, offset, length)
+
+
+class BlkDevice(BlkControl, ThreadedDevice):
+    """A virtio-blk disk backed by a file or by memory, served by Python threads.
+
+    The reference implementation of the request rules: the device ``sim-blk``
+    runs, :class:`~pyvdpa.dataplane.blk.EngineBlkDevice`, is tested request
+    by request against it, as the compiled ring walk is against
+    :func:`~pyvdpa.virtio.ring.walk_chain`.  Inflight I/O is tracked, split
+    and packed.  Works behind an IOMMU (``VIRTIO_F_ACCESS_PLATFORM``).
+    """
+
+    access_platform = True
+    inflight_tracking = True
+
+    def __init__(
+        self,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        size: int | None = None,
+        readonly: bool = False,
+        serial: str = "pyvdpa",
+        queues: int = 1,
+    ) -> None:
+        super().__init__(path=path, size=size, readonly=readonly, serial=serial, queues=queues)
+        self.stats = [QueueStats() for _ in range(queues)]
+
+    # ------------------------------------------------------------------ data path
+
+    def process(self, vring: Virtqueue) -> None:
+        """Serve every available request of ``vring``."""
+        stats = self.stats[vring.index]
+        pushed = False
+        while True:
+            try:
+                chain = vring.pop()
+            except RingError as exc:
+                count_ring_error(stats, exc)
+                raise
+            except IotlbMissError:
+                # Requests completed before the missing translation are
+                # signalled now, not once it arrives.
+                if pushed:
+                    vring.notify()
+                raise
+            if chain is None:
+                break
+            stats.received_desc += 1
+            written = self.serve(chain, stats)
+            vring.push(chain, written)
+            stats.completed_desc += 1
+            pushed = True
+        if pushed:
+            vring.notify()
 
 
 _LIBC = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)

@@ -17,29 +17,41 @@ system cannot).  The checks, their order, the status byte and the used
 length are those of the reference device,
 :class:`pyvdpa.devices.blk.BlkDevice`, which the tests hold the kernel to.
 
-The I/O is synchronous, as in DPDK's vhost blk examples: a request is
-finished, and its used element written, before the next one is popped, so
-the worker never leaves a burst with a request in flight.
+The I/O is synchronous, as in DPDK's vhost blk examples: a burst's
+requests are executed as they are popped, then returned together (the
+unit's ``done`` table), so the worker never leaves a burst with a request
+in flight.
+
+With an inflight region (``U_INFLIGHT``), every chain is recorded as taken
+before its request touches the disk, and a burst's completions are
+recorded, published and committed in the order of
+:mod:`~pyvdpa.dataplane.kernels.inflight`: a back-end killed at any point
+leaves its successor the list of what it must serve again.
 """
 
 from __future__ import annotations
 
+from pyvdpa.dataplane.kernels import inflight
 from pyvdpa.dataplane.kernels.cache import kernel
 from pyvdpa.dataplane.kernels.intrinsics import (
     Table,
     errno,
     fallocate,
     fdatasync,
+    fence,
     preadv,
     pwrite,
     pwritev,
 )
 from pyvdpa.dataplane.kernels.layout import (
+    E_AVAIL_SLOTS,
     EMPTY,
     ERROR,
     Queue,
     Unit,
     Worker,
+    done_at,
+    fail,
     iovecs_at,
     queue_at,
     segments_at,
@@ -271,6 +283,60 @@ def _blk_execute(
 
 
 @kernel
+def _take(q: Queue, u: Unit, ident: int, first: int, desc_count: int) -> int:
+    """Record a chain just taken in the inflight region; return its entry, -1 if it cannot be.
+
+    ``first`` is the chain's first ring slot (packed rings).
+    """
+    base = u.inflight
+    counter = u.inflight_counter
+    u.inflight_counter = counter + 1
+    if not q.packed:
+        inflight.split_take(base, ident, counter)
+        return ident
+    entry = inflight.packed_take(base, q.size, q.desc, first, desc_count, counter)
+    if entry < 0:
+        fail(q, E_AVAIL_SLOTS, desc_count, q.inflight_slots)
+    return entry
+
+
+@kernel
+def _return_done(q: Queue, u: Unit, count: int) -> None:
+    """Return the ``count`` finished requests of the unit's done table, in the spec's order.
+
+    With an inflight region: the batch is recorded, the used entries are
+    published (and the driver interrupted if it asks), then the batch is
+    committed.
+    """
+    done = done_at(u.done, u.done_len)
+    stats = stats_at(q.stats)
+    for i in range(count):
+        r = done[i]
+        push(q, r.id, r.written, r.desc_count, r.wlen)
+        stats.completed_desc += 1
+    base = u.inflight
+    if base and not q.error:
+        if q.packed:
+            for i in range(count):
+                inflight.packed_record(base, q.size, done[i].entry)
+            inflight.packed_used(base, q.used_idx, q.used_wrap)
+        else:
+            for i in range(count):
+                inflight.split_record(base, done[i].entry)
+    complete(q)
+    if base and not q.error:
+        # Nothing is cleared before the used entries it covers are published.
+        fence()
+        if q.packed:
+            for i in range(count):
+                inflight.packed_commit(base, done[i].entry)
+            inflight.packed_commit_batch(base)
+        else:
+            for i in range(count):
+                inflight.split_commit(base, done[i].entry, q.used_idx)
+
+
+@kernel
 def blk_requests(u: Unit, w: Worker) -> int:
     """Serve a burst of requests of a blk unit's queue; return how many."""
     qa = u.txq
@@ -281,15 +347,23 @@ def blk_requests(u: Unit, w: Worker) -> int:
         return 0
     segs = segments_at(w.segs_t, w.segs_t_len)
     stats = stats_at(q.stats)
-    limit = u.burst
+    done = done_at(u.done, u.done_len)
+    limit = min(u.burst, u.done_len)
     count = 0
     while count < limit:
+        first = q.last_avail
         status, ident, nseg, nread, rlen, wlen, dc = ring_pop(q, segs, 0)
         if status == EMPTY:
             break
         if status == ERROR:
             count_error(q)
             break
+        entry = ident
+        if u.inflight:
+            entry = _take(q, u, ident, first, dc)
+            if entry < 0:
+                count_error(q)
+                break
         stats.received_desc += 1
         written = 0
         if wlen < 1 or rlen < BLK_HEADER:
@@ -303,11 +377,15 @@ def blk_requests(u: Unit, w: Worker) -> int:
             stats.packets += 1
             stats.bytes += reply + rlen - BLK_HEADER
             written = reply + 1
-        push(q, ident, written, dc, wlen)
-        stats.completed_desc += 1
+        r = done[count]
+        r.id = ident
+        r.desc_count = dc
+        r.written = written
+        r.wlen = wlen
+        r.entry = entry
         count += 1
     if count:
-        complete(q)
+        _return_done(q, u, count)
     return count
 
 

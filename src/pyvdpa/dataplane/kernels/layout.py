@@ -60,6 +60,7 @@ __all__ = [
     "C_EPOCH",
     "C_REQUEST",
     "C_SLEEPING",
+    "DONE",
     "EMPTY",
     "ERROR",
     "E_AVAIL_JUMP",
@@ -164,10 +165,14 @@ __all__ = [
     "U_BOUNCE_LEN",
     "U_BURST",
     "U_CAPACITY",
+    "U_DONE",
+    "U_DONE_LEN",
     "U_FD",
     "U_FRAME",
     "U_FRAME_LEN",
     "U_HDR",
+    "U_INFLIGHT",
+    "U_INFLIGHT_COUNTER",
     "U_MAC",
     "U_MAX_SECTORS",
     "U_MAX_SEG",
@@ -195,6 +200,7 @@ __all__ = [
     "chains_at",
     "check",
     "control_of",
+    "done_at",
     "fail",
     "held_at",
     "iovecs_at",
@@ -452,6 +458,13 @@ U_MAX_SECTORS = UNIT.field("max_sectors")
 """Sectors one DISCARD or WRITE_ZEROES segment may cover."""
 U_BLK_FD = UNIT.field("blk_fd")
 """The backing file's descriptor (never watched: files are always ready)."""
+U_INFLIGHT = UNIT.field("inflight")
+"""Host address of the queue's part of the inflight region, 0 when nothing is recorded."""
+U_INFLIGHT_COUNTER = UNIT.field("inflight_counter")
+"""The fetch counter the next chain taken is recorded with."""
+U_DONE = UNIT.field("done")
+"""Host address of the table of requests completed and not yet returned (``DONE`` rows)."""
+U_DONE_LEN = UNIT.field("done_len")
 # A tap unit.
 U_BOUNCE = UNIT.field("bounce")
 """Host address of the unit's bounce buffer (``tap``: received frames longer than a chain)."""
@@ -522,6 +535,10 @@ IOVEC = Row("iovec", fields=("base", "length"))
 """``struct iovec`` on 64-bit Linux."""
 TRANSLATION = Row("translation", fields=("start", "size", "host", "access", "gpa"), unsigned=True)
 """A row of a translation table (see ``Q_REGS``)."""
+DONE = Row("done", fields=("id", "desc_count", "written", "wlen", "entry"))
+"""A blk request finished and waiting to be returned: its buffer id, ring slots, bytes
+written, writable bytes, and its inflight entry (split: the head; packed: the region's
+entry)."""
 SHADOW = Row("shadow", fields=("slot", "entry"))
 """A packed used descriptor waiting to be published: its slot, and id | flags << 16 | len << 32."""
 
@@ -640,6 +657,7 @@ chains_at = records_at(CHAIN.record)
 iovecs_at = records_at(IOVEC.record)
 translations_at = records_at(TRANSLATION.record)
 shadow_at = records_at(SHADOW.record)
+done_at = records_at(DONE.record)
 
 
 @kernel

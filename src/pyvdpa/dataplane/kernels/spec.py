@@ -80,3 +80,36 @@ FALLOC_KEEP_SIZE = 0x01
 FALLOC_PUNCH_HOLE = 0x02
 FALLOC_ZERO_RANGE = 0x10
 EINTR = 4
+
+# The vhost-user inflight region (vhost-user spec, "Inflight I/O tracking"), one queue's
+# part, in native byte order.  Split: a 16-byte header (features u64, version u16,
+# desc_num u16, last_batch_head u16, used_idx u16), then one 16-byte entry per head
+# (inflight u8, padding, next u16 at 6, counter u64 at 8).
+INFLIGHT_SPLIT_HEADER = 16
+INFLIGHT_SPLIT_DESC = 16
+INFLIGHT_SPLIT_LAST_BATCH_HEAD = 12
+INFLIGHT_SPLIT_USED_IDX = 14
+INFLIGHT_SPLIT_INFLIGHT = 0
+INFLIGHT_SPLIT_NEXT = 6
+INFLIGHT_SPLIT_COUNTER = 8
+# Packed: a 32-byte header (free_head, old_free_head, used_idx, old_used_idx u16 from 12,
+# used_wrap_counter and old_used_wrap_counter u8 at 20 and 21), then 32-byte entries
+# (inflight u8, padding, next, last, num u16, counter u64, then a copy of the ring
+# descriptor: id u16, flags u16, len u32, addr u64).
+INFLIGHT_PACKED_HEADER = 32
+INFLIGHT_PACKED_DESC = 32
+INFLIGHT_PACKED_FREE_HEAD = 12
+INFLIGHT_PACKED_OLD_FREE_HEAD = 14
+INFLIGHT_PACKED_USED_IDX = 16
+INFLIGHT_PACKED_OLD_USED_IDX = 18
+INFLIGHT_PACKED_USED_WRAP = 20
+INFLIGHT_PACKED_OLD_USED_WRAP = 21
+INFLIGHT_PACKED_INFLIGHT = 0
+INFLIGHT_PACKED_NEXT = 2
+INFLIGHT_PACKED_LAST = 4
+INFLIGHT_PACKED_NUM = 6
+INFLIGHT_PACKED_COUNTER = 8
+INFLIGHT_PACKED_ID = 16
+INFLIGHT_PACKED_FLAGS = 18
+INFLIGHT_PACKED_LEN = 20
+INFLIGHT_PACKED_ADDR = 24
