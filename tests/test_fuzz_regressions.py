@@ -14,7 +14,7 @@ import struct
 
 import pytest
 
-from fuzz_targets import chain, control, vdev
+from fuzz_targets import chain, control, kernel, vdev
 from pyvdpa.app import parse_cpus
 from pyvdpa.dataplane.engine import EngineMode
 from pyvdpa.devices.blk import BlkControl
@@ -93,3 +93,9 @@ def _split_ring_past_2_64() -> bytes:
 )
 def test_regression_buffer_past_2_64_behind_an_iommu_breaks_the_ring(data: bytes) -> None:
     chain.check(data)
+
+
+def test_regression_netlink_error_beyond_any_errno_is_a_protocol_error() -> None:
+    # The fuzzer's input: an NLMSG_ERROR carrying -2**31, which os.strerror cannot name
+    # (the parser's own case is in test_vdpa_netlink's hostile datagrams).
+    kernel.test_one_input(bytes.fromhex("160c2400240000000200000105000000ff05ffff00000080"))

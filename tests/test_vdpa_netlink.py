@@ -478,6 +478,7 @@ GET = get_device_request(FAMILY, "blk0")
         (GET, done(5), "not a dump"),
         (GET, nlmsg(2, 0, 5, b"\x00\x00"), "without an error code"),
         (GET, nlmsg(2, 0, 5, struct.pack("=i", 5)), "positive error 5"),
+        (GET, nlmsg(2, 0, 5, struct.pack("=i", -(2**31))), "beyond any errno"),
         (GET, nlmsg(2, 0x200, 5, struct.pack("=i", -1) + b"\x00" * 8), "too short"),
         (
             GET,

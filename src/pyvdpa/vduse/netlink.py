@@ -617,6 +617,10 @@ def get_config_request(family: int, name: str) -> NetlinkRequest:
 # --- replies ---------------------------------------------------------------
 
 
+#: The largest errno the kernel returns (``MAX_ERRNO``, include/linux/err.h).
+_MAX_ERRNO = 4095
+
+
 def _error_payload(message: NetlinkMessage) -> tuple[int, str | None]:
     """The errno and extended-ack text of an NLMSG_ERROR or NLMSG_DONE message."""
     payload = message.payload
@@ -625,6 +629,10 @@ def _error_payload(message: NetlinkMessage) -> tuple[int, str | None]:
     (error,) = _ERROR_FIELD.unpack_from(payload)
     if error > 0:
         raise NetlinkProtocolError(f"{NlmsgType(message.type).name} carries positive error {error}")
+    if -error > _MAX_ERRNO:
+        raise NetlinkProtocolError(
+            f"{NlmsgType(message.type).name} carries error {error}, beyond any errno"
+        )
     if not message.flags & _NLM_F_ACK_TLVS:
         return -error, None
     start = _ERROR_FIELD.size
