@@ -25,6 +25,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pyvdpa.dataplane.blk as engine_blk
 from pyvdpa.dataplane import kernels
 from pyvdpa.dataplane.blk import EngineBlkDevice
 from pyvdpa.dataplane.engine import Engine
@@ -32,7 +33,7 @@ from pyvdpa.device import Device
 from pyvdpa.devices import blk as reference_blk
 from pyvdpa.devices.blk import MAX_DISCARD_SECTORS, BlkDevice
 from pyvdpa.devices.stats import STAT_NAMES
-from pyvdpa.drive.session import Session
+from pyvdpa.drive.session import WANTED_PROTOCOL_FEATURES, Session
 from pyvdpa.memory import allocate_shared
 from pyvdpa.vhost_user.frontend import Frontend
 from pyvdpa.vhost_user.protocol import ProtocolFeature
@@ -206,6 +207,7 @@ class Disk:
         device: BlkDevice | EngineBlkDevice,
         *,
         packed: bool = False,
+        inflight: bool = False,
     ) -> None:
         self.device = device
         stack.callback(device.close)
@@ -216,7 +218,16 @@ class Disk:
         stack.enter_context(BackendServer(socket, factory))
         self.session = stack.enter_context(Session(Frontend.connect(socket), memory_size=16 << 20))
         wanted = int(WANTED | (VirtioFeature.RING_PACKED if packed else 0))
-        self.session.negotiate(wanted, int(VirtioFeature.VERSION_1))
+        protocol = WANTED_PROTOCOL_FEATURES
+        if inflight:
+            protocol |= ProtocolFeature.INFLIGHT_SHMFD
+        self.session.negotiate(wanted, int(VirtioFeature.VERSION_1), protocol=protocol)
+        if inflight:
+            # The region lets the engine device complete file requests out of order.
+            frontend = self.session.frontend
+            info, fd = frontend.get_inflight_fd(device.num_queues, 256)
+            frontend.set_inflight_fd(info, fd)
+            os.close(fd)
         for index in range(device.num_queues):
             self.session.setup_ring(index, 256)
         self.session.enable_rings()
@@ -546,3 +557,134 @@ def test_kernel_spec_values_are_the_shared_ones() -> None:
         reference_blk._FALLOC_FL_PUNCH_HOLE,
         reference_blk._FALLOC_FL_ZERO_RANGE,
     ]
+
+
+# ---------------------------------------------------------------------- asynchronous file I/O
+
+
+def _post(disk: Disk, requests: Sequence[Request], ring: int = 0) -> list[int]:
+    """Post ``requests`` on ``ring`` and kick; return their heads (no wait)."""
+    driver = disk.session.rings[ring]
+    memory = disk.session.memory
+    heads = []
+    for req in requests:
+        readable = []
+        for chunk in req.readable:
+            addr = disk.session.alloc(len(chunk), 64)
+            memory.write(addr, chunk)
+            readable.append((addr, len(chunk)))
+        writable = [(disk.session.alloc(n, 64), n) for n in req.writable]
+        heads.append(driver.queue.add(readable, writable))
+    driver.kick()
+    return heads
+
+
+def _used(disk: Disk, ring: int, count: int, timeout: float) -> list[int]:
+    """The heads of the next ``count`` used entries of ``ring``, in the order used."""
+    driver = disk.session.rings[ring]
+    order: list[int] = []
+
+    def collect() -> bool:
+        while (entry := driver.queue.get_used()) is not None:
+            order.append(entry[0])
+        return len(order) >= count
+
+    assert _until(collect, timeout), f"{count - len(order)} requests not completed in {timeout} s"
+    return order
+
+
+@pytest.fixture
+def slow_disks(
+    sock_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Disk, Disk, Engine]]:
+    """Two file disks on one engine worker; the first one's I/O pool sleeps 800 ms per request."""
+    with contextlib.ExitStack() as stack:
+        engine = stack.enter_context(Engine("event", workers=1))
+        images = []
+        for name in ("slow", "fast"):
+            image = tmp_path / f"{name}.img"
+            image.write_bytes(data(len(name), DISK_BYTES))
+            images.append(image)
+        monkeypatch.setattr(engine_blk, "TEST_BLK_DELAY", (800, 1))
+        slow = EngineBlkDevice(path=images[0], engine=engine, serial="slow")
+        monkeypatch.setattr(engine_blk, "TEST_BLK_DELAY", None)
+        fast = EngineBlkDevice(path=images[1], engine=engine, serial="fast")
+        yield (
+            Disk(stack, sock_dir / "slow.sock", slow, inflight=True),
+            Disk(stack, sock_dir / "fast.sock", fast, inflight=True),
+            engine,
+        )
+
+
+def test_a_slow_file_request_does_not_stall_another_queue_on_the_worker(
+    slow_disks: tuple[Disk, Disk, Engine],
+) -> None:
+    slow, fast, engine = slow_disks
+    assert len(engine._workers) == 1
+    started = time.monotonic()
+    (slow_head,) = _post(slow, [request(header(IN, 0), (4096, 1))])
+    assert _until(lambda: slow.stats(0)["received_desc"] == 1)
+    writes = [request(header(OUT, 8 * i) + data(i, 4096)) for i in range(4)]
+    for _ in range(3):
+        heads = _post(fast, writes)
+        assert sorted(_used(fast, 0, 4, 0.5)) == sorted(heads)
+    assert time.monotonic() - started < 0.7
+    assert slow.stats(0)["completed_desc"] == 0
+    assert _used(slow, 0, 1, SETTLE) == [slow_head]
+    assert time.monotonic() - started >= 0.75
+    contents = fast.contents()
+    for i in range(4):
+        assert contents[i * 4096 : (i + 1) * 4096] == data(i, 4096)
+
+
+def test_file_requests_complete_out_of_order(
+    sock_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every other request is held back: the used ring's order is not the ring's order."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(DISK_BYTES))
+    monkeypatch.setattr(engine_blk, "TEST_BLK_DELAY", (200, 2))
+    with contextlib.ExitStack() as stack:
+        engine = stack.enter_context(Engine("adaptive"))
+        device = EngineBlkDevice(path=image, engine=engine)
+        disk = Disk(stack, sock_dir / "ooo.sock", device, inflight=True)
+        writes = [request(header(OUT, 8 * i) + data(i + 50, 4096)) for i in range(6)]
+        heads = _post(disk, writes)
+        order = _used(disk, 0, 6, SETTLE)
+        assert sorted(order) == sorted(heads)
+        assert order != heads
+        # The held-back ones (first, third, fifth) come last.
+        assert set(order[3:]) == {heads[0], heads[2], heads[4]}
+        reads = _post(disk, [request(header(IN, 8 * i), (4096, 1)) for i in range(6)])
+        assert sorted(_used(disk, 0, 6, SETTLE)) == sorted(reads)
+        for i in range(6):
+            assert disk.contents()[i * 4096 : (i + 1) * 4096] == data(i + 50, 4096)
+        assert disk.stats(0)["completed_desc"] == 12
+        assert disk.stats(0)["completion_errors"] == 0
+        # Stopping the ring waits for the pool: nothing is in flight afterwards.
+        _post(disk, writes[:2])
+        disk.session.stop()
+        assert disk.device.stats[0].completed_desc == 14
+
+
+def test_ram_disk_keeps_the_synchronous_copy(pair: Callable[..., Pair]) -> None:
+    disks = pair(backing="ram")
+    device = disks.engine.device
+    assert isinstance(device, EngineBlkDevice)
+    assert device._pool is None
+
+
+def test_file_without_inflight_region_completes_in_order(
+    sock_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a region a restart resumes at the used index: requests must complete in order."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(DISK_BYTES))
+    monkeypatch.setattr(engine_blk, "TEST_BLK_DELAY", (100, 2))
+    with contextlib.ExitStack() as stack:
+        engine = stack.enter_context(Engine("event"))
+        device = EngineBlkDevice(path=image, engine=engine)
+        disk = Disk(stack, sock_dir / "ordered.sock", device)
+        writes = [request(header(OUT, 8 * i) + data(i, 4096)) for i in range(6)]
+        heads = _post(disk, writes)
+        assert _used(disk, 0, 6, SETTLE) == heads

@@ -17,10 +17,22 @@ system cannot).  The checks, their order, the status byte and the used
 length are those of the reference device,
 :class:`pyvdpa.devices.blk.BlkDevice`, which the tests hold the kernel to.
 
-The I/O is synchronous, as in DPDK's vhost blk examples: a burst's
-requests are executed as they are popped, then returned together (the
-unit's ``done`` table), so the worker never leaves a burst with a request
-in flight.
+On a RAM disk the I/O is synchronous, as in DPDK's vhost blk examples (a
+copy from page cache costs less than handing it to another thread): a
+pass's requests are executed as they are popped, then returned together
+(the unit's ``done`` table).  On a file, each IN, OUT, FLUSH, DISCARD and
+WRITE_ZEROES request goes to the device's I/O pool: the worker copies the
+chain's segments into a free request slot (``REQUEST``, ``U_REQUESTS``)
+and writes the slot's address to the pool's pipe; a pool thread
+(:func:`blk_io_loop`, compiled, without the GIL) executes it with the
+same code, stores the status, and writes the address to the unit's
+completion pipe (``U_FD``), which wakes the worker; the worker's next
+pass collects it and returns it with the others.  Requests therefore
+complete out of order, and a slow one holds neither the queue's other
+requests nor the worker's other units.  GET_ID, unknown types, chains of
+more segments than a slot holds, and every request of a ring that
+negotiated VIRTIO_F_IN_ORDER (chains must be used in ring order) are
+served by the worker itself.
 
 With an inflight region (``U_INFLIGHT``), every chain is recorded as taken
 before its request touches the disk, and a burst's completions are
@@ -35,18 +47,26 @@ from pyvdpa.dataplane.kernels import inflight
 from pyvdpa.dataplane.kernels.cache import kernel
 from pyvdpa.dataplane.kernels.intrinsics import (
     Table,
+    epoll_wait,
     errno,
     fallocate,
     fdatasync,
     fence,
+    ld_u64,
     preadv,
     pwrite,
     pwritev,
+    readv,
+    st_u64,
+    writev,
 )
 from pyvdpa.dataplane.kernels.layout import (
     E_AVAIL_SLOTS,
     EMPTY,
     ERROR,
+    IOV_MAX,
+    IOVEC,
+    REQUEST,
     Queue,
     Unit,
     Worker,
@@ -54,6 +74,8 @@ from pyvdpa.dataplane.kernels.layout import (
     fail,
     iovecs_at,
     queue_at,
+    request_at,
+    requests_at,
     segments_at,
     stats_at,
     unit_at,
@@ -84,7 +106,15 @@ from pyvdpa.dataplane.kernels.spec import (
 )
 from pyvdpa.dataplane.kernels.translate import log_write
 
-__all__ = ["blk_program", "blk_requests"]
+__all__ = ["blk_io_loop", "blk_program", "blk_requests"]
+
+# A request slot's own iovec (the pipes' message), and the slot's size.
+_IOV_AT = REQUEST.offset(REQUEST.names.index("iov_base"))
+_REQUEST_BYTES = REQUEST.width * 8
+# An I/O thread's scratch memory: an iovec over the message cell, the cell, the iovecs.
+_SCRATCH_CELL = 16
+_SCRATCH_IOV = 24
+_IOV_BYTES = IOVEC.width * 8
 
 # The request header: type (u32), reserved (u32), sector (u64).  A segment of DISCARD or
 # WRITE_ZEROES: sector (u64), num_sectors (u32), flags (u32).
@@ -115,19 +145,21 @@ def _sg_file_io(
     count: int,
     pos: int,
     out: bool,
-    w: Worker,
+    iov_at: int,
+    iov_cap: int,
 ) -> bool:
     """Move ``count`` bytes between file offset ``pos`` and segments [first, end) from ``offset``.
 
     ``out`` false: ``preadv`` into the segments (logged as written);
     ``out`` true: ``pwritev`` from them.  The guest's buffers are the I/O
-    buffers, through the worker's iovecs: nothing is copied.  Returns True
+    buffers, through the ``iov_cap`` iovecs at ``iov_at`` (the caller's
+    own): nothing is copied.  Returns True
     when every byte moved.  A read meeting the end of the file zeroes the
     rest, as QEMU's raw files do; a write making no progress fails, as does
     any error but EINTR.
     """
     fd = u.blk_fd
-    iov = iovecs_at(w.iov, w.iov_len)
+    iov = iovecs_at(iov_at, iov_cap)
     i = first
     while i < end and offset >= segs[i].length:
         offset -= segs[i].length
@@ -150,7 +182,7 @@ def _sg_file_io(
             j += 1
         if n == 0:
             return False
-        done = pwritev(fd, w.iov, n, pos) if out else preadv(fd, w.iov, n, pos)
+        done = pwritev(fd, iov_at, n, pos) if out else preadv(fd, iov_at, n, pos)
         if done < 0:
             if errno() == EINTR:
                 continue
@@ -245,7 +277,15 @@ def _blk_discard_or_zero(u: Unit, segs: Table, nread: int, kind: int, data_out: 
 
 @kernel
 def _blk_execute(
-    q: Queue, u: Unit, segs: Table, nseg: int, nread: int, rlen: int, wlen: int, w: Worker
+    q: Queue,
+    u: Unit,
+    segs: Table,
+    nseg: int,
+    nread: int,
+    rlen: int,
+    wlen: int,
+    iov_at: int,
+    iov_cap: int,
 ) -> tuple[int, int]:
     """Execute one well-formed request; return (status, bytes written before the status)."""
     kind = sg_load(segs, 0, nread, 0, 4)
@@ -255,14 +295,18 @@ def _blk_execute(
     readonly = u.readonly
     if kind == BLK_T_IN:
         pos = _blk_range(u, sector, data_in)
-        if pos < 0 or not _sg_file_io(q, u, segs, nread, nseg, 0, data_in, pos, False, w):
+        if pos < 0 or not _sg_file_io(
+            q, u, segs, nread, nseg, 0, data_in, pos, False, iov_at, iov_cap
+        ):
             return (BLK_S_IOERR, 0)
         return (BLK_S_OK, data_in)
     if kind == BLK_T_OUT:
         if readonly:
             return (BLK_S_IOERR, 0)
         pos = _blk_range(u, sector, data_out)
-        if pos < 0 or not _sg_file_io(q, u, segs, 0, nread, BLK_HEADER, data_out, pos, True, w):
+        if pos < 0 or not _sg_file_io(
+            q, u, segs, 0, nread, BLK_HEADER, data_out, pos, True, iov_at, iov_cap
+        ):
             return (BLK_S_IOERR, 0)
         return (BLK_S_OK, 0)
     if kind == BLK_T_FLUSH:
@@ -337,20 +381,133 @@ def _return_done(q: Queue, u: Unit, count: int) -> None:
 
 
 @kernel
+def _serve(
+    q: Queue,
+    u: Unit,
+    segs: Table,
+    nseg: int,
+    nread: int,
+    rlen: int,
+    wlen: int,
+    iov_at: int,
+    iov_cap: int,
+) -> tuple[int, int]:
+    """Execute a request and store its status; return (status, bytes replied before it)."""
+    result, reply = _blk_execute(q, u, segs, nseg, nread, rlen, wlen, iov_at, iov_cap)
+    sg_store_u8(q, segs, nread, nseg, wlen - 1, result)
+    return (result, reply)
+
+
+@kernel
+def _count(q: Queue, result: int, reply: int, rlen: int) -> int:
+    """Count a request served; return the used length (the reply and the status byte)."""
+    stats = stats_at(q.stats)
+    if result != BLK_S_OK:
+        stats.completion_errors += 1
+    stats.packets += 1
+    stats.bytes += reply + rlen - BLK_HEADER
+    return reply + 1
+
+
+@kernel
+def _to_pool(q: Queue, u: Unit, nseg: int, kind: int) -> bool:
+    """Whether the request goes to the I/O pool: file I/O, segments that fit a slot, a slot.
+
+    Never with VIRTIO_F_IN_ORDER, which requires chains used in ring order.
+    """
+    if u.io_fd < 0 or u.free_top == 0 or q.in_order:
+        return False
+    if kind not in (BLK_T_IN, BLK_T_OUT, BLK_T_FLUSH, BLK_T_DISCARD, BLK_T_WRITE_ZEROES):
+        return False
+    return nseg <= u.slot_segs
+
+
+@kernel
+def _submit(
+    q: Queue, u: Unit, segs: Table, ident: int, nseg: int, nread: int, rlen: int, wlen: int,
+    dc: int, entry: int,
+) -> None:  # fmt: skip
+    """Hand a request to the I/O pool: its chain copied into a free slot, the slot sent."""
+    top = u.free_top - 1
+    u.free_top = top
+    slot = ld_u64(u.free + 8 * top)
+    r = requests_at(u.requests, slot + 1)[slot]
+    dst = segments_at(r.segs, nseg)
+    for i in range(nseg):
+        dst[i].gpa = segs[i].gpa
+        dst[i].host = segs[i].host
+        dst[i].length = segs[i].length
+        dst[i].writable = segs[i].writable
+    r.id = ident
+    r.desc_count = dc
+    r.entry = entry
+    r.nseg = nseg
+    r.nread = nread
+    r.rlen = rlen
+    r.wlen = wlen
+    r.seq = u.io_seq
+    u.io_seq += 1
+    u.io_pending += 1
+    while writev(u.io_fd, r.addr + _IOV_AT, 1) < 0 and errno() == EINTR:
+        pass
+
+
+@kernel
+def _collect(q: Queue, u: Unit, count: int) -> int:
+    """Add the requests the I/O pool finished to the done table from row ``count``.
+
+    Returns the new row count.  Each slot goes back to the free stack; with
+    the queue broken, nothing is returned to the ring.
+    """
+    got = readv(u.fd, u.reap_iov, 1)
+    if got <= 0:
+        return count
+    done = done_at(u.done, u.done_len)
+    reaped = ld_u64(u.reap_iov)
+    for m in range(got // 8):
+        r = request_at(ld_u64(reaped + 8 * m))
+        u.io_pending -= 1
+        st_u64(u.free + 8 * u.free_top, (r.addr - u.requests) // _REQUEST_BYTES)
+        u.free_top += 1
+        if q.error:
+            continue
+        d = done[count]
+        d.id = r.id
+        d.desc_count = r.desc_count
+        d.written = _count(q, r.status, r.reply, r.rlen)
+        d.wlen = r.wlen
+        d.entry = r.entry
+        count += 1
+    return count
+
+
+@kernel
 def blk_requests(u: Unit, w: Worker) -> int:
-    """Serve a burst of requests of a blk unit's queue; return how many."""
+    """Serve a pass over a blk unit's queue; return the requests taken and returned.
+
+    Requests the I/O pool finished are collected first; then chains are
+    taken, up to a burst: file I/O goes to the pool when the unit has one,
+    everything else is executed here.  All that is done is returned to the
+    ring together.
+    """
     qa = u.txq
     if qa == 0:
         return 0
     q = queue_at(qa)
-    if q.error:
-        return 0
+    count = 0
+    if u.io_pending:
+        count = _collect(q, u, 0)
+    work = count
+    if q.error or u.drain:
+        if count:
+            _return_done(q, u, count)
+        return work
     segs = segments_at(w.segs_t, w.segs_t_len)
     stats = stats_at(q.stats)
     done = done_at(u.done, u.done_len)
-    limit = min(u.burst, u.done_len)
-    count = 0
-    while count < limit:
+    limit = min(u.burst, u.done_len - count)
+    taken = 0
+    while taken < limit:
         first = q.last_avail
         status, ident, nseg, nread, rlen, wlen, dc = ring_pop(q, segs, 0)
         if status == EMPTY:
@@ -365,18 +522,18 @@ def blk_requests(u: Unit, w: Worker) -> int:
                 count_error(q)
                 break
         stats.received_desc += 1
+        taken += 1
         written = 0
         if wlen < 1 or rlen < BLK_HEADER:
             # No room for a status, or no header to act on: returned untouched.
             stats.invalid_buffer += 1
         else:
-            result, reply = _blk_execute(q, u, segs, nseg, nread, rlen, wlen, w)
-            if result != BLK_S_OK:
-                stats.completion_errors += 1
-            sg_store_u8(q, segs, nread, nseg, wlen - 1, result)
-            stats.packets += 1
-            stats.bytes += reply + rlen - BLK_HEADER
-            written = reply + 1
+            kind = sg_load(segs, 0, nread, 0, 4)
+            if _to_pool(q, u, nseg, kind):
+                _submit(q, u, segs, ident, nseg, nread, rlen, wlen, dc, entry)
+                continue
+            result, reply = _serve(q, u, segs, nseg, nread, rlen, wlen, w.iov, w.iov_len)
+            written = _count(q, result, reply, rlen)
         r = done[count]
         r.id = ident
         r.desc_count = dc
@@ -386,7 +543,44 @@ def blk_requests(u: Unit, w: Worker) -> int:
         count += 1
     if count:
         _return_done(q, u, count)
-    return count
+    return work + taken
+
+
+@kernel
+def blk_io_loop(submit_fd: int, scratch: int, epfd: int) -> int:
+    """An I/O pool thread: execute the request slots read from ``submit_fd`` until a 0.
+
+    ``scratch`` is the thread's own memory: an iovec over a message cell,
+    the cell, then ``IOV_MAX`` iovecs for the I/O, then room for one epoll
+    event (the test-only delay sleeps in ``epoll_wait`` on ``epfd``, which
+    watches nothing).  Each finished slot is written to its unit's
+    completion pipe, which wakes the unit's worker.  Returns 0 on the 0
+    message, -1 if the pipe fails.
+    """
+    iov_at = scratch + _SCRATCH_IOV
+    events = iov_at + _IOV_BYTES * IOV_MAX
+    while True:
+        got = readv(submit_fd, scratch, 1)
+        if got < 0:
+            if errno() == EINTR:
+                continue
+            return -1
+        if got == 0:
+            return -1
+        addr = ld_u64(scratch + _SCRATCH_CELL)
+        if addr == 0:
+            return 0
+        r = request_at(addr)
+        u = unit_at(r.unit)
+        q = queue_at(r.queue)
+        if u.test_delay_ms > 0 and r.seq % u.test_delay_every == 0:
+            epoll_wait(epfd, events, 1, u.test_delay_ms)
+        segs = segments_at(r.segs, r.nseg)
+        result, reply = _serve(q, u, segs, r.nseg, r.nread, r.rlen, r.wlen, iov_at, IOV_MAX)
+        r.status = result
+        r.reply = reply
+        while writev(r.done_fd, addr + _IOV_AT, 1) < 0 and errno() == EINTR:
+            pass
 
 
 @kernel

@@ -142,6 +142,7 @@ __all__ = [
     "Q_UNSIGNALLED",
     "Q_USED_IDX",
     "Q_USED_WRAP",
+    "REQUEST",
     "SEGMENT",
     "SEG_CAP",
     "SHADOW",
@@ -167,12 +168,18 @@ __all__ = [
     "U_CAPACITY",
     "U_DONE",
     "U_DONE_LEN",
+    "U_DRAIN",
     "U_FD",
     "U_FRAME",
     "U_FRAME_LEN",
+    "U_FREE",
+    "U_FREE_TOP",
     "U_HDR",
     "U_INFLIGHT",
     "U_INFLIGHT_COUNTER",
+    "U_IO_FD",
+    "U_IO_PENDING",
+    "U_IO_SEQ",
     "U_MAC",
     "U_MAX_SECTORS",
     "U_MAX_SEG",
@@ -180,8 +187,13 @@ __all__ = [
     "U_PENDING",
     "U_PROGRAM",
     "U_READONLY",
+    "U_REAP_IOV",
+    "U_REQUESTS",
     "U_RXQ",
     "U_SERIAL",
+    "U_SLOT_SEGS",
+    "U_TEST_DELAY_EVERY",
+    "U_TEST_DELAY_MS",
     "U_TXQ",
     "U_ZEROS",
     "U_ZEROS_LEN",
@@ -206,6 +218,8 @@ __all__ = [
     "iovecs_at",
     "queue_at",
     "queue_of",
+    "request_at",
+    "requests_at",
     "segments_at",
     "segments_of",
     "shadow_at",
@@ -465,6 +479,27 @@ U_INFLIGHT_COUNTER = UNIT.field("inflight_counter")
 U_DONE = UNIT.field("done")
 """Host address of the table of requests completed and not yet returned (``DONE`` rows)."""
 U_DONE_LEN = UNIT.field("done_len")
+U_IO_FD = UNIT.field("io_fd")
+"""Write end of the I/O pool's request pipe, -1 when the unit does its I/O itself."""
+U_REQUESTS = UNIT.field("requests")
+"""Host address of the unit's request slots (``REQUEST`` rows) for the I/O pool."""
+U_FREE = UNIT.field("free")
+"""Host address of the stack of free request slot indices (``int64``)."""
+U_FREE_TOP = UNIT.field("free_top")
+"""Free request slots: the stack's height."""
+U_SLOT_SEGS = UNIT.field("slot_segs")
+"""Segments a request slot holds (a longer chain is served by the worker itself)."""
+U_IO_PENDING = UNIT.field("io_pending")
+"""Requests handed to the I/O pool and not yet collected (the control plane waits for 0)."""
+U_IO_SEQ = UNIT.field("io_seq")
+"""Requests handed to the I/O pool so far."""
+U_REAP_IOV = UNIT.field("reap_iov")
+"""Host address of an iovec over the buffer the unit's completion pipe (``U_FD``) is read into."""
+U_DRAIN = UNIT.field("drain")
+"""1: take no new chains (the control plane is stopping the queue)."""
+U_TEST_DELAY_MS = UNIT.field("test_delay_ms")
+"""Test only: the I/O pool sleeps this long before every ``U_TEST_DELAY_EVERY``-th request."""
+U_TEST_DELAY_EVERY = UNIT.field("test_delay_every")
 # A tap unit.
 U_BOUNCE = UNIT.field("bounce")
 """Host address of the unit's bounce buffer (``tap``: received frames longer than a chain)."""
@@ -539,6 +574,31 @@ DONE = Row("done", fields=("id", "desc_count", "written", "wlen", "entry"))
 """A blk request finished and waiting to be returned: its buffer id, ring slots, bytes
 written, writable bytes, and its inflight entry (split: the head; packed: the region's
 entry)."""
+REQUEST = Row(
+    "request",
+    fields=(
+        "addr",
+        "iov_base",
+        "iov_len",
+        "unit",
+        "queue",
+        "done_fd",
+        "id",
+        "desc_count",
+        "entry",
+        "nseg",
+        "nread",
+        "rlen",
+        "wlen",
+        "segs",
+        "seq",
+        "status",
+        "reply",
+    ),
+)
+"""A blk request slot handed to the I/O pool: its own address, and an iovec over it (the
+message the pipes carry); the unit, queue and completion pipe; the chain (buffer id, ring
+slots, inflight entry, segments copied to ``segs``); then the status and the bytes replied."""
 SHADOW = Row("shadow", fields=("slot", "entry"))
 """A packed used descriptor waiting to be published: its slot, and id | flags << 16 | len << 32."""
 
@@ -658,6 +718,8 @@ iovecs_at = records_at(IOVEC.record)
 translations_at = records_at(TRANSLATION.record)
 shadow_at = records_at(SHADOW.record)
 done_at = records_at(DONE.record)
+requests_at = records_at(REQUEST.record)
+request_at = record_at(REQUEST.record)
 
 
 @kernel
