@@ -313,7 +313,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="SPEC",
         help="sim-net,name=N,mode=loopback|drop|gen|tap,ifname=TAP,mac=M,mtu=N,queues=N,"
-        "frame-size=N or sim-blk,name=N,path=FILE|size=N,readonly=on,queues=N,serial=S "
+        "frame-size=N,burst=N or sim-blk,name=N,path=FILE|size=N,readonly=on,queues=N,serial=S "
         "(none: devices come with dev add on the control socket)",
     )
     parser.add_argument(

@@ -25,7 +25,9 @@ __all__ = [
 ]
 
 VDEV_KEYS: dict[str, frozenset[str]] = {
-    "sim-net": frozenset({"name", "mode", "ifname", "mac", "mtu", "queues", "frame-size", "bus"}),
+    "sim-net": frozenset(
+        {"name", "mode", "ifname", "mac", "mtu", "queues", "frame-size", "burst", "bus"}
+    ),
     "sim-blk": frozenset({"name", "path", "size", "readonly", "queues", "serial", "bus"}),
 }
 

@@ -19,8 +19,10 @@ Programs: ``loopback`` (transmitted frames accepted by vdpa_sim_net's filter
 are received on the same pair; a frame finding no room in the receive ring
 is dropped, as vdpa_sim_net drops it), ``drop`` (transmitted frames are read
 and counted), ``gen`` (every receive buffer is filled with a generated
-Ethernet/IPv4/UDP frame of ``frame_size`` bytes; transmitted frames are
-dropped) and ``tap`` (the device is a NIC wired to a TAP interface,
+Ethernet/IPv4/UDP frame of ``frame_size`` bytes, copied from one of
+:data:`~pyvdpa.dataplane.kernels.net.POOL_SLOTS` templates in turn, as DPDK
+copies from a burst of mbufs; transmitted frames are dropped) and ``tap``
+(the device is a NIC wired to a TAP interface,
 :mod:`pyvdpa.devices.tap`: pair *k* moves frames between its rings and the
 TAP's queue *k*, straight to and from guest memory; frames the host sends
 while no receive buffer waits stay in the TAP's kernel queue).  When a frame
@@ -51,6 +53,7 @@ import numpy.typing as npt
 
 from pyvdpa.dataplane import kernels as k
 from pyvdpa.dataplane.engine import RX, TX, Engine, EngineIommu, EngineMode, Port
+from pyvdpa.dataplane.kernels.net import POOL_SLOTS, slot_stride
 from pyvdpa.dataplane.queues import CompiledQueue, Int64Array
 from pyvdpa.device import Device, QueueNotRunningError, RingPosition, RingSpec
 from pyvdpa.devices.net import DEFAULT_MAC, NetControl, rarp_frame
@@ -238,6 +241,15 @@ def _discard(fd: int) -> int:
     return count
 
 
+def _templates(frame: bytes, pool: bool) -> npt.NDArray[np.uint8]:
+    """The ``gen`` program's template frames: a pool of copies one slot apart, or just one."""
+    stride = slot_stride.py_func(len(frame))
+    count = POOL_SLOTS if pool else 1
+    templates = np.zeros((count, stride), dtype=np.uint8)
+    templates[:, : len(frame)] = np.frombuffer(frame, dtype=np.uint8)
+    return templates
+
+
 class EngineNetDevice(EngineIommu, NetControl, Device):
     """A virtio-net device (loopback, drop, gen or tap) whose queues run on an :class:`Engine`.
 
@@ -246,6 +258,8 @@ class EngineNetDevice(EngineIommu, NetControl, Device):
     ``frame_size`` is the length of the frames ``gen`` sends (Ethernet
     header included, no FCS).  ``ifname`` names the TAP in ``tap`` mode (a
     ``%d`` template lets the kernel choose); :meth:`close` releases it.
+    ``burst`` caps the chains a queue of this device hands the worker in one
+    pass (the engine's burst when ``None``), as testpmd's ``--burst`` does.
     """
 
     def __init__(
@@ -261,6 +275,7 @@ class EngineNetDevice(EngineIommu, NetControl, Device):
         engine: Engine | None = None,
         status_feature: bool = False,
         ifname: str | None = None,
+        burst: int | None = None,
     ) -> None:
         if mode not in ENGINE_NET_MODES:
             raise ConfigError(f"unknown engine net mode {mode!r} ({', '.join(ENGINE_NET_MODES)})")
@@ -268,10 +283,12 @@ class EngineNetDevice(EngineIommu, NetControl, Device):
             raise ConfigError(f"ifname={ifname} needs mode=tap, not mode={mode}")
         self._init_net(mac=mac, mtu=mtu, queue_pairs=queue_pairs, status_feature=status_feature)
         self.protocol_features &= ~ENGINE_EXCLUDED_PROTOCOL_FEATURES
+        if burst is not None and not 1 <= burst <= k.MAX_BURST:
+            raise ConfigError(f"burst must be 1..{k.MAX_BURST}, not {burst}")
         self.mode = mode
-        self._frame: npt.NDArray[np.uint8] = np.frombuffer(
-            generated_frame(frame_size, mac), dtype=np.uint8
-        ).copy()
+        self.burst = burst
+        self._frame_size = frame_size
+        self._frame = _templates(generated_frame(frame_size, mac), mode == "gen")
         self._counters = np.zeros((self.num_queues, k.NSTATS), dtype=np.int64)
         self._ports: list[Port | None] = [None] * queue_pairs
         self._lock = threading.Lock()
@@ -288,7 +305,7 @@ class EngineNetDevice(EngineIommu, NetControl, Device):
     @property
     def frame_size(self) -> int:
         """Length of the frames ``gen`` sends."""
-        return len(self._frame)
+        return self._frame_size
 
     @property
     def stats(self) -> list[QueueCounters]:
@@ -329,7 +346,7 @@ class EngineNetDevice(EngineIommu, NetControl, Device):
             unit[k.U_MRG] = bool(self.negotiated & NetFeature.MRG_RXBUF)
             unit[k.U_MAC] = int.from_bytes(self.mac, "little")
             unit[k.U_FRAME] = self._frame.ctypes.data
-            unit[k.U_FRAME_LEN] = len(self._frame)
+            unit[k.U_FRAME_LEN] = self._frame_size
             fd = None
             if self.tap is not None:
                 bounce = self._bounce[pair]
@@ -337,6 +354,8 @@ class EngineNetDevice(EngineIommu, NetControl, Device):
                 unit[k.U_BOUNCE_LEN] = len(bounce)
                 fd = self.tap.fds[pair]
             port = self.engine.add_port(unit, keep=(self._frame, self._bounce), fd=fd)
+            if self.burst is not None:
+                port.set(k.U_BURST, self.burst)
             self._ports[pair] = port
         return port
 

@@ -301,6 +301,7 @@ class SimNetDriver(SimDriver):
             frame_size=parse_int(t, "frame-size", o.get("frame-size", "64"), 60, 9000),
             engine_mode=spec.engine,
             cpus=spec.cpus,
+            burst=parse_int(t, "burst", o["burst"], 1, k.MAX_BURST) if "burst" in o else None,
         )
 
 

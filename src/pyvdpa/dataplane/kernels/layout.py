@@ -668,8 +668,8 @@ HELD_CAP = 32768
 """Receive chains one frame can hold: at most the largest queue size."""
 MAX_BURST = 1024
 """Chains a queue hands the worker in one burst, at most."""
-SINK_SIZE = 65536
-"""Bytes of a transmitted frame the ``drop`` program reads."""
+SINK_SIZE = 131072
+"""Bytes of the worker's sink: 64 slots of 2 KiB, which ``drop`` reads frames into in turn."""
 MAX_EVENTS = 64
 IOV_MAX = 1024
 """Buffers one ``readv``, ``writev``, ``preadv`` or ``pwritev`` takes, at most (``UIO_MAXIOV``)."""

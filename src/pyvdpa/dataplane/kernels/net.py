@@ -11,8 +11,16 @@ worker.  Each program is one pass over a unit, a bounded burst per queue:
   no receive buffer waits;
 * ``drop`` reads each frame into the worker's sink (the DMA a NIC would do)
   and counts it;
-* ``gen`` fills every receive buffer with the unit's template frame (and
-  sinks what the driver transmits, like ``drop``).
+* ``gen`` fills every receive buffer with one of the unit's template frames
+  (and sinks what the driver transmits, like ``drop``).
+
+The sink and the templates are pools of :data:`POOL_SLOT`-byte slots, and
+the *n*-th frame of a burst uses slot *n* (modulo the pool): the memory a
+burst touches is then what DPDK's vhost back-end touches, which copies each
+frame into or out of its own mbuf (2 KiB of data room) and, as its mempool
+cache hands back the mbufs freed last, uses the same burst of mbufs again
+and again.  One fixed buffer would stay in the first-level cache and flatter
+the device.
 
 A transmit burst is taken in two phases: every chain is popped and validated
 first, starting the load of each frame's first bytes, and the frames are
@@ -79,6 +87,8 @@ __all__ = [
     "DELIVERED",
     "DROPPED",
     "NO_BUFFER",
+    "POOL_SLOT",
+    "POOL_SLOTS",
     "PUBLISH_EVERY",
     "accepts",
     "drop_program",
@@ -90,10 +100,15 @@ __all__ = [
     "loopback_program",
     "rx_deliver",
     "sink",
+    "slot_stride",
     "take_burst",
     "write_header",
 ]
 
+POOL_SLOT = 2048
+"""Bytes of one sink or template slot: DPDK's default mbuf data room."""
+POOL_SLOTS = 64
+"""Template frames of a ``gen`` unit: one per chain of the largest burst DPDK's testpmd uses."""
 PUBLISH_EVERY = 8
 """Received frames are published every so many within a burst."""
 
@@ -268,6 +283,12 @@ def rx_deliver(
     return DELIVERED
 
 
+@inlined
+def slot_stride(frame_len: int) -> int:
+    """Bytes between two pool slots holding frames of ``frame_len``: whole 2 KiB slots."""
+    return max(1, (frame_len + POOL_SLOT - 1) // POOL_SLOT) * POOL_SLOT
+
+
 @kernel
 def take_burst(u: Unit, txq: Queue, segs: Table, chains: Table) -> int:
     """Pop and validate up to a burst of transmitted chains; return how many.
@@ -339,9 +360,18 @@ def sink(u: Unit, segs_t: Table, chains: Table, sink_addr: int, sink_len: int) -
         chain = chains[c]
         frame_len = frame_length(stats, chain, hdr)
         if frame_len >= 0:
-            # What a NIC's DMA would read, up to the sink's size.
+            # What a NIC's DMA would read, into the burst's next slot, up to the sink's size.
+            stride = slot_stride(frame_len)
+            offset = (c % (sink_len // stride)) * stride if stride <= sink_len else 0
             first = chain.first
-            gather(sink_addr, segs_t, first, first + chain.nread, hdr, min(frame_len, sink_len))
+            gather(
+                sink_addr + offset,
+                segs_t,
+                first,
+                first + chain.nread,
+                hdr,
+                min(frame_len, sink_len - offset),
+            )
         give_back(txq, stats, chain)
     complete(txq)
     return count
@@ -409,7 +439,11 @@ def loopback(u: Unit, segs_t: Table, segs_r: Table, held: Table, chains: Table, 
 
 @kernel
 def generate(u: Unit, segs_r: Table, held: Table, zeros: int) -> int:
-    """Fill a burst of receive buffers with the template frame."""
+    """Fill a burst of receive buffers, each from the burst's next template frame.
+
+    The unit's frame holds :data:`POOL_SLOTS` copies of the frame, one every
+    :func:`slot_stride` bytes.
+    """
     rxa = u.rxq
     if rxa == 0:
         return 0
@@ -419,10 +453,12 @@ def generate(u: Unit, segs_r: Table, held: Table, zeros: int) -> int:
     burst = u.burst
     frame = u.frame
     frame_len = u.frame_len
+    stride = slot_stride(frame_len)
     prefetch_avail(rxq, burst)
     done = 0
     while done < burst:
-        result = rx_deliver(rxq, u, segs_r, held, zeros, segs_r, 0, 0, 0, frame, frame_len)
+        src = frame + (done % POOL_SLOTS) * stride
+        result = rx_deliver(rxq, u, segs_r, held, zeros, segs_r, 0, 0, 0, src, frame_len)
         if result in (NO_BUFFER, BROKEN):
             break
         done += 1
