@@ -201,15 +201,19 @@ def vhost_user_blk_args(
     num_queues: int = 1,
     name: str = "blk0",
     server: bool = False,
+    reconnect: int | None = None,
 ) -> list[str]:
     """QEMU arguments for a vhost-user-blk-pci disk backed by vhost-user at ``sock``.
 
     QEMU connects to the back-end listening at ``sock`` unless ``server``
-    (then QEMU listens there and the back-end connects).
+    (then QEMU listens there and the back-end connects); ``reconnect`` is
+    the client's retry period in seconds.
     """
     chardev = f"socket,id=chr-{name},path={qemu_opt(check_socket_path(sock))}"
     if server:
         chardev += ",server=on,wait=off"
+    if reconnect is not None:
+        chardev += f",reconnect={reconnect}"
     return [
         "-chardev",
         chardev,

@@ -256,6 +256,13 @@ class EngineBlkDevice(EngineIommu, BlkControl, Device):
         self._ports: list[Port | None] = [None] * queues
         self._io: list[_QueueIo | None] = [None] * queues
         self._test_delay = TEST_BLK_DELAY
+        if TEST_NO_INFLIGHT:
+            log.warning("PYVDPA_TEST_NO_INFLIGHT=1 (test only): in-flight requests go unrecorded")
+        if self._test_delay is not None and self._pool is not None:
+            log.warning(
+                "PYVDPA_TEST_BLK_DELAY=%d,%d (test only): the I/O pool delays requests",
+                *self._test_delay,
+            )
         self._lock = threading.Lock()
 
     inflight_tracking = True
