@@ -66,11 +66,12 @@ class TestLayout:
             raw = os.pread(region.fd, region.mmap_size, 0)
             for q in range(2):
                 base = q * 2112
-                assert SPLIT_HEADER.unpack_from(raw, base) == (0, INFLIGHT_VERSION, 128, 0, 0)
+                # Version 0: no ring started on it yet.
+                assert SPLIT_HEADER.unpack_from(raw, base) == (0, 0, 128, 0, 0)
                 assert raw[base + 16 : base + 2112] == bytes(2096)
             queue = region.split_queue(1)
-            assert (queue.version, queue.desc_num, queue.used_idx) == (1, 128, 0)
-            assert queue.inflight_heads() == []
+            assert (queue.version, queue.desc_num, queue.used_idx) == (0, 128, 0)
+            assert queue.fresh and queue.inflight_heads() == []
 
     def test_allocate_packed(self) -> None:
         with InflightRegion.allocate(3, 4, packed=True) as region:
@@ -78,7 +79,7 @@ class TestLayout:
             raw = os.pread(region.fd, region.mmap_size, 0)
             for q in range(3):
                 base = q * stride
-                assert PACKED_HEADER.unpack_from(raw, base) == (0, 1, 4, 0, 0, 0, 0, 1, 1)
+                assert PACKED_HEADER.unpack_from(raw, base) == (0, 0, 4, 0, 0, 0, 0, 1, 1)
                 nexts = [PACKED_DESC.unpack_from(raw, base + 32 + 32 * i)[1] for i in range(4)]
                 assert nexts == [1, 2, 3, 4]
             queue = region.packed_queue(2)
@@ -170,9 +171,26 @@ class TestSplit:
                 resumed.mark_inflight(1)
                 assert resumed.inflight_heads() == [6, 0, 3, 1]
 
+    def test_a_fresh_region_adopts_the_ring_where_it_stands(self) -> None:
+        # The destination of a migration: a new buffer, a ring whose used idx is far from 0.
+        with InflightRegion.allocate(1, 4, packed=False) as region:
+            queue = region.split_queue(0)
+            assert queue.recover(used_ring_idx=12345) == []
+            assert (queue.version, queue.used_idx, queue.fresh) == (INFLIGHT_VERSION, 12345, False)
+            # Started once, it is recovered as usual from then on.
+            queue.mark_inflight(2)
+            assert queue.recover(used_ring_idx=12345) == [2]
+
+    def test_a_recorded_chain_ends_freshness(self) -> None:
+        with InflightRegion.allocate(1, 4, packed=False) as region:
+            queue = region.split_queue(0)
+            queue.mark_inflight(1)
+            assert not queue.fresh and queue.recover(used_ring_idx=0) == [1]
+
     def test_corrupt_batch_list(self) -> None:
         with InflightRegion.allocate(1, 4, packed=False) as region:
             queue = region.split_queue(0)
+            region.buffer[8:10] = struct.pack("=H", INFLIGHT_VERSION)  # a back-end used it
             with pytest.raises(RemoteProtocolError, match="more than the queue size"):
                 queue.recover(used_ring_idx=5)
             region.buffer[12:14] = struct.pack("=H", 9)  # last_batch_head
@@ -350,11 +368,13 @@ class TestFromFd:
                 os.ftruncate(fd, size)
                 with InflightRegion.from_fd(fd, size, 0, 2, 8, packed=packed) as region:
                     if packed:
-                        assert region.packed_queue(1).version == INFLIGHT_VERSION
+                        assert region.packed_queue(1).fresh
                         assert region.packed_queue(1).mark_inflight(chain(8, 1)) == 0
+                        assert region.packed_queue(1).version == INFLIGHT_VERSION
                     else:
-                        assert region.split_queue(1).version == INFLIGHT_VERSION
+                        assert region.split_queue(1).fresh
                         assert region.split_queue(1).recover(0) == []
+                        assert region.split_queue(1).version == INFLIGHT_VERSION
             finally:
                 os.close(fd)
 
@@ -386,6 +406,7 @@ class TestFromFd:
 
     def test_wrong_contents(self) -> None:
         with InflightRegion.allocate(1, 4, packed=False) as original:
+            original.split_queue(0).recover(0)  # started: version 1, checked when handed back
             for packed in (False, True):
                 with pytest.raises(RemoteProtocolError, match="holds 4 entries, expected 1"):
                     InflightRegion.from_fd(original.fd, original.mmap_size, 0, 1, 1, packed=packed)

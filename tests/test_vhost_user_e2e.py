@@ -343,8 +343,9 @@ def test_inflight_fd_requests(sock: Path) -> None:
             assert info.mmap_size > 0 and info.num_queues == 1 and info.queue_size == 128
             assert os.fstat(fd).st_size >= info.mmap_size
             region = mmap.mmap(fd, info.mmap_size)
-            # Split layout: features u64, version u16 = 1, desc_num u16 = queue size.
-            assert region[8:12] == (1).to_bytes(2, "little") + (128).to_bytes(2, "little")
+            # Split layout: features u64, version u16 = 0 (no ring started on it yet),
+            # desc_num u16 = queue size.
+            assert region[8:12] == (0).to_bytes(2, "little") + (128).to_bytes(2, "little")
             region.close()
             fe.set_inflight_fd(info, fd)  # 32
             assert server.connections[0].inflight is not None

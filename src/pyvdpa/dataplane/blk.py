@@ -359,10 +359,12 @@ class EngineBlkDevice(EngineIommu, BlkControl, Device):
 
         Returns the ring's description with the position the kernel
         resumes from.  A split ring's available index is the used ring's
-        index plus the requests in flight.
+        index plus the requests in flight, except on a fresh region (no
+        earlier back-end recorded anything: a first start, or the
+        destination of a migration), where SET_VRING_BASE's position holds.
         """
         try:
-            if isinstance(record, SplitInflightQueue) and not spec.packed:
+            if isinstance(record, SplitInflightQueue) and not spec.packed and not record.fresh:
                 used = int.from_bytes(spec.areas.device.view[2:4], "little")
                 pending = len(record.recover(used))
                 spec = spec.resumed_at(RingPosition.split((used + pending) & 0xFFFF))

@@ -24,7 +24,11 @@ The buffer is one region per virtqueue, each rounded up to 64 bytes:
   num u16, counter u64, id u16, flags u16, len u32, addr u64`` (32 bytes),
   which copy the descriptors themselves and are linked into a free list.
 
-``version`` 0 marks a region nobody has initialised; 1 is the only layout.
+``version`` 0 marks a region no ring has started on yet (GET_INFLIGHT_FD
+hands out a zeroed buffer, as libvhost-user does; a start writes 1, the
+only layout), so that a start tells a buffer an earlier back-end used,
+to be recovered, from a new one, whose ring keeps the position
+SET_VRING_BASE gave (the destination of a migration gets a new buffer).
 The fields are written in the order the spec gives, so that a crash
 between any two writes leaves a state :meth:`SplitInflightQueue.recover` /
 :meth:`PackedInflightQueue.recover` can repair.  The buffer is shared by
@@ -136,7 +140,16 @@ def _check_geometry(num_queues: int, queue_size: int) -> None:
 
 
 class _QueueRegion:
-    """Field access to one queue's region of the buffer."""
+    """Field access to one queue's region of the buffer.
+
+    A region is :attr:`fresh` (``version`` 0) until its ring first starts
+    or a chain is recorded in it:
+    no back-end recorded anything there yet (a new buffer from
+    GET_INFLIGHT_FD, which a first start and the destination of a
+    migration get), so that start adopts the ring's position, resubmits
+    nothing and writes the version, as libvhost-user does.  A region a
+    dead back-end used carries version 1 and is recovered.
+    """
 
     __slots__ = ("_base", "_counter", "_region", "desc_num")
 
@@ -148,6 +161,15 @@ class _QueueRegion:
         self._base = base
         self.desc_num = region.queue_size
         self._counter = 0
+
+    @property
+    def fresh(self) -> bool:
+        """Whether no ring has started on the region yet (``version`` 0)."""
+        return self._get(_U16, _VERSION_AT) == 0
+
+    def _begin(self) -> None:
+        """Mark the region used by a started ring (``version`` 1)."""
+        self._put(_U16, _VERSION_AT, INFLIGHT_VERSION)
 
     @property
     def view(self) -> memoryview:
@@ -215,9 +237,8 @@ class SplitInflightQueue(_QueueRegion):
         self._resume_counter(_SPLIT_COUNTER)
 
     def _initialise(self) -> None:
-        """Write a fresh header over a zeroed region."""
+        """Write a fresh header over a zeroed region (``version`` stays 0: :attr:`fresh`)."""
         self._put(_U16, _DESC_NUM_AT, self.desc_num)
-        self._put(_U16, _VERSION_AT, INFLIGHT_VERSION)
 
     @property
     def version(self) -> int:
@@ -237,6 +258,8 @@ class SplitInflightQueue(_QueueRegion):
     def mark_inflight(self, head: int) -> None:
         """Record that descriptor chain ``head`` was taken from the available ring."""
         self._check_entry(head, "descriptor head")
+        if self.fresh:
+            self._begin()
         entry = self._entry(head)
         self._put(_U64, entry + _SPLIT_COUNTER, self._next_counter())
         self._put(_U8, entry + _SPLIT_INFLIGHT, 1)
@@ -275,6 +298,10 @@ class SplitInflightQueue(_QueueRegion):
         last-batch list, are completed rather than resubmitted.
         """
         used_ring_idx &= 0xFFFF
+        if self.fresh:
+            self._begin()
+            self._put(_U16, _SPLIT_USED_IDX, used_ring_idx)
+            return []
         used_idx = self.used_idx
         if used_idx != used_ring_idx:
             batch = (used_ring_idx - used_idx) & 0xFFFF
@@ -319,13 +346,12 @@ class PackedInflightQueue(_QueueRegion):
         self._resume_counter(_PACKED_COUNTER)
 
     def _initialise(self) -> None:
-        """Write a fresh header and free list over a zeroed region."""
+        """Write a fresh header and free list over a zeroed region (``version`` stays 0)."""
         for i in range(self.desc_num):
             self._put(_U16, self._entry(i) + _PACKED_NEXT, i + 1)
         self._put(_U8, _PACKED_USED_WRAP, 1)
         self._put(_U8, _PACKED_OLD_USED_WRAP, 1)
         self._put(_U16, _DESC_NUM_AT, self.desc_num)
-        self._put(_U16, _VERSION_AT, INFLIGHT_VERSION)
 
     def _header(self) -> tuple[int, ...]:
         fields: tuple[int, ...] = _PACKED_HEADER.unpack_from(self._region.buffer, self._base)
@@ -376,6 +402,8 @@ class PackedInflightQueue(_QueueRegion):
             raise RingError(
                 f"chain of {len(chain)} descriptors does not fit a queue of size {self.desc_num}"
             )
+        if self.fresh:
+            self._begin()
         head = self.old_free_head
         if head != self.free_head:
             raise RingError("inflight buffer: a completion batch was recorded but not committed")
@@ -488,6 +516,9 @@ class PackedInflightQueue(_QueueRegion):
         used descriptor of an uncommitted batch, the batch is committed;
         otherwise it is rolled back and its chains are resubmitted.
         """
+        if self.fresh:
+            self._begin()
+            return []
         header = self._header()
         if header[5] != header[6] and descriptor_used(header[6], header[8]):
             self._commit()
