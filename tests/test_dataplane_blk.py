@@ -690,3 +690,16 @@ def test_file_without_inflight_region_completes_in_order(
         writes = [request(header(OUT, 8 * i) + data(i, 4096)) for i in range(6)]
         heads = _post(disk, writes)
         assert _used(disk, 0, 6, SETTLE) == heads
+
+
+def test_invalidation_restarts_rings_the_pool_serves(sock_dir: Path, tmp_path: Path) -> None:
+    """Pool threads hold host addresses: an IOTLB invalidation restarts the ring, not in place."""
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(DISK_BYTES))
+    with contextlib.ExitStack() as stack:
+        engine = stack.enter_context(Engine("event"))
+        device = EngineBlkDevice(path=image, engine=engine)
+        Disk(stack, sock_dir / "inv.sock", device, inflight=True)
+        called: list[bool] = []
+        assert not device.iotlb_invalidate(0, 4096, lambda: called.append(True))
+        assert called == []

@@ -55,7 +55,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -387,6 +387,18 @@ class EngineBlkDevice(EngineIommu, BlkControl, Device):
         except (RemoteProtocolError, GuestMemoryError, IotlbMissError) as exc:
             raise RingSetupError(f"ring {spec.index}: in-flight requests: {exc}") from exc
         return spec
+
+    def iotlb_invalidate(self, iova: int, size: int, invalidate: Callable[[], None]) -> bool:
+        """Withdraw translations in place, unless the I/O pool serves a ring.
+
+        The pool's threads hold host addresses of requests in flight: then
+        the rings restart instead, and stopping a ring waits for the pool.
+        """
+        with self._lock:
+            pooled = any(io is not None for io in self._io)
+        if pooled:
+            return False
+        return super().iotlb_invalidate(iova, size, invalidate)
 
     def stop_queue(self, index: int) -> RingPosition:
         """Take the ring back from the engine and say where it stands."""
