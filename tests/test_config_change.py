@@ -275,6 +275,9 @@ def test_vhost_user_without_reply_ack_the_message_is_sent_unacknowledged(
     changes: list[codec.Message] = []
     with _connect(path, ProtocolFeature.CONFIG | ProtocolFeature.BACKEND_REQ, changes) as fe:
         fe.open_backend_channel()
+        # Unacknowledged, SET_BACKEND_REQ_FD may still be on its way: a round
+        # trip makes sure the back-end holds the channel before the change.
+        fe.get_features()
         device.set_link(False)
         wait_for(lambda: len(changes) == 1, timeout=5)
         assert fe.backend_error is None
